@@ -1,0 +1,46 @@
+"""graphpress: a compiler-style graph transformation framework for PyTorch models.
+
+Trace a model into one IR (a torch.export ATen graph), rewrite it with composable, numerically
+verified passes, and lower it with a backend::
+
+    import graphpress as gp
+    compiled = gp.compile(model, example_inputs=(x,), passes="dce, cse, fold_constants",
+                          verify=True)
+    print(compiled.report())
+"""
+
+from graphpress import passes
+from graphpress.api import CompiledModel, compile, load
+from graphpress.errors import (
+    BackendError,
+    ContractViolation,
+    GraphpressError,
+    InputError,
+    MetadataError,
+    PassError,
+    PipelineError,
+    TraceError,
+)
+from graphpress.ir.program import Program
+from graphpress.passes import PassManager, register_pass
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendError",
+    "CompiledModel",
+    "ContractViolation",
+    "GraphpressError",
+    "InputError",
+    "MetadataError",
+    "PassError",
+    "PassManager",
+    "PipelineError",
+    "Program",
+    "TraceError",
+    "__version__",
+    "compile",
+    "load",
+    "passes",
+    "register_pass",
+]

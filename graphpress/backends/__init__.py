@@ -1,0 +1,45 @@
+"""Backends: turn a Program into something that runs and can be saved.
+
+A backend is a factory ``Program -> Artifact``; an artifact is callable like the model and has
+``save(folder) -> list of files written``. ``eager`` is built in. ``onnx`` and ``triton`` are
+the planned backends: until their modules exist, asking for them raises a BackendError that
+says so (no placeholder pretends to run).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from graphpress.backends.eager import EagerArtifact
+from graphpress.errors import BackendError
+from graphpress.ir.program import Program
+
+__all__ = ["Artifact", "BACKENDS", "build_backend", "register_backend"]
+
+
+class Artifact(Protocol):
+    name: str
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def save(self, folder: Path) -> list[str]: ...
+
+
+BACKENDS: dict[str, Callable[[Program], Artifact]] = {"eager": EagerArtifact}
+_PLANNED = {"onnx": "ONNX export with onnxruntime", "triton": "generated Triton kernels"}
+
+
+def register_backend(name: str, factory: Callable[[Program], Artifact]) -> None:
+    BACKENDS[name] = factory
+
+
+def build_backend(name: str, program: Program) -> Artifact:
+    if name in BACKENDS:
+        return BACKENDS[name](program)
+    if name in _PLANNED:
+        raise BackendError(
+            f"backend {name!r} ({_PLANNED[name]}) is not available in this version of "
+            f"graphpress; use backend='eager' (available: {', '.join(BACKENDS)})")
+    raise BackendError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")

@@ -1,0 +1,104 @@
+"""Export frontend: ``torch.export`` (non-strict, training IR) into a Program.
+
+The exported state dict aliases the user's parameters, so the frontend clones every weight
+(unless ``inplace=True``): passes can never change the user's ``nn.Module``. Outputs of any
+pytree type (tuples, dicts, Hugging Face ``ModelOutput``) are kept in the output spec and come
+back in the same type.
+
+A failure to trace is classified and re-raised as :class:`TraceError` with the likely fix:
+data-dependent control flow, a dynamic dimension the model specializes, an untraceable Python
+construct.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.export import Dim, ExportedProgram
+from torch.utils import _pytree as pytree
+
+from graphpress.errors import InputError, TraceError
+from graphpress.frontends.inputs import normalize_inputs
+from graphpress.ir.program import Program
+
+__all__ = ["batch_dynamic_shapes", "export_program", "program_from_exported"]
+
+
+def batch_dynamic_shapes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    """dynamic_shapes marking dim 0 of every tensor input as one shared ``batch`` dimension."""
+    batch = Dim("batch")
+
+    def spec(leaf: Any) -> Any:
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            return {0: batch}
+        return None
+    return pytree.tree_map(spec, args), pytree.tree_map(spec, kwargs)
+
+
+def _clone_weights(ep: ExportedProgram) -> None:
+    for name, tensor in list(ep.state_dict.items()):
+        copy = tensor.detach().clone()
+        if isinstance(tensor, torch.nn.Parameter):
+            copy = torch.nn.Parameter(copy, requires_grad=tensor.requires_grad)
+        ep.state_dict[name] = copy
+    for name, value in list(ep.constants.items()):
+        if isinstance(value, torch.Tensor):
+            ep.constants[name] = value.detach().clone()
+
+
+def program_from_exported(ep: ExportedProgram, *, frontend: str = "export",
+                          inplace: bool = False) -> Program:
+    if not inplace:
+        _clone_weights(ep)
+    return Program(ep, frontend=frontend)
+
+
+def _diagnose(exc: Exception) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    lowered = text.lower()
+    if "data-dependent" in lowered or "guardondatadependent" in lowered or (
+            "could not guard on" in lowered):
+        return ("the model branches on the value of a tensor (data-dependent control flow). "
+                "Fixes: rewrite the branch with torch.cond or torch.where, or trace with "
+                "frontend='fx' and concrete_args that fix the branch.")
+    if "constraint" in lowered and ("specializ" in lowered or "dynamic" in lowered):
+        return ("a dimension declared dynamic is specialized by the model (it only works for "
+                "the traced size). Fixes: drop that dimension from dynamic_shapes / use "
+                "dynamic_batch=False, or give Dim(min=..., max=...) bounds the model accepts.")
+    if "unsupported" in lowered or "not supported" in lowered:
+        return ("the model uses a Python construct torch.export cannot trace. Fixes: try "
+                "frontend='fx', or move the construct out of forward().")
+    return ("torch.export could not trace the model. Try frontend='fx', or check that the "
+            "example inputs are what forward() expects.")
+
+
+def export_program(model: torch.nn.Module, example_inputs: Any = None,
+                   example_kwargs: dict[str, Any] | None = None, *,
+                   dynamic_shapes: Any = None, dynamic_batch: bool = False,
+                   inplace: bool = False) -> Program:
+    """Trace ``model`` with ``torch.export.export(strict=False)`` into a Program."""
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(
+            f"the export frontend takes an nn.Module, got {type(model).__name__}; wrap a "
+            "function in an nn.Module whose forward calls it")
+    args, kwargs = normalize_inputs(example_inputs, example_kwargs)
+    if dynamic_batch and dynamic_shapes is None:
+        arg_shapes, kwarg_shapes = batch_dynamic_shapes(args, kwargs)
+        dynamic_shapes = arg_shapes if not kwargs else {
+            **dict(zip(_positional_names(model, len(args)), arg_shapes)), **kwarg_shapes}
+    try:
+        ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as exc:
+        raise TraceError(
+            f"could not trace {type(model).__name__} with torch.export: {_diagnose(exc)}\n"
+            f"cause: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
+        ) from exc
+    return program_from_exported(ep, inplace=inplace)
+
+
+def _positional_names(model: torch.nn.Module, count: int) -> list[str]:
+    import inspect
+
+    params = list(inspect.signature(model.forward).parameters)
+    return params[:count]

@@ -1,0 +1,341 @@
+"""The Program: one ``torch.export`` graph with its weights, signature and metadata.
+
+Invariant kept by every method here (and checked by :meth:`Program.validate` after each pass):
+
+* the graph's placeholders and ``graph_signature.input_specs`` correspond one to one, in order;
+* every parameter/buffer spec names a tensor of the state dict (parameters as ``nn.Parameter``),
+  every constant spec a tensor of ``constants``, and the placeholder's ``meta["val"]`` has that
+  tensor's shape and dtype;
+* the output node's values correspond one to one to ``graph_signature.output_specs``.
+
+Passes edit weights only through :meth:`add_weight`, :meth:`replace_weight` and
+:meth:`remove_weight`, which keep all three in step. Weight tensors are never mutated in place:
+a rewrite stores a new tensor, so a copy of a Program taken before a pass stays valid.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
+from torch.fx import GraphModule, Node
+
+from graphpress.errors import MetadataError
+
+__all__ = ["Program", "WEIGHT_KINDS"]
+
+WEIGHT_KINDS = {
+    "parameter": InputKind.PARAMETER,
+    "buffer": InputKind.BUFFER,
+    "constant": InputKind.CONSTANT_TENSOR,
+}
+_PREFIX = {InputKind.PARAMETER: "p_", InputKind.BUFFER: "b_", InputKind.CONSTANT_TENSOR: "c_"}
+
+
+class Program:
+    """A traced model: an ExportedProgram plus graphpress bookkeeping (version, analyses)."""
+
+    def __init__(self, exported: ExportedProgram, *, frontend: str = "export") -> None:
+        self._ep = exported
+        self.frontend = frontend
+        self.version = 0
+        self._analyses: dict[str, tuple[int, Any]] = {}
+        self._module: tuple[int, torch.nn.Module] | None = None
+
+    # ------------------------------------------------------------------ views
+    @property
+    def exported_program(self) -> ExportedProgram:
+        return self._ep
+
+    @property
+    def graph_module(self) -> GraphModule:
+        return self._ep.graph_module
+
+    @property
+    def graph(self) -> torch.fx.Graph:
+        return self._ep.graph_module.graph
+
+    @property
+    def signature(self) -> Any:
+        return self._ep.graph_signature
+
+    @property
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._ep.state_dict
+
+    @property
+    def constants(self) -> dict[str, Any]:
+        return self._ep.constants
+
+    def nodes(self, op: str | None = None) -> Iterator[Node]:
+        return (n for n in self.graph.nodes if op is None or n.op == op)
+
+    def num_nodes(self) -> int:
+        return sum(1 for n in self.graph.nodes if n.op not in ("placeholder", "output"))
+
+    def _specs_by_node(self) -> dict[str, InputSpec]:
+        return {spec.arg.name: spec for spec in self.signature.input_specs
+                if isinstance(spec.arg, TensorArgument)}
+
+    def input_kind(self, node: Node) -> InputKind | None:
+        """The signature kind of a placeholder (PARAMETER, BUFFER, USER_INPUT, ...), else None."""
+        if node.op != "placeholder":
+            return None
+        spec = self._specs_by_node().get(node.name)
+        return spec.kind if spec is not None else None
+
+    def is_weight(self, node: Node) -> bool:
+        return self.input_kind(node) in WEIGHT_KINDS.values()
+
+    def weight_name(self, node: Node) -> str | None:
+        """Fully qualified name of the weight a placeholder stands for (``layer1.conv.weight``)."""
+        spec = self._specs_by_node().get(node.name) if node.op == "placeholder" else None
+        if spec is None or spec.kind not in WEIGHT_KINDS.values():
+            return None
+        return spec.target
+
+    def weight(self, node_or_name: Node | str) -> torch.Tensor:
+        """The tensor of a weight, by placeholder node or fully qualified name."""
+        name = self._resolve_name(node_or_name)
+        if name in self.state_dict:
+            return self.state_dict[name]
+        return self.constants[name]
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Every weight by fully qualified name: parameters, buffers and constant tensors."""
+        out: dict[str, torch.Tensor] = {}
+        for spec in self.signature.input_specs:
+            if spec.kind in WEIGHT_KINDS.values():
+                out[spec.target] = self.weight(spec.target)
+        return out
+
+    def weight_node(self, name: str) -> Node:
+        for spec in self.signature.input_specs:
+            if spec.kind in WEIGHT_KINDS.values() and spec.target == name:
+                return self._placeholder(spec.arg.name)
+        known = ", ".join(sorted(self.weights())[:10])
+        raise KeyError(f"no weight named {name!r} in the program (some known: {known})")
+
+    def user_inputs(self) -> list[Node]:
+        kinds = self._specs_by_node()
+        return [n for n in self.nodes("placeholder")
+                if kinds.get(n.name) is not None and kinds[n.name].kind == InputKind.USER_INPUT]
+
+    def output_node(self) -> Node:
+        return self.graph.output_node()
+
+    def source_module(self, node: Node) -> str:
+        """Path of the module that produced a node (``encoder.layer.0.attention``), or ''."""
+        stack = node.meta.get("nn_module_stack")
+        if not stack:
+            return ""
+        path = list(stack.values())[-1][0]
+        return path.removeprefix("L['self'].").removeprefix("L__self__.")
+
+    # ---------------------------------------------------------------- editing
+    def _placeholder(self, node_name: str) -> Node:
+        for node in self.nodes("placeholder"):
+            if node.name == node_name:
+                return node
+        raise KeyError(node_name)
+
+    def _resolve_name(self, node_or_name: Node | str) -> str:
+        if isinstance(node_or_name, Node):
+            name = self.weight_name(node_or_name)
+            if name is None:
+                raise ValueError(f"node {node_or_name.name!r} is not a weight placeholder")
+            return name
+        return node_or_name
+
+    def _fake(self, tensor: torch.Tensor) -> torch.Tensor:
+        from graphpress.ir.shapes import fake_mode_of
+
+        with torch.utils._python_dispatch._disable_current_modes():
+            return fake_mode_of(self).from_tensor(tensor, static_shapes=True)
+
+    def add_weight(self, name: str, tensor: torch.Tensor, *, kind: str = "parameter",
+                   persistent: bool = True) -> Node:
+        """Add a weight and its placeholder; returns the placeholder node to wire into the graph."""
+        if kind not in WEIGHT_KINDS:
+            raise ValueError(f"kind must be one of {sorted(WEIGHT_KINDS)}, got {kind!r}")
+        if name in self.state_dict or name in self.constants:
+            raise ValueError(f"a weight named {name!r} already exists; pick a new name")
+        input_kind = WEIGHT_KINDS[kind]
+        tensor = tensor.detach()
+        if input_kind == InputKind.PARAMETER:
+            tensor = torch.nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
+        user = self.user_inputs()
+        anchor = user[0] if user else None
+        candidate = _PREFIX[input_kind] + name.replace(".", "_")
+        if anchor is not None:
+            with self.graph.inserting_before(anchor):
+                node = self.graph.placeholder(candidate)
+        else:
+            last = list(self.nodes("placeholder"))[-1]
+            with self.graph.inserting_after(last):
+                node = self.graph.placeholder(candidate)
+        node.meta["val"] = self._fake(tensor)
+        spec = InputSpec(
+            kind=input_kind, arg=TensorArgument(name=node.name), target=name,
+            persistent=persistent if input_kind == InputKind.BUFFER else None,
+        )
+        placeholders = [n.name for n in self.nodes("placeholder")]
+        self.signature.input_specs.insert(placeholders.index(node.name), spec)
+        if input_kind == InputKind.CONSTANT_TENSOR or (
+            input_kind == InputKind.BUFFER and not persistent
+        ):
+            self.constants[name] = tensor
+        else:
+            self.state_dict[name] = tensor
+        self.touch()
+        return node
+
+    def replace_weight(self, node_or_name: Node | str, tensor: torch.Tensor) -> None:
+        """Store a new tensor for a weight (shape may change); updates the placeholder's meta."""
+        name = self._resolve_name(node_or_name)
+        node = self.weight_node(name)
+        old = self.weight(name)
+        tensor = tensor.detach()
+        if isinstance(old, torch.nn.Parameter):
+            tensor = torch.nn.Parameter(tensor, requires_grad=old.requires_grad)
+        if name in self.state_dict:
+            self.state_dict[name] = tensor
+        else:
+            self.constants[name] = tensor
+        node.meta["val"] = self._fake(tensor)
+        self.touch()
+
+    def remove_weight(self, node_or_name: Node | str) -> None:
+        """Remove an unused weight: its placeholder, its spec and its tensor."""
+        name = self._resolve_name(node_or_name)
+        node = self.weight_node(name)
+        if node.users:
+            users = ", ".join(u.name for u in node.users)
+            raise ValueError(f"weight {name!r} is still used by {users}; rewire them first")
+        self.signature.input_specs[:] = [
+            s for s in self.signature.input_specs
+            if not (isinstance(s.arg, TensorArgument) and s.arg.name == node.name)
+        ]
+        self.graph.erase_node(node)
+        self.state_dict.pop(name, None)
+        self.constants.pop(name, None)
+        self.touch()
+
+    def refresh_shapes(self) -> None:
+        """Recompute every node's ``meta["val"]`` after a rewrite that changes shapes on purpose."""
+        from graphpress.ir.shapes import propagate_shapes
+
+        self.set_analysis("shapes", propagate_shapes(self, check=False))
+
+    def touch(self) -> None:
+        """Record that the Program changed: cached analyses and the runnable module go stale."""
+        self.version += 1
+
+    # --------------------------------------------------------------- analyses
+    def analysis(self, name: str) -> Any:
+        """Run (or reuse, if the Program has not changed since) a registered analysis."""
+        from graphpress.ir.analyses import run_analysis
+
+        cached = self._analyses.get(name)
+        if cached is not None and cached[0] == self.version:
+            return cached[1]
+        value = run_analysis(name, self)
+        self._analyses[name] = (self.version, value)
+        return value
+
+    def set_analysis(self, name: str, value: Any) -> None:
+        """Record an analysis computed elsewhere as valid at the current version."""
+        self._analyses[name] = (self.version, value)
+
+    def keep_analyses(self, names: tuple[str, ...]) -> None:
+        """Mark the named cached analyses as still valid at the current version."""
+        for name in names:
+            if name in self._analyses:
+                self._analyses[name] = (self.version, self._analyses[name][1])
+
+    # ---------------------------------------------------------------- running
+    def module(self) -> torch.nn.Module:
+        """A runnable ``nn.Module`` of the current graph (rebuilt only after a change)."""
+        if self._module is None or self._module[0] != self.version:
+            self.graph_module.recompile()
+            self._module = (self.version, self._ep.module())
+        return self._module[1]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module()(*args, **kwargs)
+
+    def copy(self) -> Program:
+        """A copy whose graph can be edited independently; weight tensors are shared (never
+        mutated in place, see the module docstring)."""
+        graph = torch.fx.Graph()
+        value_map: dict[Node, Node] = {}
+        out = graph.graph_copy(self.graph, value_map)
+        graph.output(out)
+        output_meta = self.output_node().meta
+        graph.output_node().meta.update(output_meta)
+        gm = GraphModule(self.graph_module, graph)
+        gm.meta.update(self.graph_module.meta)
+        ep = ExportedProgram(
+            root=gm, graph=gm.graph, graph_signature=copy.deepcopy(self.signature),
+            state_dict=dict(self.state_dict), range_constraints=dict(self._ep.range_constraints),
+            module_call_graph=list(self._ep.module_call_graph),
+            constants=dict(self.constants), verifiers=self._ep.verifiers,
+        )
+        clone = Program(ep, frontend=self.frontend)
+        clone.version = self.version
+        return clone
+
+    # ------------------------------------------------------------- validation
+    def validate(self, *, who: str = "") -> None:
+        """Check the invariant of the module docstring; raise MetadataError naming ``who``."""
+        by = f" after {who}" if who else ""
+        try:
+            self.graph.lint()
+        except Exception as exc:  # torch raises RuntimeError with the offending node
+            raise MetadataError(f"graph lint failed{by}: {exc}") from exc
+        placeholders = list(self.nodes("placeholder"))
+        specs = self.signature.input_specs
+        if len(placeholders) != len(specs):
+            raise MetadataError(
+                f"stale signature{by}: {len(placeholders)} placeholders but {len(specs)} input "
+                "specs; add/remove weights with Program.add_weight/remove_weight")
+        for node, spec in zip(placeholders, specs):
+            if getattr(spec.arg, "name", node.name) != node.name:
+                raise MetadataError(
+                    f"stale signature{by}: placeholder {node.name!r} is described by spec of "
+                    f"{spec.arg.name!r}; keep placeholders and input specs in the same order")
+            if spec.kind in WEIGHT_KINDS.values():
+                self._check_weight(node, spec, by)
+        outputs = self.output_node().args[0]
+        if len(outputs) != len(self.signature.output_specs):
+            raise MetadataError(
+                f"stale signature{by}: graph returns {len(outputs)} values but the signature "
+                f"has {len(self.signature.output_specs)} output specs")
+        for node in self.graph.nodes:
+            if node.op not in ("output", "get_attr") and "val" not in node.meta:
+                raise MetadataError(f"node {node.name!r}{by} has no meta['val']")
+
+    def _check_weight(self, node: Node, spec: InputSpec, by: str) -> None:
+        store = self.state_dict if spec.target in self.state_dict else self.constants
+        if spec.target not in store:
+            raise MetadataError(
+                f"stale state dict{by}: {spec.target!r} is in the signature but has no tensor")
+        tensor = store[spec.target]
+        if spec.kind == InputKind.PARAMETER and not isinstance(tensor, torch.nn.Parameter):
+            raise MetadataError(f"parameter {spec.target!r}{by} is not an nn.Parameter")
+        val = node.meta.get("val")
+        if val is None or tuple(val.shape) != tuple(tensor.shape) or val.dtype != tensor.dtype:
+            shape = None if val is None else (tuple(val.shape), val.dtype)
+            raise MetadataError(
+                f"stale shape metadata{by}: weight {spec.target!r} is "
+                f"{tuple(tensor.shape)} {tensor.dtype} but its placeholder says {shape}; "
+                "use Program.replace_weight to change weights")
+
+    def map_weights(self, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
+        """Replace every weight by ``fn(name, tensor)`` (e.g. a dtype or device change)."""
+        for name, tensor in self.weights().items():
+            self.replace_weight(name, fn(name, tensor))

@@ -1,0 +1,117 @@
+"""The Pass base class, its numerical Contract, and what a pass returns.
+
+A pass rewrites a Program in place and returns a :class:`PassResult`. Its :class:`Contract`
+states what must hold between the program before and after, and ``verify=True`` checks it on
+sample inputs::
+
+    after(x) == reference(x)   elementwise, |a - r| <= atol + rtol * |r|
+
+where ``reference`` is the program before the pass for an ``exact`` contract, or what
+:meth:`Pass.reference` builds from it otherwise (the masked original for pruning, the
+quantize-dequantize original for fake-quant). A pass with no checkable contract says so with
+``Contract.unchecked(...)`` and the report shows it.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from graphpress.ir.program import Program
+
+__all__ = ["Contract", "Fixpoint", "Pass", "PassContext", "PassResult", "Skip"]
+
+
+@dataclass(frozen=True)
+class Contract:
+    """What must hold between a pass's input and output programs."""
+
+    kind: str            # "exact" (against the input), "reference" (against Pass.reference), "unchecked"
+    rtol: float = 1e-5
+    atol: float = 1e-5
+    description: str = ""
+
+    @classmethod
+    def exact(cls, rtol: float = 1e-5, atol: float = 1e-5) -> Contract:
+        return cls("exact", rtol, atol, "same outputs as the input program")
+
+    @classmethod
+    def against_reference(cls, description: str, rtol: float = 1e-5,
+                          atol: float = 1e-5) -> Contract:
+        return cls("reference", rtol, atol, description)
+
+    @classmethod
+    def unchecked(cls, why: str) -> Contract:
+        return cls("unchecked", 0.0, 0.0, why)
+
+    def __str__(self) -> str:
+        if self.kind == "unchecked":
+            return f"unchecked ({self.description})"
+        return f"{self.kind} (rtol={self.rtol:g}, atol={self.atol:g}): {self.description}"
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A place where a pass did not apply, and why (shown in the report and debug output)."""
+
+    node: str
+    reason: str
+
+
+@dataclass
+class PassResult:
+    changed: bool
+    stats: dict[str, int] = field(default_factory=dict)
+    skipped: list[Skip] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PassContext:
+    """What a pass may use besides the Program: sample data and the compile settings."""
+
+    example_inputs: tuple[Any, ...] = ()
+    example_kwargs: dict[str, Any] = field(default_factory=dict)
+    frontend: str = "export"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class Pass(abc.ABC):
+    """Base class of every pass. Subclasses set ``name`` (or use ``@register_pass``)."""
+
+    name: ClassVar[str] = ""
+    contract: ClassVar[Contract] = Contract.exact()
+    requires: ClassVar[tuple[str, ...]] = ("shapes",)   # analyses that must be fresh first
+    preserves: ClassVar[tuple[str, ...]] = ()           # analyses still valid after a change
+    rewrites_weights: ClassVar[bool] = False            # reads or writes weight values
+
+    @abc.abstractmethod
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        """Rewrite ``program`` in place."""
+
+    def reference(self, before: Program, result: PassResult) -> Callable[..., Any]:
+        """What the rewritten program must equal, for a ``reference`` contract."""
+        return before
+
+    def describe(self) -> str:
+        """The pass as it would be written in a pipeline string: ``name(arg=value)``."""
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{self.name}({args})" if args else self.name
+
+    def __repr__(self) -> str:
+        return self.describe()
+
+
+@dataclass
+class Fixpoint:
+    """Run a group of passes repeatedly until none changes the program (at most N rounds)."""
+
+    passes: list[Pass]
+    max_iterations: int = 10
+
+    def describe(self) -> str:
+        inner = ", ".join(p.describe() for p in self.passes)
+        return f"fixpoint({inner}, max_iterations={self.max_iterations})"

@@ -1,0 +1,91 @@
+"""The pipeline report: one record per pass run, printed as a table.
+
+Each record has the pass's time, nodes / parameters / MACs before and after, the worst error
+its contract check measured (when verified), its statistics and where it did not apply and why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["PassRecord", "Report"]
+
+
+@dataclass
+class PassRecord:
+    name: str
+    iteration: int
+    seconds: float
+    changed: bool
+    nodes: tuple[int, int]
+    parameters: tuple[int, int]
+    macs: tuple[int, int]
+    contract: str
+    max_error: float | None = None
+    stats: dict[str, int] = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _count(n: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def _pair(pair: tuple[int, int]) -> str:
+    a, b = pair
+    return _count(a) if a == b else f"{_count(a)} -> {_count(b)}"
+
+
+@dataclass
+class Report:
+    """What a compile did; ``str(report)`` is a table, ``to_dict()`` is JSON-ready."""
+
+    records: list[PassRecord] = field(default_factory=list)
+    frontend: str = ""
+    backend: str = ""
+    trace_seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"frontend": self.frontend, "backend": self.backend,
+                "trace_seconds": self.trace_seconds, "extra": self.extra,
+                "records": [asdict(r) for r in self.records]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Report:
+        records = []
+        for r in data.get("records", []):
+            r = dict(r)
+            for key in ("nodes", "parameters", "macs"):
+                r[key] = tuple(r[key])
+            r["skipped"] = [tuple(s) for s in r.get("skipped", [])]
+            records.append(PassRecord(**r))
+        return cls(records, data.get("frontend", ""), data.get("backend", ""),
+                   data.get("trace_seconds", 0.0), data.get("extra", {}))
+
+    def __str__(self) -> str:
+        header = ("pass", "iter", "time ms", "nodes", "params", "MACs", "max error", "result")
+        rows = [header]
+        for r in self.records:
+            err = "-" if r.max_error is None else f"{r.max_error:.2e}"
+            stats = ", ".join(f"{k}={v}" for k, v in r.stats.items())
+            result = ("changed" if r.changed else "no change") + (f" ({stats})" if stats else "")
+            rows.append((r.name, str(r.iteration), f"{r.seconds * 1e3:.1f}", _pair(r.nodes),
+                         _pair(r.parameters), _pair(r.macs), err, result))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        lines = [f"graphpress report (frontend={self.frontend}, backend={self.backend}, "
+                 f"trace {self.trace_seconds * 1e3:.0f} ms)"]
+        for i, row in enumerate(rows):
+            lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+            if i == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        for key, value in self.extra.items():
+            lines.append(f"{key}: {value}")
+        skipped = [(r.name, node, why) for r in self.records for node, why in r.skipped]
+        if skipped:
+            lines.append("not applied:")
+            lines.extend(f"  {name}: {node}: {why}" for name, node, why in skipped)
+        return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Test helpers shared by graphpress test suites and benchmarks."""

