@@ -13,6 +13,7 @@ GraphModule, which match the original module paths for modules symbolic_trace do
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -22,6 +23,17 @@ from graphpress.frontends.export import export_program
 from graphpress.ir.program import Program
 
 __all__ = ["fx_program"]
+
+
+def _default_pinned_arguments(traced: torch.fx.GraphModule, model: torch.nn.Module,
+                              concrete_args: dict[str, Any]) -> None:
+    """Make each pinned argument default to its pinned value, so callers may omit it (the
+    traced graph asserts the value, and export bakes it in)."""
+    names = list(inspect.signature(model.forward).parameters)
+    for name, node in zip(names, (n for n in traced.graph.nodes if n.op == "placeholder")):
+        if name in concrete_args:
+            node.args = (concrete_args[name],)
+    traced.recompile()
 
 
 def fx_program(model: torch.nn.Module, example_inputs: Any = None,
@@ -42,6 +54,7 @@ def fx_program(model: torch.nn.Module, example_inputs: Any = None,
                 "tensor values; pin Python-level choices with concrete_args={...}, or use "
                 "frontend='export'.") from exc
     if concrete_args:
+        _default_pinned_arguments(traced, model, concrete_args)
         example_kwargs = {k: v for k, v in (example_kwargs or {}).items()
                           if k not in concrete_args}
     program = export_program(traced, example_inputs, example_kwargs,

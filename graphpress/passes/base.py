@@ -15,6 +15,7 @@ quantize-dequantize original for fake-quant). A pass with no checkable contract 
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -98,7 +99,12 @@ class Pass(abc.ABC):
 
     def describe(self) -> str:
         """The pass as it would be written in a pipeline string: ``name(arg=value)``."""
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        if dataclasses.is_dataclass(self):  # arguments that differ from their defaults
+            items = [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
+                     if f.default is dataclasses.MISSING or getattr(self, f.name) != f.default]
+        else:
+            items = [(k, v) for k, v in vars(self).items() if not k.startswith("_")]
+        args = ", ".join(f"{k}={v!r}" for k, v in items)
         return f"{self.name}({args})" if args else self.name
 
     def __repr__(self) -> str:

@@ -9,7 +9,9 @@ and replaced by a new weight. Nodes are visited in execution order, so chains fo
 The model never grows: a node folds only if the bytes it adds are at most the bytes of the
 inputs it frees, or the result is small (at most ``max_new_elements``); so ``expand`` of a bias
 to the batch size is left alone. Results of symbolic shape, and non-tensor results, are not
-folded. Exact: the node ran the same ATen kernel on the same values ahead of time.
+folded. Exact: the node ran the same ATen kernel on the same values ahead of time, and the
+result keeps its strides (a transposed weight made contiguous would send the consumer's matmul
+down another kernel and change its rounding).
 """
 
 from __future__ import annotations
@@ -87,8 +89,8 @@ class FoldConstants(Pass):
         if kind == "parameter" and not result.is_floating_point():
             kind = "buffer"
         name = self._new_name(program, node)
-        if result._base is not None or not result.is_contiguous():
-            result = result.contiguous().clone()
+        if result._base is not None:  # a view of an input: own the memory, keep the strides
+            result = result.clone()
         new = program.add_weight(name, result, kind=kind)
         new.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
         node.replace_all_uses_with(new)

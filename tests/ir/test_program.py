@@ -1,0 +1,89 @@
+"""Program: weight editing keeps graph, signature, state dict and metadata consistent."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from graphpress.errors import MetadataError
+from graphpress.frontends import trace
+from graphpress.ir.program import Program
+from tests.models import ConvBNLinear, conv_inputs
+
+
+def test_weights_by_name_and_kind(conv_program: Program) -> None:
+    weights = conv_program.weights()
+    assert {"conv.weight", "conv.bias", "bn.running_mean", "fc.weight"} <= set(weights)
+    node = conv_program.weight_node("conv.weight")
+    assert conv_program.weight_name(node) == "conv.weight"
+    assert conv_program.is_weight(node)
+    assert [n.name for n in conv_program.user_inputs()] == ["x"]
+    conv = next(n for n in conv_program.graph.nodes if n.target == torch.ops.aten.conv2d.default)
+    assert conv_program.source_module(conv) == "conv"
+
+
+def test_trace_does_not_alias_user_weights() -> None:
+    model = ConvBNLinear().eval()
+    program = trace(model, conv_inputs())
+    assert program.weight("conv.weight") is not model.conv.weight
+    assert program.weight("conv.weight").data_ptr() != model.conv.weight.data_ptr()
+    assert torch.equal(program.weight("conv.weight"), model.conv.weight)
+
+
+def test_replace_weight_updates_meta(conv_program: Program) -> None:
+    new = torch.zeros(4, 3, 3, 3)
+    conv_program.replace_weight("conv.weight", new)
+    assert torch.equal(conv_program.weight("conv.weight"), new)
+    assert isinstance(conv_program.weight("conv.weight"), torch.nn.Parameter)
+    conv_program.validate()
+    out = conv_program(*conv_inputs())
+    assert out.shape == (2, 2)
+
+
+def test_add_and_remove_weight_roundtrip(conv_program: Program) -> None:
+    version = conv_program.version
+    node = conv_program.add_weight("extra.scale", torch.ones(4), kind="buffer")
+    assert conv_program.version > version
+    assert conv_program.input_kind(node).name == "BUFFER"
+    conv_program.validate()
+    with pytest.raises(ValueError, match="already exists"):
+        conv_program.add_weight("extra.scale", torch.ones(4))
+    conv_program.remove_weight("extra.scale")
+    assert "extra.scale" not in conv_program.weights()
+    conv_program.validate()
+
+
+def test_remove_used_weight_is_refused(conv_program: Program) -> None:
+    with pytest.raises(ValueError, match="still used"):
+        conv_program.remove_weight("conv.weight")
+
+
+def test_validate_catches_stale_state(conv_program: Program) -> None:
+    conv_program.state_dict["conv.weight"] = torch.nn.Parameter(torch.zeros(5, 3, 3, 3))
+    with pytest.raises(MetadataError, match="stale shape metadata.*conv.weight"):
+        conv_program.validate(who="pass 'broken'")
+
+
+def test_validate_catches_stale_signature(conv_program: Program) -> None:
+    conv_program.signature.input_specs.pop(0)
+    with pytest.raises(MetadataError, match="stale signature"):
+        conv_program.validate()
+
+
+def test_copy_is_independent(conv_program: Program) -> None:
+    clone = conv_program.copy()
+    relu = next(n for n in clone.graph.nodes if n.target == torch.ops.aten.relu.default)
+    relu.target = torch.ops.aten.sigmoid.default
+    clone.touch()
+    x = conv_inputs()
+    assert not torch.allclose(clone(*x), conv_program(*x))
+    assert conv_program.num_nodes() == clone.num_nodes()
+
+
+def test_analysis_cache_follows_version(conv_program: Program) -> None:
+    first = conv_program.analysis("costs")
+    assert conv_program.analysis("costs") is first
+    conv_program.touch()
+    assert conv_program.analysis("costs") is not first
+    with pytest.raises(KeyError, match="unknown analysis"):
+        conv_program.analysis("nope")

@@ -1,0 +1,107 @@
+"""gp.compile / CompiledModel / gp.load: the user-facing flow and its errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import graphpress as gp
+from graphpress.errors import BackendError, InputError, PipelineError, TraceError
+from graphpress.testing import assert_equivalent
+from tests.models import ConvBNLinear, Redundant, conv_inputs, vec_inputs
+
+
+def test_compile_verify_report_save_load(tmp_path: Path) -> None:
+    model = Redundant().eval()
+    x = vec_inputs()
+    compiled = gp.compile(model, x, passes=["dce", "cse", "fold_constants"], verify=True)
+    assert_equivalent(compiled, model, x, rtol=0, atol=0)
+    text = str(compiled.report())
+    for column in ("pass", "time ms", "nodes", "params", "MACs", "max error"):
+        assert column in text
+    assert [r.name for r in compiled.report().records] == ["dce", "cse", "fold_constants"]
+    assert compiled.report().records[1].nodes[1] < compiled.report().records[1].nodes[0]
+    folder = compiled.save(tmp_path / "out")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["backend"] == "eager" and manifest["pipeline"] == "dce, cse, fold_constants"
+    assert (folder / "program.txt").read_text().startswith("program(")
+    loaded = gp.load(folder)
+    assert_equivalent(loaded, model, x, rtol=0, atol=0)
+    assert str(loaded.report()) == text
+
+
+def test_user_model_is_untouched() -> None:
+    model = Redundant().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    compiled = gp.compile(model, vec_inputs(), passes="fold_constants, dce")
+    compiled.program.replace_weight("fc.bias", torch.zeros(4))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+
+
+def test_dict_and_kwargs_inputs() -> None:
+    class Kw(nn.Module):
+        def forward(self, x: torch.Tensor, *, scale: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"y": x * scale, "z": (x + scale).sum()}
+
+    x, scale = torch.randn(2, 3), torch.randn(3)
+    compiled = gp.compile(Kw(), (x,), example_kwargs={"scale": scale}, passes="cse",
+                          verify=True)
+    out = compiled(x, scale=scale)
+    assert set(out) == {"y", "z"} and torch.equal(out["y"], x * scale)
+
+
+def test_dynamic_batch() -> None:
+    model = ConvBNLinear().eval()
+    compiled = gp.compile(model, conv_inputs(), passes="dce,cse", dynamic_batch=True)
+    bigger = torch.randn(5, 3, 8, 8)
+    assert_equivalent(compiled, model, (bigger,))
+
+
+def test_bad_inputs_get_clear_errors() -> None:
+    model = ConvBNLinear().eval()
+    with pytest.raises(InputError, match="numpy.*torch.from_numpy"):
+        gp.compile(model, (conv_inputs()[0].numpy(),))
+    with pytest.raises(InputError, match="must be a tuple"):
+        gp.compile(model, {"x": conv_inputs()[0]})
+    with pytest.raises(InputError, match="no tensor"):
+        gp.compile(model, (3,))
+    with pytest.raises(PipelineError, match="unknown pass 'fold_bnn'.*Known passes"):
+        gp.compile(model, conv_inputs(), passes="fold_bnn")
+    with pytest.raises(BackendError, match="'onnx'.*not available.*eager"):
+        gp.compile(model, conv_inputs(), backend="onnx")
+    with pytest.raises(InputError, match="unknown frontend 'dynamo'.*torch.compile"):
+        gp.compile(model, conv_inputs(), frontend="dynamo")
+
+
+def test_single_tensor_input_is_accepted() -> None:
+    model = ConvBNLinear().eval()
+    x = conv_inputs()[0]
+    assert_equivalent(gp.compile(model, x), model, (x,))
+
+
+def test_untraceable_model_names_cause_and_fix() -> None:
+    class DataDependent(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.sum() > 0:
+                return x * 2
+            return x - 1
+
+    with pytest.raises(TraceError, match="data-dependent control flow.*torch.cond"):
+        gp.compile(DataDependent(), (torch.randn(3),))
+
+
+def test_compiled_repr_and_program_access() -> None:
+    compiled = gp.compile(ConvBNLinear().eval(), conv_inputs(), passes="dce")
+    assert "backend='eager'" in repr(compiled)
+    assert compiled.program.num_nodes() > 0
+    assert compiled.backend == "eager"
+
+
+def test_load_rejects_non_graphpress_folder(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        gp.load(tmp_path)
