@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 from torch.export import ExportedProgram
-from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
+from torch.export.graph_signature import InputKind, InputSpec, OutputKind, TensorArgument
 from torch.fx import GraphModule, Node
+from torch.utils import _pytree as pytree
 
 from graphpress.errors import MetadataError
 
@@ -45,6 +46,7 @@ class Program:
         self.version = 0
         self._analyses: dict[str, tuple[int, Any]] = {}
         self._module: tuple[int, torch.nn.Module] | None = None
+        self._compiled_version = -1
 
     # ------------------------------------------------------------------ views
     @property
@@ -259,14 +261,37 @@ class Program:
 
     # ---------------------------------------------------------------- running
     def module(self) -> torch.nn.Module:
-        """A runnable ``nn.Module`` of the current graph (rebuilt only after a change)."""
+        """The program as a stand-alone ``nn.Module`` with its weights as attributes
+        (``ExportedProgram.module()``; rebuilt only after a change)."""
         if self._module is None or self._module[0] != self.version:
             self.graph_module.recompile()
             self._module = (self.version, self._ep.module())
         return self._module[1]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.module()(*args, **kwargs)
+        """Run the graph: weights, then the flattened user inputs, in placeholder order.
+
+        Buffer mutations the graph returns are stored as the buffers' new values; user-input
+        mutations are copied into the caller's tensors, as eager PyTorch would have done.
+        """
+        if self._compiled_version != self.version:
+            self.graph_module.recompile()
+            self._compiled_version = self.version
+        flat = self._ep._graph_module_flat_inputs(args, kwargs)
+        outputs = self.graph_module(*flat)
+        user_positions = [i for i, spec in enumerate(self.signature.input_specs)
+                          if spec.kind == InputKind.USER_INPUT]
+        user_names = {self.signature.input_specs[i].arg.name: i for i in user_positions}
+        results = []
+        for spec, value in zip(self.signature.output_specs, outputs):
+            if spec.kind == OutputKind.USER_OUTPUT:
+                results.append(value)
+            elif spec.kind == OutputKind.BUFFER_MUTATION:
+                store = self.state_dict if spec.target in self.state_dict else self.constants
+                store[spec.target] = value.detach()
+            elif spec.kind == OutputKind.USER_INPUT_MUTATION:
+                flat[user_names[spec.target]].copy_(value)
+        return pytree.tree_unflatten(results, self._ep.call_spec.out_spec)
 
     def copy(self) -> Program:
         """A copy whose graph can be edited independently; weight tensors are shared (never

@@ -87,3 +87,23 @@ def test_analysis_cache_follows_version(conv_program: Program) -> None:
     assert conv_program.analysis("costs") is not first
     with pytest.raises(KeyError, match="unknown analysis"):
         conv_program.analysis("nope")
+
+
+def test_call_applies_buffer_and_input_mutations() -> None:
+    class Counter(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("count", torch.zeros(()))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.count.add_(1)
+            x.mul_(2)
+            return x + self.count
+
+    program = trace(Counter(), (torch.ones(2),))
+    x = torch.ones(2)
+    assert torch.equal(program(x), torch.full((2,), 3.0))
+    assert torch.equal(x, torch.full((2,), 2.0))
+    assert torch.equal(program(torch.ones(2)), torch.full((2,), 4.0))
+    assert program.weight("count").item() == 2.0
+    assert torch.equal(program.module()(torch.ones(2)), torch.full((2,), 5.0))

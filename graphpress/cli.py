@@ -1,0 +1,265 @@
+"""The ``graphpress`` command line.
+
+::
+
+    graphpress demo [--model NAME] [--verify | --no-verify]
+    graphpress compile MODULE:FACTORY [--inputs SPEC] [--passes PIPELINE] [--backend eager]
+                       [--frontend export] [--verify] [--seed N] [-o DIR]
+    graphpress passes
+
+``demo`` compiles a model of the zoo through :data:`DEMO_PIPELINE` with verification. ``compile``
+imports ``MODULE`` (the current directory is on the import path), calls ``FACTORY()`` for the
+model, or for ``(model, example_inputs)``, and compiles it. ``passes`` lists every registered
+pass, plugins included.
+
+Errors graphpress raises on purpose (:class:`~graphpress.errors.GraphpressError`) and bad
+command-line input print one line ``graphpress: error: ...`` to stderr and exit with status 2;
+with ``GRAPHPRESS_DEBUG`` set (and not ``0``), the traceback is printed too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+import torch
+from torch.utils import _pytree as pytree
+
+import graphpress as gp
+from graphpress.errors import GraphpressError
+from graphpress.frontends import FRONTENDS
+from graphpress.numerics import compare_outputs
+from graphpress.passes.registry import available_passes
+
+__all__ = ["DEMO_MODEL", "DEMO_PIPELINE", "UsageError", "main", "parse_inputs"]
+
+# Every built-in pass that applies to any model; a new generic pass is added here.
+DEMO_PIPELINE = "fixpoint(dce, cse, fold_constants)"
+# A zoo model with batch norm, residual connections and a linear head: work for most passes.
+DEMO_MODEL = "residual_chain"
+_INT_HIGH = 100  # integer example inputs are drawn from [0, _INT_HIGH)
+_INPUTS_HELP = ('comma-separated shapes, each with an optional dtype: "2x3x32x32" or '
+                '"2x3x32x32:float32,2x8:int64" (seeded random tensors; integer dtypes get '
+                f"values in [0, {_INT_HIGH}))")
+
+
+class UsageError(GraphpressError):
+    """Bad command-line input: arguments, MODULE:FACTORY, an --inputs spec."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors become a UsageError (one line, exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# ------------------------------------------------------------------------------------ inputs
+def _dtype(name: str, item: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise UsageError(f"unknown dtype {name!r} in --inputs entry {item!r}; use a torch dtype "
+                         "name such as float32, float16, bfloat16, int64, int32, bool")
+    return dtype
+
+
+def _random_tensor(shape: tuple[int, ...], dtype: torch.dtype,
+                   generator: torch.Generator) -> torch.Tensor:
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=generator).bool()
+    if dtype.is_floating_point or dtype.is_complex:
+        return torch.randn(shape, generator=generator, dtype=dtype)
+    return torch.randint(0, _INT_HIGH, shape, generator=generator, dtype=dtype)
+
+
+def parse_inputs(spec: str, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random example inputs from a spec such as ``"2x3x32x32:float32,2x8:int64"``."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = []
+    for item in spec.split(","):
+        item = item.strip()
+        shape_text, _, dtype_name = item.partition(":")
+        dims = shape_text.split("x")
+        if not all(d.isdecimal() and int(d) > 0 for d in dims):
+            raise UsageError(f"bad --inputs entry {item!r}: write positive sizes joined by 'x' "
+                             "with an optional ':dtype', e.g. 2x3x32x32 or 2x8:int64")
+        dtype = _dtype(dtype_name, item) if dtype_name else torch.float32
+        tensors.append(_random_tensor(tuple(int(d) for d in dims), dtype, generator))
+    return tuple(tensors)
+
+
+def _describe_inputs(inputs: Any) -> str:
+    def one(leaf: Any) -> str:
+        if not isinstance(leaf, torch.Tensor):
+            return repr(leaf)
+        shape = "x".join(map(str, leaf.shape)) or "scalar"
+        return f"{shape}:{str(leaf.dtype).removeprefix('torch.')}"
+    return ", ".join(one(leaf) for leaf in pytree.tree_leaves(inputs))
+
+
+# ----------------------------------------------------------------------------------- factory
+def _load_factory(target: str) -> Callable[[], Any]:
+    module_name, sep, attribute = target.partition(":")
+    if not sep or not module_name or not attribute:
+        raise UsageError(f"expected MODULE:FACTORY (e.g. mymodels:make_model), got {target!r}")
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise UsageError(f"cannot import module {module_name!r} ({exc}); run graphpress from "
+                         "the folder that contains it, or install it") from exc
+    except Exception as exc:
+        raise UsageError(f"importing {module_name!r} raised {type(exc).__name__}: {exc}") from exc
+    for part in attribute.split("."):
+        if not hasattr(obj, part):
+            raise UsageError(f"module {module_name!r} has no attribute {attribute!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise UsageError(f"{target} is a {type(obj).__name__}, not a callable factory")
+    return obj
+
+
+def _build(target: str) -> tuple[torch.nn.Module, Any]:
+    """Call the factory; return ``(model in eval mode, its example inputs or None)``."""
+    factory = _load_factory(target)
+    try:
+        made = factory()
+    except Exception as exc:
+        raise UsageError(f"{target}() raised {type(exc).__name__}: {exc}") from exc
+    model, inputs = made if isinstance(made, tuple) and len(made) == 2 else (made, None)
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"{target}() must return an nn.Module or (model, example_inputs); "
+                         f"got {type(made).__name__}")
+    return model.eval(), inputs
+
+
+# ---------------------------------------------------------------------------------- commands
+def _summary(compiled: gp.CompiledModel, model: torch.nn.Module, inputs: Any) -> str:
+    """One line comparing the compiled model's outputs with the original's."""
+    args = inputs if isinstance(inputs, tuple | list) else (inputs,)
+    with torch.no_grad():
+        found = compare_outputs(compiled(*args), model(*args), rtol=0.0, atol=0.0)
+    records = compiled.report().records
+    nodes = f"; nodes {records[0].nodes[0]} -> {records[-1].nodes[1]}" if records else ""
+    error = found.problem or f"max abs error {found.max_abs_error:.2e}"
+    return f"compiled vs original output: {error}{nodes}"
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from graphpress.testing.zoo import get_model
+
+    try:
+        entry = get_model(args.model)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    model, inputs = entry.make()
+    print(f"graphpress demo: {entry.name}: {entry.description}")
+    print(f"pipeline: {DEMO_PIPELINE} (verify={args.verify})")
+    compiled = gp.compile(model, inputs, passes=DEMO_PIPELINE, verify=args.verify)
+    print(compiled.report())
+    print(_summary(compiled, model, inputs))
+    return 0
+
+
+def _run_compile(args: argparse.Namespace) -> int:
+    model, inputs = _build(args.target)
+    if args.inputs is not None:
+        inputs = parse_inputs(args.inputs, args.seed)
+    elif inputs is None:
+        raise UsageError(f"{args.target}() returned only a model; give --inputs SPEC "
+                         "(e.g. --inputs 2x3x32x32) or return (model, example_inputs)")
+    print(f"compiling {args.target} on inputs {_describe_inputs(inputs)}")
+    compiled = gp.compile(model, inputs, passes=args.passes, backend=args.backend,
+                          frontend=args.frontend, verify=args.verify)
+    print(compiled.report())
+    print(_summary(compiled, model, inputs))
+    if args.output:
+        print(f"saved to {compiled.save(args.output)}")
+    return 0
+
+
+def _first_line(cls: type) -> str:
+    doc = inspect.getdoc(cls)
+    return doc.strip().splitlines()[0] if doc else "(no description)"
+
+
+def _run_passes(args: argparse.Namespace) -> int:
+    passes = available_passes()
+    width = max(map(len, passes), default=0)
+    for name, cls in passes.items():
+        origin = "" if cls.__module__.split(".")[0] == "graphpress" else (
+            f" [plugin: {cls.__module__}]")
+        print(f"{name.ljust(width)}  {_first_line(cls)}{origin}")
+        params = [p.name if p.default is p.empty else f"{p.name}={p.default!r}"
+                  for p in inspect.signature(cls).parameters.values()]
+        if params:
+            print(f"{' ' * width}  arguments: {', '.join(params)}")
+        print(f"{' ' * width}  contract: {cls.contract}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="graphpress", description=(
+        "Compile PyTorch models through verified graph passes."))
+    parser.add_argument("--version", action="version", version=f"graphpress {gp.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="compile a bundled model and print the report",
+                               description=f"Compile a zoo model through {DEMO_PIPELINE}.")
+    demo.add_argument("--model", default=DEMO_MODEL,
+                      help=f"zoo model name (default: {DEMO_MODEL})")
+    demo.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                      help="check every pass's numerical contract (default: on)")
+    demo.set_defaults(handler=_run_demo)
+
+    compile_ = commands.add_parser(
+        "compile", help="compile your model: MODULE:FACTORY",
+        description="Import MODULE, call FACTORY() for a model (put in eval mode) or "
+                    "(model, example_inputs), compile it and print the report.")
+    compile_.add_argument("target", metavar="MODULE:FACTORY")
+    compile_.add_argument("--inputs", metavar="SPEC",
+                          help=_INPUTS_HELP + "; overrides inputs the factory returns")
+    compile_.add_argument("--seed", type=int, default=0, help="seed of the --inputs tensors")
+    compile_.add_argument("--passes", default=DEMO_PIPELINE, metavar="PIPELINE",
+                          help=f"pass pipeline (default: {DEMO_PIPELINE!r})")
+    compile_.add_argument("--backend", default="eager")
+    compile_.add_argument("--frontend", default="export", choices=FRONTENDS)
+    compile_.add_argument("--verify", action=argparse.BooleanOptionalAction, default=False,
+                          help="check every pass's numerical contract (default: off)")
+    compile_.add_argument("-o", "--output", metavar="DIR", help="save the compiled model here")
+    compile_.set_defaults(handler=_run_compile)
+
+    passes = commands.add_parser("passes", help="list registered passes, plugins included")
+    passes.set_defaults(handler=_run_passes)
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return "; ".join(lines) or type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status (0 ok, 2 error)."""
+    try:
+        args = _parser().parse_args(argv)
+        return args.handler(args)
+    except GraphpressError as exc:
+        if os.environ.get("GRAPHPRESS_DEBUG", "0") != "0":
+            traceback.print_exc()
+        print(f"graphpress: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help and --version
+        return exc.code if isinstance(exc.code, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
