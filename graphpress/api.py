@@ -62,7 +62,7 @@ class CompiledModel:
         (folder / "report.txt").write_text(str(self._report) + "\n")
         manifest = {"format": FORMAT_VERSION, "graphpress": __version__,
                     "backend": self.backend, "pipeline": self.pipeline,
-                    "files": sorted(set(files)) + ["program.txt", "report.txt"],
+                    "files": [*sorted(set(files)), "program.txt", "report.txt"],
                     "report": self._report.to_dict()}
         (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
         return folder
@@ -107,7 +107,8 @@ def load(folder: str | Path) -> CompiledModel:
     folder = Path(folder)
     manifest_path = folder / "manifest.json"
     if not manifest_path.exists():
-        raise FileNotFoundError(f"{folder} has no manifest.json; is it a CompiledModel.save folder?")
+        raise FileNotFoundError(
+            f"{folder} has no manifest.json; is it a folder written by CompiledModel.save?")
     manifest = json.loads(manifest_path.read_text())
     program = Program(torch.export.load(folder / "program.pt2"),
                       frontend=manifest["report"].get("frontend", "export"))

@@ -37,7 +37,8 @@ class Comparison:
         where = f"{self.worst_path}[{', '.join(map(str, self.worst_index))}]"
         return (
             f"max abs error {self.max_abs_error:.3g} (max rel {self.max_rel_error:.3g}); "
-            f"worst element {where}: got {self.worst_actual:.9g}, expected {self.worst_expected:.9g}"
+            f"worst element {where}: got {self.worst_actual:.9g}, "
+            f"expected {self.worst_expected:.9g}"
         )
 
 

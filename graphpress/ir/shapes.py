@@ -74,7 +74,8 @@ def propagate_shapes(program: Program, *, who: str = "", check: bool = True) -> 
         elif check and before[node] != value_signature(node.meta.get("val")):
             raise MetadataError(
                 f"stale shape metadata{' after ' + who if who else ''}: node {node.name!r} "
-                f"({node.target}) had {before[node]} but computes {value_signature(node.meta['val'])}"
+                f"({node.target}) had {before[node]} but computes "
+                f"{value_signature(node.meta['val'])}"
             )
     return filled
 

@@ -30,7 +30,7 @@ __all__ = ["Contract", "Fixpoint", "Pass", "PassContext", "PassResult", "Skip"]
 class Contract:
     """What must hold between a pass's input and output programs."""
 
-    kind: str            # "exact" (against the input), "reference" (against Pass.reference), "unchecked"
+    kind: str  # "exact" (vs the input), "reference" (vs Pass.reference), or "unchecked"
     rtol: float = 1e-5
     atol: float = 1e-5
     description: str = ""

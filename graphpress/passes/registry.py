@@ -129,7 +129,8 @@ def _fixpoint(inner: list[Any], max_iterations: int = 10) -> Fixpoint:
             raise PipelineError("fixpoint(...) groups cannot be nested")
         flat.append(item)
     if not isinstance(max_iterations, int) or max_iterations < 1:
-        raise PipelineError(f"fixpoint max_iterations must be a positive int, got {max_iterations!r}")
+        raise PipelineError(
+            f"fixpoint max_iterations must be a positive int, got {max_iterations!r}")
     return Fixpoint(flat, max_iterations)
 
 
