@@ -14,10 +14,12 @@ from typing import Any
 import torch
 
 from graphpress.backends import Artifact, build_backend
+from graphpress.errors import BackendError
 from graphpress.frontends import trace
 from graphpress.frontends.inputs import normalize_inputs
 from graphpress.ir.printer import format_program
 from graphpress.ir.program import Program
+from graphpress.numerics import compare_outputs
 from graphpress.passes.base import PassContext
 from graphpress.passes.manager import PassManager
 from graphpress.passes.registry import PipelineSpec
@@ -77,13 +79,16 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, *,
             frontend: str = "export", example_kwargs: dict[str, Any] | None = None,
             dynamic_batch: bool = False, dynamic_shapes: Any = None,
             verify_inputs: list[tuple[Any, ...]] | None = None, inplace: bool = False,
-            options: dict[str, Any] | None = None) -> CompiledModel:
+            options: dict[str, Any] | None = None,
+            backend_options: dict[str, Any] | None = None) -> CompiledModel:
     """Trace ``model``, run the pass pipeline, lower it with ``backend``.
 
     ``passes`` is a list of Pass objects or names, or a string such as
     ``"fold_bn, prune_channels(ratio=0.5)"``. With ``verify=True`` every pass's numerical
     contract is checked on the example inputs (and ``verify_inputs``, extra positional-arg
-    tuples); a violation raises ContractViolation naming the pass.
+    tuples); a violation raises ContractViolation naming the pass, and a backend other than
+    eager is compared with eager on the same inputs. ``options`` reach passes through
+    ``PassContext.options``; ``backend_options`` go to the backend factory.
     """
     args, kwargs = normalize_inputs(example_inputs, example_kwargs)
     start = time.perf_counter()
@@ -98,8 +103,27 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, *,
     manager = PassManager(passes, verify=verify, samples=samples, context=context)
     report = Report(frontend=frontend, backend=backend, trace_seconds=trace_seconds)
     manager.run(program, report)
-    artifact = build_backend(backend, program)
+    artifact = build_backend(backend, program, **(backend_options or {}))
+    if verify and backend != "eager":
+        _check_backend(artifact, program, samples, report)
+    report.extra.update(getattr(artifact, "info", dict)())
     return CompiledModel(program, artifact, report, manager.describe())
+
+
+def _check_backend(artifact: Artifact, program: Program,
+                   samples: list[tuple[tuple[Any, ...], dict[str, Any]]], report: Report) -> None:
+    """Compare a backend with the eager program on the samples; raise BackendError if off."""
+    rtol, atol = getattr(artifact, "tolerance", (1e-4, 1e-4))
+    worst = 0.0
+    for args, kwargs in samples:
+        with torch.no_grad():
+            found = compare_outputs(artifact(*args, **kwargs), program(*args, **kwargs),
+                                    rtol=rtol, atol=atol)
+        if not found.ok:
+            raise BackendError(f"backend {artifact.name!r} differs from eager beyond "
+                               f"rtol={rtol:g}, atol={atol:g}: {found.describe()}")
+        worst = max(worst, found.max_abs_error)
+    report.extra[f"{artifact.name} vs eager max abs error"] = f"{worst:.2e}"
 
 
 def load(folder: str | Path) -> CompiledModel:

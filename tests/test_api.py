@@ -105,3 +105,35 @@ def test_compiled_repr_and_program_access() -> None:
 def test_load_rejects_non_graphpress_folder(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="manifest.json"):
         gp.load(tmp_path)
+
+
+def test_backend_options_and_backend_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    from graphpress import backends
+
+    class Shifted:
+        """A backend that is off by a constant, to prove verify compares it with eager."""
+
+        name = "test_shifted"
+        tolerance = (0.0, 1e-6)
+
+        def __init__(self, program: gp.Program, shift: float = 0.0) -> None:
+            self.program, self.shift = program, shift
+
+        def __call__(self, *args: object) -> torch.Tensor:
+            return self.program(*args) + self.shift
+
+        def save(self, folder: Path) -> list[str]:
+            return []
+
+        def info(self) -> dict[str, str]:
+            return {"shift": str(self.shift)}
+
+    monkeypatch.setitem(backends.BACKENDS, "test_shifted", Shifted)
+    model, x = ConvBNLinear().eval(), conv_inputs()
+    ok = gp.compile(model, x, backend="test_shifted", verify=True)
+    assert ok.report().extra["shift"] == "0.0"
+    assert "test_shifted vs eager max abs error" in str(ok.report())
+    with pytest.raises(BackendError, match="differs from eager"):
+        gp.compile(model, x, backend="test_shifted", verify=True, backend_options={"shift": 1.0})
+    with pytest.raises(BackendError, match="rejected its options"):
+        gp.compile(model, x, backend="test_shifted", backend_options={"nope": 1})

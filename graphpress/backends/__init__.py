@@ -1,7 +1,9 @@
 """Backends: turn a Program into something that runs and can be saved.
 
-A backend is a factory ``Program -> Artifact``; an artifact is callable like the model and has
-``save(folder) -> list of files written``. ``eager`` is built in. ``onnx`` and ``triton`` are
+A backend is a factory ``(Program, **options) -> Artifact``; an artifact is callable like the
+model and has ``save(folder) -> list of files written``. Optional: ``tolerance`` (rtol, atol)
+for checking it against eager when ``verify=True``, and ``info() -> dict`` of facts for the
+report (file size, opset, ...). ``eager`` is built in. ``onnx`` and ``triton`` are
 the planned backends: until their modules exist, asking for them raises a BackendError that
 says so (no placeholder pretends to run).
 """
@@ -27,17 +29,23 @@ class Artifact(Protocol):
     def save(self, folder: Path) -> list[str]: ...
 
 
-BACKENDS: dict[str, Callable[[Program], Artifact]] = {"eager": EagerArtifact}
+BACKENDS: dict[str, Callable[..., Artifact]] = {"eager": EagerArtifact}
 _PLANNED = {"onnx": "ONNX export with onnxruntime", "triton": "generated Triton kernels"}
 
 
-def register_backend(name: str, factory: Callable[[Program], Artifact]) -> None:
+def register_backend(name: str, factory: Callable[..., Artifact]) -> None:
     BACKENDS[name] = factory
 
 
-def build_backend(name: str, program: Program) -> Artifact:
+def build_backend(name: str, program: Program, **options: Any) -> Artifact:
     if name in BACKENDS:
-        return BACKENDS[name](program)
+        try:
+            return BACKENDS[name](program, **options)
+        except TypeError as exc:
+            if options and "argument" in str(exc):
+                raise BackendError(f"backend {name!r} rejected its options {options}: {exc}"
+                                   ) from exc
+            raise
     if name in _PLANNED:
         raise BackendError(
             f"backend {name!r} ({_PLANNED[name]}) is not available in this version of "
