@@ -72,8 +72,8 @@ def test_bad_inputs_get_clear_errors() -> None:
         gp.compile(model, (3,))
     with pytest.raises(PipelineError, match="unknown pass 'fold_bnn'.*Known passes"):
         gp.compile(model, conv_inputs(), passes="fold_bnn")
-    with pytest.raises(BackendError, match="'onnx'.*not available.*eager"):
-        gp.compile(model, conv_inputs(), backend="onnx")
+    with pytest.raises(BackendError, match="'triton'.*not available.*eager"):
+        gp.compile(model, conv_inputs(), backend="triton")
     with pytest.raises(InputError, match="unknown frontend 'dynamo'.*torch.compile"):
         gp.compile(model, conv_inputs(), frontend="dynamo")
 
@@ -137,3 +137,15 @@ def test_backend_options_and_backend_check(monkeypatch: pytest.MonkeyPatch) -> N
         gp.compile(model, x, backend="test_shifted", verify=True, backend_options={"shift": 1.0})
     with pytest.raises(BackendError, match="rejected its options"):
         gp.compile(model, x, backend="test_shifted", backend_options={"nope": 1})
+
+
+def test_save_after_cse_merges_returned_values(tmp_path: Path) -> None:
+    class TwoSame(nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return x.relu() + 1, x.relu() + 1
+
+    x = torch.randn(3)
+    compiled = gp.compile(TwoSame(), (x,), passes="cse", verify=True)
+    assert compiled.report().records[0].stats["merged"] == 2
+    loaded = gp.load(compiled.save(tmp_path / "cse"))
+    assert_equivalent(loaded, TwoSame(), (x,), rtol=0, atol=0)

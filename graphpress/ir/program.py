@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,6 +38,14 @@ WEIGHT_KINDS = {
 _PREFIX = {InputKind.PARAMETER: "p_", InputKind.BUFFER: "b_", InputKind.CONSTANT_TENSOR: "c_"}
 
 
+@dataclass
+class _SpecIndex:
+    key: tuple[int, int]                # (id, length) of the input spec list
+    by_node: dict[str, InputSpec]       # placeholder name -> its input spec
+    weight_nodes: dict[str, str]        # weight name -> placeholder name
+    placeholders: dict[str, Node]       # placeholder name -> node
+
+
 class Program:
     """A traced model: an ExportedProgram plus graphpress bookkeeping (version, analyses)."""
 
@@ -47,6 +56,8 @@ class Program:
         self._analyses: dict[str, tuple[int, Any]] = {}
         self._module: tuple[int, torch.nn.Module] | None = None
         self._compiled_version = -1
+        self._spec_index: _SpecIndex | None = None
+        self._fake_mode: Any = None
 
     # ------------------------------------------------------------------ views
     @property
@@ -74,14 +85,28 @@ class Program:
         return self._ep.constants
 
     def nodes(self, op: str | None = None) -> Iterator[Node]:
-        return (n for n in self.graph.nodes if op is None or n.op == op)
+        if op is None:
+            return iter(self.graph.nodes)
+        return iter(self.graph.find_nodes(op=op))
 
     def num_nodes(self) -> int:
         return sum(1 for n in self.graph.nodes if n.op not in ("placeholder", "output"))
 
+    def _index(self) -> _SpecIndex:
+        """Lookup tables over the input specs. ``add_weight`` and ``remove_weight`` keep them
+        current; any other change of the spec list (its identity or length) rebuilds them."""
+        specs = self.signature.input_specs
+        key = (id(specs), len(specs))
+        if self._spec_index is None or self._spec_index.key != key:
+            by_node = {s.arg.name: s for s in specs if isinstance(s.arg, TensorArgument)}
+            weight_nodes = {s.target: name for name, s in by_node.items()
+                            if s.kind in WEIGHT_KINDS.values()}
+            placeholders = {n.name: n for n in self.nodes("placeholder")}
+            self._spec_index = _SpecIndex(key, by_node, weight_nodes, placeholders)
+        return self._spec_index
+
     def _specs_by_node(self) -> dict[str, InputSpec]:
-        return {spec.arg.name: spec for spec in self.signature.input_specs
-                if isinstance(spec.arg, TensorArgument)}
+        return self._index().by_node
 
     def input_kind(self, node: Node) -> InputKind | None:
         """The signature kind of a placeholder (PARAMETER, BUFFER, USER_INPUT, ...), else None."""
@@ -116,9 +141,9 @@ class Program:
         return out
 
     def weight_node(self, name: str) -> Node:
-        for spec in self.signature.input_specs:
-            if spec.kind in WEIGHT_KINDS.values() and spec.target == name:
-                return self._placeholder(spec.arg.name)
+        index = self._index()
+        if name in index.weight_nodes:
+            return index.placeholders[index.weight_nodes[name]]
         known = ", ".join(sorted(self.weights())[:10])
         raise KeyError(f"no weight named {name!r} in the program (some known: {known})")
 
@@ -139,12 +164,6 @@ class Program:
         return path.removeprefix("L['self'].").removeprefix("L__self__.")
 
     # ---------------------------------------------------------------- editing
-    def _placeholder(self, node_name: str) -> Node:
-        for node in self.nodes("placeholder"):
-            if node.name == node_name:
-                return node
-        raise KeyError(node_name)
-
     def _resolve_name(self, node_or_name: Node | str) -> str:
         if isinstance(node_or_name, Node):
             name = self.weight_name(node_or_name)
@@ -153,11 +172,17 @@ class Program:
             return name
         return node_or_name
 
-    def _fake(self, tensor: torch.Tensor) -> torch.Tensor:
-        from graphpress.ir.shapes import fake_mode_of
+    def fake_mode(self) -> Any:
+        """The graph's FakeTensorMode (found once; every fake value of this graph uses it)."""
+        if self._fake_mode is None:
+            from graphpress.ir.shapes import fake_mode_of
 
+            self._fake_mode = fake_mode_of(self)
+        return self._fake_mode
+
+    def _fake(self, tensor: torch.Tensor) -> torch.Tensor:
         with torch.utils._python_dispatch._disable_current_modes():
-            return fake_mode_of(self).from_tensor(tensor, static_shapes=True)
+            return self.fake_mode().from_tensor(tensor, static_shapes=True)
 
     def add_weight(self, name: str, tensor: torch.Tensor, *, kind: str = "parameter",
                    persistent: bool = True) -> Node:
@@ -170,23 +195,27 @@ class Program:
         tensor = tensor.detach()
         if input_kind == InputKind.PARAMETER:
             tensor = torch.nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
-        user = self.user_inputs()
-        anchor = user[0] if user else None
+        # weights precede user inputs (torch.export's calling convention): insert before the first
+        specs, index = self.signature.input_specs, self._index()
+        position = next((i for i, s in enumerate(specs) if s.kind == InputKind.USER_INPUT),
+                        len(specs))
         candidate = _PREFIX[input_kind] + name.replace(".", "_")
-        if anchor is not None:
-            with self.graph.inserting_before(anchor):
+        if position < len(specs):
+            with self.graph.inserting_before(index.placeholders[specs[position].arg.name]):
                 node = self.graph.placeholder(candidate)
         else:
-            last = list(self.nodes("placeholder"))[-1]
-            with self.graph.inserting_after(last):
+            with self.graph.inserting_after(list(self.nodes("placeholder"))[-1]):
                 node = self.graph.placeholder(candidate)
         node.meta["val"] = self._fake(tensor)
         spec = InputSpec(
             kind=input_kind, arg=TensorArgument(name=node.name), target=name,
             persistent=persistent if input_kind == InputKind.BUFFER else None,
         )
-        placeholders = [n.name for n in self.nodes("placeholder")]
-        self.signature.input_specs.insert(placeholders.index(node.name), spec)
+        specs.insert(position, spec)
+        index.by_node[node.name] = spec
+        index.weight_nodes[name] = node.name
+        index.placeholders[node.name] = node
+        index.key = (id(specs), len(specs))
         if input_kind == InputKind.CONSTANT_TENSOR or (
             input_kind == InputKind.BUFFER and not persistent
         ):
@@ -218,10 +247,10 @@ class Program:
         if node.users:
             users = ", ".join(u.name for u in node.users)
             raise ValueError(f"weight {name!r} is still used by {users}; rewire them first")
-        self.signature.input_specs[:] = [
-            s for s in self.signature.input_specs
-            if not (isinstance(s.arg, TensorArgument) and s.arg.name == node.name)
-        ]
+        index = self._index()
+        self.signature.input_specs.remove(index.by_node.pop(node.name))
+        del index.weight_nodes[name], index.placeholders[node.name]
+        index.key = (id(self.signature.input_specs), len(self.signature.input_specs))
         self.graph.erase_node(node)
         self.state_dict.pop(name, None)
         self.constants.pop(name, None)
@@ -232,6 +261,14 @@ class Program:
         from graphpress.ir.shapes import propagate_shapes
 
         self.set_analysis("shapes", propagate_shapes(self, check=False))
+
+    def sync_output_specs(self) -> None:
+        """Point each output spec at the value the output node now returns (a pass that
+        replaces a returned node, like cse merging two outputs, leaves the old name)."""
+        for spec, value in zip(self.signature.output_specs, self.output_node().args[0]):
+            if (isinstance(spec.arg, TensorArgument) and isinstance(value, Node)
+                    and spec.arg.name != value.name):
+                spec.arg = TensorArgument(name=value.name)
 
     def touch(self) -> None:
         """Record that the Program changed: cached analyses and the runnable module go stale."""
@@ -340,6 +377,11 @@ class Program:
             raise MetadataError(
                 f"stale signature{by}: graph returns {len(outputs)} values but the signature "
                 f"has {len(self.signature.output_specs)} output specs")
+        for value, spec in zip(outputs, self.signature.output_specs):
+            if isinstance(value, Node) and getattr(spec.arg, "name", value.name) != value.name:
+                raise MetadataError(
+                    f"stale signature{by}: output {value.name!r} is described by the spec of "
+                    f"{spec.arg.name!r}; call Program.sync_output_specs()")
         for node in self.graph.nodes:
             if node.op not in ("output", "get_attr") and "val" not in node.meta:
                 raise MetadataError(f"node {node.name!r}{by} has no meta['val']")

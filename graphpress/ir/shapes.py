@@ -56,7 +56,7 @@ def propagate_shapes(program: Program, *, who: str = "", check: bool = True) -> 
     disagrees with the recomputed one raises MetadataError. A pass that changes shapes on
     purpose (pruning) refreshes them itself with ``check=False``.
     """
-    mode = fake_mode_of(program)
+    mode = program.fake_mode()
     before = {n: value_signature(n.meta["val"]) for n in program.graph.nodes if "val" in n.meta}
     inputs = []
     for node in program.nodes("placeholder"):

@@ -103,9 +103,8 @@ class FoldConstants(Pass):
     def _new_name(program: Program, node: Node) -> str:
         module = program.source_module(node)
         base = f"{module}.{node.name}_folded" if module else f"{node.name}_folded"
-        existing = set(program.weights())
         name, i = base, 1
-        while name in existing:
+        while name in program.state_dict or name in program.constants:
             i += 1
             name = f"{base}{i}"
         return name

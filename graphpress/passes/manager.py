@@ -121,6 +121,7 @@ class PassManager:
         for node in program.graph.nodes:
             if node not in known_nodes:
                 node.meta.setdefault("graphpress_pass", pass_.name)
+        program.sync_output_specs()
         program.touch()
         program.keep_analyses(pass_.preserves)
         who = f"pass {pass_.describe()!r}"

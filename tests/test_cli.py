@@ -1,0 +1,238 @@
+"""The ``graphpress`` command line, run in-process through ``main([...])``."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import graphpress as gp
+from graphpress.cli import DEMO_PIPELINE, main, parse_inputs
+
+FACTORY_MODULE = "graphpress_cli_test_models"
+FACTORY_SOURCE = textwrap.dedent('''
+    """Factories for the CLI tests (written to a temporary folder by the test)."""
+    import torch
+    from torch import nn
+
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+            self.fc = nn.Linear(4, 2)
+            self.register_buffer("scale", torch.full((2,), 0.5))
+
+        def forward(self, x):
+            h = torch.relu(self.bn(self.conv(x))).mean((2, 3))
+            unused = torch.sin(h)  # dead: dce removes it
+            return self.fc(h) * (self.scale * 2) + self.fc(h)
+
+
+    class Embed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(100, 8)
+
+        def forward(self, ids, x):
+            return self.emb(ids).sum(1) + x
+
+
+    def make():
+        torch.manual_seed(0)
+        return Net()
+
+
+    def make_with_inputs():
+        torch.manual_seed(0)
+        return Net(), (torch.randn(2, 3, 8, 8),)
+
+
+    def make_embed():
+        torch.manual_seed(0)
+        return Embed()
+
+
+    class Branchy(nn.Module):
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x - 1
+
+
+    def make_branchy():
+        return Branchy(), (torch.randn(4),)
+
+
+    def broken():
+        raise RuntimeError("no weights here")
+''')
+
+
+@pytest.fixture
+def factory_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A folder holding the factory module, as the working directory (graphpress imports from
+    the current directory)."""
+    (tmp_path / f"{FACTORY_MODULE}.py").write_text(FACTORY_SOURCE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    yield tmp_path
+    sys.modules.pop(FACTORY_MODULE, None)
+
+
+def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """Run ``argv``, which must fail with status 2 and one error line, without a traceback;
+    return that line. (torch may log above it: export prints the graph of a failed trace.)"""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err, err
+    line = err.splitlines()[-1]
+    assert line.startswith("graphpress: error: "), err
+    return line
+
+
+def test_demo_compiles_with_verification(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert DEMO_PIPELINE in out and "verify=True" in out
+    for name in ("dce", "cse", "fold_constants"):
+        assert f"\n{name} " in out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("compiled vs original output: max abs error")
+    assert float(last.split("max abs error ")[1].split(";")[0]) <= 1e-5
+
+
+def test_demo_unknown_model_lists_zoo(capsys: pytest.CaptureFixture[str]) -> None:
+    err = _error(capsys, ["demo", "--model", "no_such_model", "--no-verify"])
+    assert "no_such_model" in err and "residual_chain" in err
+
+
+def test_passes_lists_name_description_contract(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["passes"]) == 0
+    out = capsys.readouterr().out
+    assert "cse" in out and "Replaces repeated pure computations" in out
+    assert "fold_constants" in out and "max_new_elements=1024" in out
+    assert out.count("contract: exact (rtol=0, atol=0)") >= 3
+
+
+def test_compile_saves_a_loadable_folder(factory_dir: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    out_dir = factory_dir / "out"
+    argv = ["compile", f"{FACTORY_MODULE}:make", "--inputs", "2x3x8x8", "--verify",
+            "-o", str(out_dir)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "graphpress report" in out and f"saved to {out_dir}" in out
+    assert "compiled vs original output: max abs error" in out
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    assert "dce" in manifest["pipeline"] and "cse" in manifest["pipeline"]
+    nodes = manifest["report"]["records"]
+    assert nodes[0]["nodes"][0] > nodes[-1]["nodes"][1]  # the dead sin and repeated fc went
+
+    loaded = gp.load(out_dir)
+    model = sys.modules[FACTORY_MODULE].make().eval()
+    (x,) = parse_inputs("2x3x8x8")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-6)
+        other = torch.randn(2, 3, 8, 8)
+        torch.testing.assert_close(loaded(other), model(other), rtol=1e-5, atol=1e-6)
+
+
+def test_compile_uses_factory_inputs_and_passes(factory_dir: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compile", f"{FACTORY_MODULE}:make_with_inputs", "--passes", "dce"]) == 0
+    out = capsys.readouterr().out
+    assert "inputs 2x3x8x8:float32" in out
+    assert "\ndce " in out and "\ncse " not in out
+
+
+def test_compile_integer_inputs(factory_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["compile", f"{FACTORY_MODULE}:make_embed", "--inputs", "2x5:int64,2x8", "--verify"]
+    assert main(argv) == 0
+    assert "inputs 2x5:int64, 2x8:float32" in capsys.readouterr().out
+
+
+def test_parse_inputs_is_seeded_with_small_ints() -> None:
+    ids, x, mask = parse_inputs("2x8:int64, 3x4x5 ,4:bool")
+    assert ids.dtype == torch.int64 and ids.shape == (2, 8)
+    assert int(ids.min()) >= 0 and int(ids.max()) < 100
+    assert x.dtype == torch.float32 and x.shape == (3, 4, 5)
+    assert mask.dtype == torch.bool
+    again = parse_inputs("2x8:int64, 3x4x5 ,4:bool")
+    assert all(torch.equal(a, b) for a, b in zip(again, (ids, x, mask), strict=True))
+    assert not torch.equal(parse_inputs("3x4x5", seed=1)[0], parse_inputs("3x4x5")[0])
+
+
+def test_unknown_pass_lists_known_passes(factory_dir: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    err = _error(capsys, ["compile", f"{FACTORY_MODULE}:make", "--inputs", "2x3x8x8",
+                          "--passes", "dce, csee"])
+    assert "unknown pass 'csee'" in err and "Did you mean 'cse'?" in err
+    known = err.split("Known passes: ")[1].split(", ")
+    assert {"cse", "dce", "fold_constants"} <= set(known)
+
+
+@pytest.mark.parametrize(("target", "message"), [
+    ("no_colon_here", "expected MODULE:FACTORY"),
+    ("graphpress_no_such_module:make", "cannot import module 'graphpress_no_such_module'"),
+    (f"{FACTORY_MODULE}:missing", f"module '{FACTORY_MODULE}' has no attribute 'missing'"),
+    (f"{FACTORY_MODULE}:broken", "broken() raised RuntimeError: no weights here"),
+    (f"{FACTORY_MODULE}:torch", "not a callable factory"),
+])
+def test_bad_factory(factory_dir: Path, capsys: pytest.CaptureFixture[str], target: str,
+                     message: str) -> None:
+    assert message in _error(capsys, ["compile", target, "--inputs", "2x3x8x8"])
+
+
+def test_factory_without_inputs_needs_inputs_spec(factory_dir: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert "give --inputs SPEC" in _error(capsys, ["compile", f"{FACTORY_MODULE}:make"])
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("2xax8", "bad --inputs entry '2xax8'"),
+    ("2x0x8", "bad --inputs entry '2x0x8'"),
+    ("", "bad --inputs entry ''"),
+    ("2x3:floaty", "unknown dtype 'floaty'"),
+    ("2x3:Size", "unknown dtype 'Size'"),
+])
+def test_bad_inputs_spec(factory_dir: Path, capsys: pytest.CaptureFixture[str], spec: str,
+                         message: str) -> None:
+    assert message in _error(capsys, ["compile", f"{FACTORY_MODULE}:make", "--inputs", spec])
+
+
+def test_bad_command_line_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert "required" in _error(capsys, ["compile"])
+    assert "invalid choice" in _error(capsys, ["compile", "m:f", "--frontend", "nope"])
+    assert "invalid choice" in _error(capsys, ["frobnicate"])
+
+
+def test_unknown_backend(factory_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = _error(capsys, ["compile", f"{FACTORY_MODULE}:make", "--inputs", "2x3x8x8",
+                          "--backend", "no_such_backend"])
+    assert "unknown backend 'no_such_backend'" in err and "eager" in err
+
+
+def test_multiline_trace_error_is_one_line(factory_dir: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    err = _error(capsys, ["compile", f"{FACTORY_MODULE}:make_branchy"])
+    assert "could not trace Branchy" in err and "data-dependent control flow" in err
+    assert "; cause: " in err
+
+
+def test_debug_shows_the_traceback(capsys: pytest.CaptureFixture[str],
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GRAPHPRESS_DEBUG", "1")
+    assert main(["demo", "--model", "no_such_model"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("Traceback")
+    assert err.splitlines()[-1].startswith("graphpress: error: unknown zoo model 'no_such_model'")
+
+
+def test_help_returns_zero(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    assert "demo" in capsys.readouterr().out
