@@ -85,9 +85,9 @@ class Program:
         return self._ep.constants
 
     def nodes(self, op: str | None = None) -> Iterator[Node]:
-        if op is None:
-            return iter(self.graph.nodes)
-        return iter(self.graph.find_nodes(op=op))
+        if op == "placeholder":  # indexed by torch.fx: no scan of the whole graph
+            return iter(self.graph.find_nodes(op=op))
+        return (n for n in self.graph.nodes if op is None or n.op == op)
 
     def num_nodes(self) -> int:
         return sum(1 for n in self.graph.nodes if n.op not in ("placeholder", "output"))

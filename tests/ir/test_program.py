@@ -107,3 +107,10 @@ def test_call_applies_buffer_and_input_mutations() -> None:
     assert torch.equal(program(torch.ones(2)), torch.full((2,), 4.0))
     assert program.weight("count").item() == 2.0
     assert torch.equal(program.module()(torch.ones(2)), torch.full((2,), 5.0))
+
+
+def test_nodes_by_op(conv_program: Program) -> None:
+    calls = list(conv_program.nodes("call_function"))
+    assert calls and all(n.op == "call_function" for n in calls)
+    assert [n.name for n in conv_program.nodes("placeholder")][-1] == "x"
+    assert len(list(conv_program.nodes())) == len(conv_program.graph.nodes)
