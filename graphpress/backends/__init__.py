@@ -3,9 +3,10 @@
 A backend is a factory ``(Program, **options) -> Artifact``; an artifact is callable like the
 model and has ``save(folder) -> list of files written``. Optional: ``tolerance`` (rtol, atol)
 for checking it against eager when ``verify=True``, and ``info() -> dict`` of facts for the
-report (file size, opset, ...). ``eager`` is built in. ``onnx`` and ``triton`` are
-the planned backends: until their modules exist, asking for them raises a BackendError that
-says so (no placeholder pretends to run).
+report (file size, opset, ...). ``eager`` is built in; ``onnx`` (:mod:`graphpress.backends.onnx`)
+is imported on first use, as onnx and onnxruntime are slow to import. ``triton`` is planned:
+until its module exists, asking for it raises a BackendError that says so (no placeholder
+pretends to run).
 """
 
 from __future__ import annotations
@@ -29,8 +30,14 @@ class Artifact(Protocol):
     def save(self, folder: Path) -> list[str]: ...
 
 
-BACKENDS: dict[str, Callable[..., Artifact]] = {"eager": EagerArtifact}
-_PLANNED = {"onnx": "ONNX export with onnxruntime", "triton": "generated Triton kernels"}
+def _onnx(program: Program, **options: Any) -> Artifact:
+    from graphpress.backends.onnx import onnx_backend
+
+    return onnx_backend(program, **options)
+
+
+BACKENDS: dict[str, Callable[..., Artifact]] = {"eager": EagerArtifact, "onnx": _onnx}
+_PLANNED = {"triton": "generated Triton kernels"}
 
 
 def register_backend(name: str, factory: Callable[..., Artifact]) -> None:

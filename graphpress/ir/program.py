@@ -53,6 +53,7 @@ class Program:
         self._ep = exported
         self.frontend = frontend
         self.version = 0
+        self.passes_applied: list[str] = []  # provenance: each pass run on it, as described
         self._analyses: dict[str, tuple[int, Any]] = {}
         self._module: tuple[int, torch.nn.Module] | None = None
         self._compiled_version = -1
@@ -349,6 +350,7 @@ class Program:
         )
         clone = Program(ep, frontend=self.frontend)
         clone.version = self.version
+        clone.passes_applied = list(self.passes_applied)
         return clone
 
     # ------------------------------------------------------------- validation

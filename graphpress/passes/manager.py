@@ -105,6 +105,7 @@ class PassManager:
             else:
                 max_error = 0.0
         self._history.append(label)
+        program.passes_applied.append(label)
         record = PassRecord(
             name=pass_.name, iteration=iteration, seconds=seconds, changed=result.changed,
             nodes=(costs_before.nodes, costs_after.nodes),
