@@ -40,7 +40,7 @@ from graphpress.passes.registry import available_passes
 __all__ = ["DEMO_MODEL", "DEMO_PIPELINE", "UsageError", "main", "parse_inputs"]
 
 # Every built-in pass that applies to any model; a new generic pass is added here.
-DEMO_PIPELINE = "fixpoint(dce, cse, fold_constants)"
+DEMO_PIPELINE = "fold_bn, fixpoint(dce, cse, fold_constants)"
 # A zoo model with batch norm, residual connections and a linear head: work for most passes.
 DEMO_MODEL = "residual_chain"
 _INT_HIGH = 100  # integer example inputs are drawn from [0, _INT_HIGH)

@@ -149,3 +149,10 @@ def test_save_after_cse_merges_returned_values(tmp_path: Path) -> None:
     assert compiled.report().records[0].stats["merged"] == 2
     loaded = gp.load(compiled.save(tmp_path / "cse"))
     assert_equivalent(loaded, TwoSame(), (x,), rtol=0, atol=0)
+
+
+def test_sequential_input_named_input_verifies() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(3, 4)
+    compiled = gp.compile(model, (x,), passes="dce, cse", verify=True)
+    assert_equivalent(compiled, model, (x,), rtol=0, atol=0)

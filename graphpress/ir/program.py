@@ -338,6 +338,10 @@ class Program:
         value_map: dict[Node, Node] = {}
         out = graph.graph_copy(self.graph, value_map)
         graph.output(out)
+        for old, new in value_map.items():  # fx renames names that shadow builtins ("input")
+            if new.name != old.name:
+                new.name = old.name
+                graph._graph_namespace._rename_object(new, old.name)
         output_meta = self.output_node().meta
         graph.output_node().meta.update(output_meta)
         gm = GraphModule(self.graph_module, graph)

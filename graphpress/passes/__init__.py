@@ -3,6 +3,7 @@
 from graphpress.passes.base import Contract, Fixpoint, Pass, PassContext, PassResult, Skip
 from graphpress.passes.cse import CommonSubexpressionElimination
 from graphpress.passes.dce import DeadCodeElimination
+from graphpress.passes.fold_bn import FoldBatchNorm
 from graphpress.passes.fold_constants import FoldConstants
 from graphpress.passes.manager import PassManager
 from graphpress.passes.registry import available_passes, build_pipeline, get_pass, register_pass
@@ -13,6 +14,7 @@ __all__ = [
     "Contract",
     "DeadCodeElimination",
     "Fixpoint",
+    "FoldBatchNorm",
     "FoldConstants",
     "Pass",
     "PassContext",

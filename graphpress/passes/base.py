@@ -93,6 +93,11 @@ class Pass(abc.ABC):
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         """Rewrite ``program`` in place."""
 
+    def contract_for(self, program: Program) -> Contract:
+        """The contract for this input program (override when it depends on it, e.g. a
+        tolerance by dtype); the manager asks before running the pass."""
+        return self.contract
+
     def reference(self, before: Program, result: PassResult) -> Callable[..., Any]:
         """What the rewritten program must equal, for a ``reference`` contract."""
         return before

@@ -75,6 +75,7 @@ class PassManager:
         for name in pass_.requires:
             program.analysis(name)
         costs_before = program.analysis("costs")
+        contract = pass_.contract_for(program)
         before = program.copy() if self.verify else None
         known_nodes = set(program.graph.nodes)
         version = program.version
@@ -101,7 +102,8 @@ class PassManager:
         if self.verify and before is not None:
             if result.changed or self._outputs is None:
                 max_error, self._outputs = check_contract(
-                    pass_, before, program, result, self.samples, self._outputs, self._history)
+                    pass_, contract, before, program, result, self.samples, self._outputs,
+                    self._history)
             else:
                 max_error = 0.0
         self._history.append(label)
@@ -110,7 +112,7 @@ class PassManager:
             name=pass_.name, iteration=iteration, seconds=seconds, changed=result.changed,
             nodes=(costs_before.nodes, costs_after.nodes),
             parameters=(costs_before.parameters, costs_after.parameters),
-            macs=(costs_before.macs, costs_after.macs), contract=str(pass_.contract),
+            macs=(costs_before.macs, costs_after.macs), contract=str(contract),
             max_error=max_error, stats=dict(result.stats),
             skipped=[(s.node, s.reason) for s in result.skipped])
         for hook in self.hooks:

@@ -23,7 +23,7 @@ from graphpress.numerics import Comparison, compare_outputs
 
 if TYPE_CHECKING:
     from graphpress.ir.program import Program
-    from graphpress.passes.base import Pass, PassResult
+    from graphpress.passes.base import Contract, Pass, PassResult
 
 __all__ = ["Samples", "check_contract", "first_divergence", "run_samples"]
 
@@ -83,11 +83,11 @@ def first_divergence(before: Program, after: Program, args: tuple[Any, ...],
     return "no shared node differs; the difference comes from nodes the pass created"
 
 
-def check_contract(pass_: Pass, before: Program, after: Program, result: PassResult,
-                   samples: Samples, expected: list[Any] | None, history: list[str]
-                   ) -> tuple[float, list[Any]]:
-    """Check ``pass_``'s contract; return (max abs error, outputs of ``after``)."""
-    contract = pass_.contract
+def check_contract(pass_: Pass, contract: Contract, before: Program, after: Program,
+                   result: PassResult, samples: Samples, expected: list[Any] | None,
+                   history: list[str]) -> tuple[float, list[Any]]:
+    """Check ``contract`` (``pass_``'s, for ``before``); return (max abs error, outputs of
+    ``after``)."""
     actual = run_samples(after, samples)
     if contract.kind == "unchecked":
         return float("nan"), actual
