@@ -156,3 +156,11 @@ def test_sequential_input_named_input_verifies() -> None:
     x = torch.randn(3, 4)
     compiled = gp.compile(model, (x,), passes="dce, cse", verify=True)
     assert_equivalent(compiled, model, (x,), rtol=0, atol=0)
+
+
+def test_report_keeps_pass_details() -> None:
+    compiled = gp.compile(Redundant().eval(), vec_inputs(), passes="dce")
+    assert compiled.report().details("dce") == {}
+    with pytest.raises(KeyError, match="ran: dce"):
+        compiled.report().details("prune_channels")
+    assert "details" not in compiled.report().to_dict()["records"][0]

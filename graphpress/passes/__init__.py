@@ -6,6 +6,7 @@ from graphpress.passes.dce import DeadCodeElimination
 from graphpress.passes.fold_bn import FoldBatchNorm
 from graphpress.passes.fold_constants import FoldConstants
 from graphpress.passes.manager import PassManager
+from graphpress.passes.prune_channels import PruneChannels
 from graphpress.passes.registry import available_passes, build_pipeline, get_pass, register_pass
 from graphpress.passes.report import PassRecord, Report
 
@@ -21,6 +22,7 @@ __all__ = [
     "PassManager",
     "PassRecord",
     "PassResult",
+    "PruneChannels",
     "Report",
     "Skip",
     "available_passes",

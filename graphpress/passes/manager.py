@@ -114,7 +114,7 @@ class PassManager:
             parameters=(costs_before.parameters, costs_after.parameters),
             macs=(costs_before.macs, costs_after.macs), contract=str(contract),
             max_error=max_error, stats=dict(result.stats),
-            skipped=[(s.node, s.reason) for s in result.skipped])
+            skipped=[(s.node, s.reason) for s in result.skipped], details=result.details)
         for hook in self.hooks:
             hook.after_pass(pass_, program, record, self._index)
         return record

@@ -25,6 +25,8 @@ class PassRecord:
     max_error: float | None = None
     stats: dict[str, int] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    # what the pass returned in PassResult.details (e.g. the pruning plan); not serialized
+    details: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
 def _count(n: int) -> str:
@@ -52,7 +54,8 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return {"frontend": self.frontend, "backend": self.backend,
                 "trace_seconds": self.trace_seconds, "extra": self.extra,
-                "records": [asdict(r) for r in self.records]}
+                "records": [{k: v for k, v in asdict(r).items() if k != "details"}
+                            for r in self.records]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Report:
@@ -65,6 +68,14 @@ class Report:
             records.append(PassRecord(**r))
         return cls(records, data.get("frontend", ""), data.get("backend", ""),
                    data.get("trace_seconds", 0.0), data.get("extra", {}))
+
+    def details(self, pass_name: str) -> dict[str, Any]:
+        """``PassResult.details`` of the last run of the named pass (e.g. the pruning plan)."""
+        for record in reversed(self.records):
+            if record.name == pass_name:
+                return record.details
+        raise KeyError(f"no pass named {pass_name!r} ran; ran: "
+                       f"{', '.join(r.name for r in self.records) or 'none'}")
 
     def __str__(self) -> str:
         header = ("pass", "iter", "time ms", "nodes", "params", "MACs", "max error", "result")

@@ -1,0 +1,48 @@
+"""prune_channels over the model zoo: every model prunes at ratio 0.5 with its contract checked."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch.utils import _pytree as pytree
+
+import graphpress as gp
+from graphpress.testing.zoo import ZooModel, zoo_models
+
+
+def _shapes(value: object) -> list[tuple[int, ...]]:
+    return [tuple(t.shape) for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
+
+
+def _check(zoo: ZooModel, prune_heads: bool = True) -> None:
+    model, inputs = zoo.make()
+    with torch.no_grad():
+        expected = _shapes(model(*inputs))
+    prune = gp.passes.PruneChannels(ratio=0.5, prune_heads=prune_heads)
+    compiled = gp.compile(model, inputs, passes=[prune], verify=True)
+    record = compiled.report().records[-1]
+    assert record.parameters[1] < record.parameters[0], "no parameter was removed"
+    assert record.stats["channels_after"] < record.stats["channels_before"]
+    assert record.skipped, "the groups at the model's input and output are never pruned"
+    for weight, reason in record.skipped:       # every unprunable group says why
+        assert re.fullmatch(r"group of \d+ channels unprunable: \S.*", reason), (weight, reason)
+    with torch.no_grad():
+        assert _shapes(compiled(*inputs)) == expected
+
+
+@pytest.mark.parametrize("zoo", zoo_models(), ids=lambda z: z.name)
+def test_prunes_every_zoo_model_at_half(zoo: ZooModel) -> None:
+    _check(zoo)
+
+
+@pytest.mark.parametrize("zoo", zoo_models(include=["attention"]), ids=lambda z: z.name)
+def test_prunes_head_dim_of_attention_zoo_models(zoo: ZooModel) -> None:
+    _check(zoo, prune_heads=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zoo", zoo_models(include=["large"], exclude=()), ids=lambda z: z.name)
+def test_prunes_large_zoo_models_at_half(zoo: ZooModel) -> None:
+    _check(zoo)
