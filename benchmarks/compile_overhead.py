@@ -38,6 +38,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from common import markdown_table
 from torch import nn
 from torch.export.graph_signature import TensorArgument
 
@@ -90,20 +91,7 @@ def _pipeline(program: Program, repeats: int) -> tuple[float, Program, Report]:
     return statistics.median(times), copy, report
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
-    """A Markdown table: the first column left-aligned, the numbers right-aligned."""
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: tuple[str, ...]) -> str:
-        padded = [c.ljust(w) if i == 0 else c.rjust(w)
-                  for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
-        return "| " + " | ".join(padded) + " |"
-    rule = "|" + "|".join((":" + "-" * (w + 1)) if i == 0 else ("-" * (w + 1) + ":")
-                          for i, w in enumerate(widths)) + "|"
-    return "\n".join([line(header), rule, *(line(r) for r in rows)])
-
-
-def zoo_table(large: bool, repeats: int) -> str:
+def zoomarkdown_table(large: bool, repeats: int) -> str:
     rows = []
     entries = zoo_models(exclude=()) if large else zoo_models()
     for entry in entries:
@@ -113,7 +101,7 @@ def zoo_table(large: bool, repeats: int) -> str:
         rows.append((entry.name, f"{trace_s * 1e3:.0f}", f"{pipeline_s * 1e3:.1f}",
                      str(program.num_nodes()), str(after.num_nodes())))
         print(f"  {entry.name}: done", flush=True)
-    return _table(("model", "trace ms", "pipeline ms", "nodes before", "nodes after"), rows)
+    return markdown_table(("model", "trace ms", "pipeline ms", "nodes before", "nodes after"), rows)
 
 
 def chain_program(nodes: int) -> Program:
@@ -161,7 +149,7 @@ def _check_against_export(nodes: int) -> None:
         raise SystemExit(f"the constructed {nodes}-node chain differs from torch.export's")
 
 
-def chain_table(sizes: list[int], repeats: int) -> str:
+def chainmarkdown_table(sizes: list[int], repeats: int) -> str:
     rows, base = [], None
     for size in sizes:
         start = time.perf_counter()
@@ -176,11 +164,11 @@ def chain_table(sizes: list[int], repeats: int) -> str:
                      str(runs), f"{total_s:.2f}", f"{passes_s:.2f}", f"{total_s - passes_s:.2f}",
                      f"{per_node:.1f}", f"{per_node / base:.2f}"))
         print(f"  {size} nodes: done", flush=True)
-    return _table(("nodes before", "nodes after", "build s", "runs", "pipeline s",
+    return markdown_table(("nodes before", "nodes after", "build s", "runs", "pipeline s",
                    "in passes s", "manager checks s", "µs/node", "vs first"), rows)
 
 
-def weights_table(counts: list[int]) -> str:
+def weightsmarkdown_table(counts: list[int]) -> str:
     rows, base = [], None
     for count in counts:
         program = trace(ScaledChain(count), (torch.randn(8),))
@@ -194,8 +182,8 @@ def weights_table(counts: list[int]) -> str:
                      f"{by_pass['dce']:.2f}", f"{by_pass['cse']:.2f}", f"{per_node:.0f}",
                      f"{per_node / base:.2f}"))
         print(f"  {count} weights: done", flush=True)
-    return _table(("weights", "nodes before", "nodes after", "pipeline s", "fold_constants s",
-                   "dce s", "cse s", "µs/node", "vs first"), rows)
+    return markdown_table(("weights", "nodes before", "nodes after", "pipeline s",
+                           "fold_constants s", "dce s", "cse s", "µs/node", "vs first"), rows)
 
 
 def main() -> None:
@@ -213,17 +201,17 @@ def main() -> None:
     print(f"pipeline: {PIPELINE}; torch {torch.__version__}; "
           f"{torch.get_num_threads()} threads\n")
     print("(a) zoo models: trace and pipeline time (no verification)")
-    zoo = zoo_table(args.large, args.repeats)
+    zoo = zoomarkdown_table(args.large, args.repeats)
     print(f"\n{zoo}\n")
     start = time.perf_counter()
     _check_against_export(sizes[0])
     print(f"checked: the constructed {sizes[0]}-node chain has the op sequence torch.export "
           f"gives ({time.perf_counter() - start:.1f} s incl. exporting it)\n")
     print("(b) synthetic chains: pipeline time per node")
-    chains = chain_table(sizes, args.repeats)
+    chains = chainmarkdown_table(sizes, args.repeats)
     print(f"\n{chains}\n")
     print("(c) chains with weights: pipeline time per node as the weight count grows (1 run)")
-    weights = weights_table(sorted(int(s) for s in args.weights.split(",")))
+    weights = weightsmarkdown_table(sorted(int(s) for s in args.weights.split(",")))
     print(f"\n{weights}")
 
 

@@ -29,10 +29,9 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
-from typing import Any
 
 import torch
+from common import interleaved, markdown_table
 
 import graphpress as gp
 from graphpress.testing.zoo import get_model
@@ -44,37 +43,8 @@ def _weight_bytes(compiled: gp.CompiledModel) -> int:
     return sum(t.numel() * t.element_size() for t in compiled.program.weights().values())
 
 
-def _interleaved(first: Callable[[], Any], second: Callable[[], Any], repeats: int
-                 ) -> list[tuple[list[float], list[float]]]:
-    """Wall and CPU seconds per call of both, measured in alternating order, after two warm-up
-    calls each: ``[(wall, cpu) of first, (wall, cpu) of second]``."""
-    times: list[tuple[list[float], list[float]]] = [([], []), ([], [])]
-    fns = (first, second)
-    with torch.no_grad():
-        for fn in (first, second, first, second):
-            fn()
-        for round_ in range(repeats):
-            for i in ((0, 1) if round_ % 2 == 0 else (1, 0)):
-                wall, cpu = time.perf_counter(), time.process_time()
-                fns[i]()
-                times[i][1].append(time.process_time() - cpu)
-                times[i][0].append(time.perf_counter() - wall)
-    return times
-
-
 def _bytes(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
-
-
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: tuple[str, ...]) -> str:
-        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
-    rule = "|" + "|".join(":" + "-" * (w + 1) if i == 0 else "-" * (w + 1) + ":"
-                          for i, w in enumerate(widths)) + "|"
-    return "\n".join([line(header), rule, *(line(r) for r in rows)])
 
 
 def bench(name: str, batches: list[int], repeats: int, large_repeats: int
@@ -89,7 +59,7 @@ def bench(name: str, batches: list[int], repeats: int, large_repeats: int
         compile_s = time.perf_counter() - start
         stats = folded.report().records[0].stats
         runs = repeats if batch < 8 else large_repeats
-        (before, cpu_before), (after, cpu_after) = _interleaved(
+        (before, cpu_before), (after, cpu_after) = interleaved(
             lambda u=unfolded, x=x: u(x), lambda f=folded, x=x: f(x), runs)
         with torch.no_grad():
             diff = (unfolded(x).logits - folded(x).logits).abs().max().item()
@@ -127,7 +97,7 @@ def main() -> None:
     print(f"\nfold_bn: eager backend, unfolded vs folded; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
           f"{datetime.date.today()}")
-    print(_table(("model", "batch", "rounds", "folded / not", "nodes", "weight bytes",
+    print(markdown_table(("model", "batch", "rounds", "folded / not", "nodes", "weight bytes",
                   "unfolded ms (median / min)", "folded ms (median / min)",
                   "speedup (median / min)", "CPU ms (unfolded / folded)", "CPU ratio",
                   "max |diff|"), rows))

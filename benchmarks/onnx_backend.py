@@ -25,10 +25,10 @@ import datetime
 import platform
 import statistics
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
+from common import interleaved, markdown_table
 
 import graphpress as gp
 from graphpress.backends.onnx import onnx_backend
@@ -38,35 +38,8 @@ from graphpress.testing.zoo import zoo_models
 CLEANUP = "fixpoint(dce, cse, fold_constants)"
 
 
-def _interleaved(first: Callable[[], Any], second: Callable[[], Any],
-                 repeats: int) -> tuple[float, float]:
-    """Median seconds per call of both, measured in alternating order after warm-up."""
-    times: tuple[list[float], list[float]] = ([], [])
-    fns = (first, second)
-    with torch.no_grad():
-        for fn in (first, second, first, second):
-            fn()
-        for round_ in range(repeats):
-            for i in ((0, 1) if round_ % 2 == 0 else (1, 0)):
-                start = time.perf_counter()
-                fns[i]()
-                times[i].append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
-
-
 def _size(n: int) -> str:
     return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
-
-
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: tuple[str, ...]) -> str:
-        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
-    rule = "|" + "|".join(":" + "-" * (w + 1) if i == 0 else "-" * (w + 1) + ":"
-                          for i, w in enumerate(widths)) + "|"
-    return "\n".join([line(header), rule, *(line(r) for r in rows)])
 
 
 def bench(name: str, model: torch.nn.Module, inputs: tuple[Any, ...], passes: str,
@@ -76,8 +49,9 @@ def bench(name: str, model: torch.nn.Module, inputs: tuple[Any, ...], passes: st
     artifact = onnx_backend(compiled.program, intra_op_threads=threads,
                             session_config={"session.intra_op.allow_spinning": "0"})
     build = time.perf_counter() - start
-    eager_s, onnx_s = _interleaved(lambda: compiled(*inputs), lambda: artifact(*inputs),
-                                   repeats)
+    (eager, _), (ort, _) = interleaved(lambda: compiled(*inputs), lambda: artifact(*inputs),
+                                        repeats)
+    eager_s, onnx_s = statistics.median(eager), statistics.median(ort)
     with torch.no_grad():
         diff = compare_outputs(artifact(*inputs), compiled(*inputs), rtol=0, atol=1)
     return (name, f"{artifact.export_seconds:.2f}", f"{build:.2f}", _size(artifact.size_bytes),
@@ -107,7 +81,7 @@ def main() -> None:
     print(f"\npipeline: {args.passes}; torch {torch.__version__}; {args.threads} threads "
           f"(torch and onnxruntime); {args.repeats} rounds; {platform.processor() or 'cpu'}; "
           f"{datetime.date.today()}\n")
-    print(_table(header, rows))
+    print(markdown_table(header, rows))
 
 
 if __name__ == "__main__":
