@@ -43,7 +43,6 @@ from graphpress.passes.fold_bn_match import (
     follow_axis,
     is_view,
     reads_only_metadata,
-    replace_uses,
     set_arg,
 )
 from graphpress.passes.registry import register_pass
@@ -256,7 +255,7 @@ class FoldBatchNorm(Pass):
                 self._store(program, layer, "weight", new_w)
             if new_b is not None and new_b is not old_b:
                 self._store(program, layer, "bias", new_b)
-        replace_uses(program, affine.node, affine.source)
+        affine.node.replace_all_uses_with(affine.source)
         for call in affine.calls:
             program.graph.erase_node(call)
         return set(affine.calls) | erase_unused(program, affine.operands)

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.export.graph_signature import TensorArgument
 from torch.fx import Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils import _pytree as pytree
@@ -26,7 +25,7 @@ from graphpress.ir.program import Program
 from graphpress.passes.purity import is_pure
 
 __all__ = ["Layer", "as_layer", "erase_unused", "follow_axis", "get_arg", "is_view",
-           "inputs_of", "reads_only_metadata", "replace_uses", "set_arg"]
+           "inputs_of", "reads_only_metadata", "set_arg"]
 
 aten = torch.ops.aten
 _LINEAR = {aten.linear.default}
@@ -159,15 +158,6 @@ def follow_axis(view: Node, axis: int) -> int | None:
 
 def inputs_of(node: Node) -> list[Node]:
     return [a for a in pytree.tree_leaves((node.args, node.kwargs)) if isinstance(a, Node)]
-
-
-def replace_uses(program: Program, old: Node, new: Node) -> None:
-    """``old.replace_all_uses_with(new)``, keeping the output specs (which name the returned
-    nodes) in step: a folded BatchNorm may be what the graph returns."""
-    old.replace_all_uses_with(new)
-    for spec in program.signature.output_specs:
-        if isinstance(spec.arg, TensorArgument) and spec.arg.name == old.name:
-            spec.arg = TensorArgument(name=new.name)
 
 
 def erase_unused(program: Program, nodes: list[Node]) -> set[Node]:

@@ -35,8 +35,8 @@ observable in two ways, both checked on an alias analysis (nodes grouped by the 
 * an escape: if ``y`` (or a view of it) is returned, the output would share storage with ``x``;
   the copy is kept when ``x``'s storage is a graph input, a weight, or also returned.
 
-Nodes feeding a mutation output (a buffer updated in place) are left alone, and output specs of
-the signature are renamed when a returned node is replaced. Not removed: ``detach`` (gradients
+Nodes feeding a mutation output (a buffer updated in place) are left alone (the PassManager
+re-points the signature's output specs when a returned node is replaced). Not removed: ``detach`` (gradients
 differ when fine-tuning), ``_unsafe_view`` and in-place ops. Contract: exact with zero tolerance.
 """
 
@@ -44,11 +44,11 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.export.graph_signature import OutputKind, TensorArgument
+from torch.export.graph_signature import OutputKind
 from torch.fx import Node
 from torch.utils import _pytree as pytree
 
@@ -184,7 +184,6 @@ class RemoveIdentityOps(Pass):
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         aliases = _Aliases(program)
-        output = program.output_node()
         stats = {"nodes_removed": 0, "views": 0, "copies": 0, "arithmetic": 0}
         skipped: list[Skip] = []
         for node in list(program.graph.nodes):
@@ -200,8 +199,6 @@ class RemoveIdentityOps(Pass):
                 continue
             if kind != "view":
                 aliases.merge(node, source)
-            if output in node.users:
-                self._rename_outputs(program, node, source)
             node.replace_all_uses_with(source)
             program.graph.erase_node(node)
             stats["nodes_removed"] += 1
@@ -270,11 +267,3 @@ class RemoveIdentityOps(Pass):
         outputs = program.output_node().args[0]
         return any(value is node and spec.kind != OutputKind.USER_OUTPUT
                    for value, spec in zip(outputs, program.signature.output_specs, strict=True))
-
-    @staticmethod
-    def _rename_outputs(program: Program, node: Node, source: Node) -> None:
-        """Point the signature's output specs that named ``node`` at ``source``."""
-        specs = program.signature.output_specs
-        for i, spec in enumerate(specs):
-            if isinstance(spec.arg, TensorArgument) and spec.arg.name == node.name:
-                specs[i] = replace(spec, arg=TensorArgument(name=source.name))
