@@ -64,6 +64,10 @@ class Skip:
 
 @dataclass
 class PassResult:
+    """What a pass did: ``stats`` (counts for the report's table), ``skipped`` (where it did
+    not apply, and why), ``details`` (anything else; a ``"summary"`` list of lines is printed
+    in the report, e.g. pruning's channels per group)."""
+
     changed: bool
     stats: dict[str, int] = field(default_factory=dict)
     skipped: list[Skip] = field(default_factory=list)

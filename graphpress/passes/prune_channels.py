@@ -155,8 +155,11 @@ class PruneChannels(Pass):
         stats = {"groups": len(plan.groups), "groups_pruned": len(pruned),
                  "channels_before": sum(g.size for g in plan.groups),
                  "channels_after": sum(len(g.keep) for g in plan.groups),
-                 "weights_removed": removed}
-        return PassResult(changed=True, stats=stats, skipped=skips, details={"plan": plan})
+                 "weight_elements_removed": removed}
+        summary = [f"{g.slices[0][0]} (+{len(g.slices) - 1} coupled): {g.size} -> "
+                   f"{len(g.keep)} channels" for g in pruned]
+        return PassResult(changed=True, stats=stats, skipped=skips,
+                          details={"plan": plan, "summary": summary})
 
     def reference(self, before: Program, result: PassResult) -> Callable[..., Any]:
         return masked_copy(before, result.details["plan"])

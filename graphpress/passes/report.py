@@ -95,6 +95,11 @@ class Report:
                 lines.append("  ".join("-" * w for w in widths))
         for key, value in self.extra.items():
             lines.append(f"{key}: {value}")
+        summaries = [(r.name, line) for r in self.records
+                     for line in r.details.get("summary", [])]
+        if summaries:
+            lines.append("details:")
+            lines.extend(f"  {name}: {line}" for name, line in summaries)
         skipped = [(r.name, node, why) for r in self.records for node, why in r.skipped]
         if skipped:
             lines.append("not applied:")

@@ -86,6 +86,11 @@ def test_compile_verify_checks_the_contract() -> None:
     assert compiled(*inputs).shape == (2, 5)
     plan = compiled.report().details("prune_channels")["plan"]
     assert isinstance(plan, PrunePlan) and plan.removed()
+    pruned = [g for g in plan.groups if len(g.keep) < g.size]
+    text = str(compiled.report())
+    assert "details:" in text
+    for group in pruned:
+        assert f"{group.size} -> {len(group.keep)} channels" in text
 
 
 def test_pruned_program_saves_and_loads(tmp_path: Path) -> None:
