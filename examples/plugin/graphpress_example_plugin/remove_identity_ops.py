@@ -36,8 +36,9 @@ observable in two ways, both checked on an alias analysis (nodes grouped by the 
   the copy is kept when ``x``'s storage is a graph input, a weight, or also returned.
 
 Nodes feeding a mutation output (a buffer updated in place) are left alone (the PassManager
-re-points the signature's output specs when a returned node is replaced). Not removed: ``detach`` (gradients
-differ when fine-tuning), ``_unsafe_view`` and in-place ops. Contract: exact with zero tolerance.
+re-points the signature's output specs when a returned node is replaced). Not removed:
+``detach`` (gradients differ when fine-tuning), ``_unsafe_view`` and in-place ops. Contract:
+exact with zero tolerance.
 """
 
 from __future__ import annotations
