@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -65,8 +66,11 @@ __all__ = [
 ]
 
 _SEED = 0
-# Batch size of the random data on which batch-norm statistics are calibrated.
-_CALIBRATION_BATCH = 2
+# Batch-norm statistics are calibrated on random data: as many samples as fit this many input
+# elements (64 for a 3x32x32 image, 2 for 224x224). Two samples alone give degenerate variances
+# (~1e-10) in small models' deep layers, which no trained network has.
+_CALIBRATION_ELEMENTS = 2**18
+_CALIBRATION_MAX_BATCH = 64
 # Epochs of training for digits_cnn: about a second on one CPU thread, ~99% test accuracy.
 _DIGITS_EPOCHS = 5
 
@@ -154,7 +158,9 @@ def _calibrate_batchnorm(model: nn.Module, sample_shape: tuple[int, ...]) -> Non
         bn.momentum = None  # cumulative average: one pass stores that batch's statistics
     model.train()
     with torch.no_grad():
-        model(torch.randn(_CALIBRATION_BATCH, *sample_shape))
+        fitting = _CALIBRATION_ELEMENTS // math.prod(sample_shape)
+        batch = max(2, min(_CALIBRATION_MAX_BATCH, fitting))
+        model(torch.randn(batch, *sample_shape))
         for bn, momentum in zip(batchnorms, momenta, strict=True):
             bn.momentum = momentum
             if bn.affine:
