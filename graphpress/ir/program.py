@@ -16,7 +16,7 @@ a rewrite stores a new tensor, so a copy of a Program taken before a pass stays 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -306,6 +306,11 @@ class Program:
             self._module = (self.version, self._ep.module())
         return self._module[1]
 
+    def flat_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+        """The graph's placeholder values for a call: the weights, then the user inputs
+        flattened by the traced input spec (torch.export's calling convention)."""
+        return list(self._ep._graph_module_flat_inputs(args, kwargs))
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the graph: weights, then the flattened user inputs, in placeholder order.
 
@@ -315,7 +320,7 @@ class Program:
         if self._compiled_version != self.version:
             self.graph_module.recompile()
             self._compiled_version = self.version
-        flat = self._ep._graph_module_flat_inputs(args, kwargs)
+        flat = self.flat_inputs(args, kwargs)
         outputs = self.graph_module(*flat)
         user_positions = [i for i, spec in enumerate(self.signature.input_specs)
                           if spec.kind == InputKind.USER_INPUT]
@@ -407,8 +412,3 @@ class Program:
                 f"stale shape metadata{by}: weight {spec.target!r} is "
                 f"{tuple(tensor.shape)} {tensor.dtype} but its placeholder says {shape}; "
                 "use Program.replace_weight to change weights")
-
-    def map_weights(self, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
-        """Replace every weight by ``fn(name, tensor)`` (e.g. a dtype or device change)."""
-        for name, tensor in self.weights().items():
-            self.replace_weight(name, fn(name, tensor))

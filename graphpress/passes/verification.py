@@ -15,8 +15,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.export.graph_signature import InputKind
-from torch.utils import _pytree as pytree
 
 from graphpress.errors import ContractViolation
 from graphpress.numerics import Comparison, compare_outputs
@@ -35,18 +33,6 @@ def run_samples(fn: Any, samples: Samples) -> list[Any]:
         return [fn(*args, **kwargs) for args, kwargs in samples]
 
 
-def _placeholder_values(program: Program, args: tuple[Any, ...], kwargs: dict[str, Any]
-                        ) -> list[Any]:
-    flat_user = iter(pytree.tree_leaves((args, kwargs)))
-    values = []
-    for spec in program.signature.input_specs:
-        if spec.kind == InputKind.USER_INPUT:
-            values.append(next(flat_user))
-        else:
-            values.append(program.weight(spec.target))
-    return values
-
-
 class _Recorder(torch.fx.Interpreter):
     def __init__(self, gm: torch.fx.GraphModule) -> None:
         super().__init__(gm)
@@ -61,7 +47,7 @@ class _Recorder(torch.fx.Interpreter):
 def _record(program: Program, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Recorder:
     recorder = _Recorder(program.graph_module)
     with torch.no_grad():
-        recorder.run(*_placeholder_values(program, args, kwargs))
+        recorder.run(*program.flat_inputs(args, kwargs))
     return recorder
 
 
