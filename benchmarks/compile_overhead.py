@@ -44,8 +44,8 @@ from torch.export.graph_signature import TensorArgument
 
 from graphpress.frontends import trace
 from graphpress.ir.program import Program
-from graphpress.passes.manager import PassManager
-from graphpress.passes.report import Report
+from graphpress.pipeline.manager import PassManager
+from graphpress.pipeline.report import Report
 from graphpress.testing.zoo import zoo_models
 
 PIPELINE = "fixpoint(dce, cse, fold_constants)"

@@ -80,7 +80,7 @@ def depth() -> None:
         program = trace(model, (ids,))
         exported = time.perf_counter() - start
         start = time.perf_counter()
-        analysis = gp.ir.channel_groups(program)
+        analysis = gp.analysis.channel_groups(program)
         took = time.perf_counter() - start
         print(f"| {layers} | {program.num_nodes()} | {exported:.1f} | {took:.3f} | "
               f"{len(analysis.prunable())} prunable of {len(analysis.groups)} |", flush=True)

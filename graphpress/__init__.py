@@ -9,7 +9,8 @@ verified passes, and lower it with a backend::
     print(compiled.report())
 """
 
-from graphpress import passes
+from graphpress import analysis, passes
+from graphpress._version import __version__
 from graphpress.api import CompiledModel, compile, load
 from graphpress.errors import (
     BackendError,
@@ -24,8 +25,6 @@ from graphpress.errors import (
 from graphpress.ir.program import Program
 from graphpress.passes import PassManager, register_pass
 
-__version__ = "0.1.0"
-
 __all__ = [
     "BackendError",
     "CompiledModel",
@@ -39,6 +38,7 @@ __all__ = [
     "Program",
     "TraceError",
     "__version__",
+    "analysis",
     "compile",
     "load",
     "passes",

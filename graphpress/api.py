@@ -20,10 +20,10 @@ from graphpress.frontends.inputs import normalize_inputs
 from graphpress.ir.printer import format_program
 from graphpress.ir.program import Program
 from graphpress.numerics import compare_outputs
-from graphpress.passes.base import PassContext
-from graphpress.passes.manager import PassManager
-from graphpress.passes.registry import PipelineSpec
-from graphpress.passes.report import Report
+from graphpress.pipeline.base import PassContext
+from graphpress.pipeline.manager import PassManager
+from graphpress.pipeline.registry import PipelineSpec
+from graphpress.pipeline.report import Report
 
 __all__ = ["CompiledModel", "compile", "load"]
 
@@ -52,7 +52,7 @@ class CompiledModel:
 
     def save(self, folder: str | Path) -> Path:
         """Write the artifact, the IR text, the report and a manifest into ``folder``."""
-        from graphpress import __version__
+        from graphpress._version import __version__
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)

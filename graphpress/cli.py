@@ -35,7 +35,7 @@ import graphpress as gp
 from graphpress.errors import GraphpressError
 from graphpress.frontends import FRONTENDS
 from graphpress.numerics import compare_outputs
-from graphpress.passes.registry import available_passes
+from graphpress.pipeline.registry import available_passes
 
 __all__ = ["DEMO_MODEL", "DEMO_PIPELINE", "UsageError", "main", "parse_inputs"]
 

@@ -1,8 +1,9 @@
 """Frontends: turn a model into a Program.
 
 ``export`` (default) uses torch.export; ``fx`` symbolically traces first (see
-:mod:`graphpress.frontends.fx`); ``dynamo`` is the ``torch.compile`` backend, which receives
-graphs from Dynamo rather than tracing a model itself (see :mod:`graphpress.frontends.dynamo`).
+:mod:`graphpress.frontends.fx`). The ``torch.compile`` backend receives graphs from Dynamo
+rather than tracing a model itself; it drives the whole pipeline, so it lives in
+:mod:`graphpress.integrations.torch_compile`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
-"""The graphpress IR: a Program over a torch.export graph, its analyses, printing and diff."""
+"""The graphpress IR: a Program over a torch.export graph, analyses, purity, printing, diff."""
 
 from graphpress.ir.analyses import ANALYSES, register_analysis
-from graphpress.ir.channels import channel_groups
 from graphpress.ir.costs import Costs, count_costs
 from graphpress.ir.printer import diff_programs, format_program
 from graphpress.ir.program import Program
@@ -11,7 +10,6 @@ __all__ = [
     "ANALYSES",
     "Costs",
     "Program",
-    "channel_groups",
     "count_costs",
     "diff_programs",
     "format_program",

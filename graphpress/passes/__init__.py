@@ -1,14 +1,27 @@
-"""Passes: the Pass base and contract, the PassManager, the registry, and built-in passes."""
+"""Built-in passes, one folder a family: ``cleanup/`` (dce, cse, fold_constants),
+``fold_bn/``, ``prune/``. Importing this package registers them; the Pass base, the manager and
+the registry live in :mod:`graphpress.pipeline` and are re-exported here for convenience."""
 
-from graphpress.passes.base import Contract, Fixpoint, Pass, PassContext, PassResult, Skip
-from graphpress.passes.cse import CommonSubexpressionElimination
-from graphpress.passes.dce import DeadCodeElimination
-from graphpress.passes.fold_bn import FoldBatchNorm
-from graphpress.passes.fold_constants import FoldConstants
-from graphpress.passes.manager import PassManager
-from graphpress.passes.prune_channels import PruneChannels
-from graphpress.passes.registry import available_passes, build_pipeline, get_pass, register_pass
-from graphpress.passes.report import PassRecord, Report
+from graphpress.passes.cleanup.cse import CommonSubexpressionElimination
+from graphpress.passes.cleanup.dce import DeadCodeElimination
+from graphpress.passes.cleanup.fold_constants import FoldConstants
+from graphpress.passes.fold_bn.fold_bn import FoldBatchNorm
+from graphpress.passes.prune.prune_channels import PruneChannels
+from graphpress.pipeline import (
+    Contract,
+    Fixpoint,
+    Pass,
+    PassContext,
+    PassManager,
+    PassRecord,
+    PassResult,
+    Report,
+    Skip,
+    available_passes,
+    build_pipeline,
+    get_pass,
+    register_pass,
+)
 
 __all__ = [
     "CommonSubexpressionElimination",

@@ -54,7 +54,7 @@ from torch.fx import Node
 from torch.utils import _pytree as pytree
 
 from graphpress.ir.program import Program
-from graphpress.passes.base import Contract, Pass, PassContext, PassResult, Skip
+from graphpress.pipeline.base import Contract, Pass, PassContext, PassResult, Skip
 
 __all__ = ["RemoveIdentityOps"]
 

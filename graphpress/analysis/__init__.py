@@ -1,0 +1,9 @@
+"""Analyses over the IR that passes share: the channel dependency graph of pruning.
+
+Each analysis registers itself with the IR's analysis cache (``Program.analysis(name)``) when
+its module is imported, so the IR never imports this package.
+"""
+
+from graphpress.analysis.channels import channel_groups
+
+__all__ = ["channel_groups"]

@@ -1,0 +1,162 @@
+"""Channel rules of layers with weights: conv (grouped, depthwise, transposed), linear, norms,
+embedding, and scaled_dot_product_attention (see ``channels.py`` for the invariant).
+
+A layer's output channels are *created* by its weight's output axis; its input channels are
+unified with the weight's input axis. Grouped convolutions keep the same local channels in every
+group; normalisations block the dimensions they normalise over; attention couples heads whole.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from torch.fx import Node
+
+from graphpress.analysis.channels.rules import (
+    arg,
+    dim,
+    dims,
+    fixed_like,
+    link,
+    op_name,
+    rule,
+    shape,
+)
+
+if TYPE_CHECKING:
+    from graphpress.analysis.channels.solver import Layout, Tracer
+    from graphpress.ir.program import Program
+
+__all__ = ["same_in_every_group"]
+
+
+@rule("linear")
+def _linear(t: Tracer, node: Node, program: Program) -> Any:
+    x, w, b = node.args[0], node.args[1], arg(node, 2, "bias")
+    where = f"linear (node {node.name})"
+    link(t, w, 1, dims(t, x)[-1], where)
+    out = dim(t, w, 0, program)
+    if b is not None:
+        link(t, b, 0, out, where)
+    return [*list(dims(t, x)[:-1]), out]
+
+
+@rule("conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d",
+      "conv_transpose3d")
+def _conv(t: Tracer, node: Node, program: Program) -> Any:
+    name = op_name(node)
+    x, w, b = node.args[0], node.args[1], arg(node, 2, "bias")
+    if name == "convolution":
+        transposed, groups = node.args[6], node.args[8]
+    else:
+        transposed = name.startswith("conv_transpose")
+        groups = arg(node, 6, "groups", 1)
+    where = f"{name} (node {node.name})"
+    out_axis, in_axis = (1, 0) if transposed else (0, 1)
+    xin = dims(t, x)[1]
+    cin, cout = shape(x)[1], shape(node)[1]
+    if groups == 1:
+        link(t, w, in_axis, xin, where)
+        out = dim(t, w, out_axis, program)
+    elif not transposed and groups == cin == cout and shape(w)[1] == 1:
+        out = link(t, w, 0, xin, where)     # depthwise: output channel i reads input channel i
+    elif not transposed:                    # every group keeps the same local channels
+        per_in = same_in_every_group(t, xin, groups, where)
+        link(t, w, 1, per_in, where)
+        if dims(t, w)[0] is None:
+            t.cuts.setdefault((w.name, 0), set()).update(range(0, cout, cout // groups))
+        out = dim(t, w, 0, program)
+        same_in_every_group(t, out, groups, where)
+    else:                                   # transposed: W is [Cin, Cout/groups, k...]
+        same_in_every_group(t, xin, groups, where)
+        link(t, w, 0, xin, where)
+        out = dim(t, w, 1, program) * groups
+    if b is not None:
+        link(t, b, 0, out, where)
+    t.block(dims(t, x)[2:], f"spatial dim of {where}")
+    spatial = [t.fixed(n, f"spatial dim of {where}") for n in shape(node)[2:]]
+    return [dims(t, x)[0], out, *spatial]
+
+
+def same_in_every_group(t: Tracer, layout: Layout, groups: int, where: str) -> Layout:
+    """Unify the ``groups`` equal slices of a channel layout; returns the first slice."""
+    from graphpress.analysis.channels.views import slice_layout
+
+    n = t.bounds(layout)[-1] // groups
+    pieces = [slice_layout(t, layout, j * n, (j + 1) * n, where) for j in range(groups)]
+    for piece in pieces[1:]:
+        t.unify(pieces[0], piece, where)
+    return pieces[0]
+
+
+@rule("batch_norm", "_native_batch_norm_legit_no_training", "instance_norm")
+def _batch_norm(t: Tracer, node: Node, program: Program) -> Any:
+    x = node.args[0]
+    where = f"{op_name(node)} (node {node.name})"
+    channel = dims(t, x)[1]
+    if op_name(node) == "instance_norm" or (op_name(node) == "batch_norm"
+                                             and arg(node, 5, "training", False)):
+        t.block([channel], f"{where} in training mode")
+    for p in node.args[1:5]:
+        if isinstance(p, Node):
+            link(t, p, 0, channel, where)
+    out = list(dims(t, x))
+    return (out, None, None) if op_name(node).startswith("_native") else out
+
+
+@rule("layer_norm", "group_norm", "rms_norm")
+def _norm(t: Tracer, node: Node, program: Program) -> Any:
+    x = node.args[0]
+    where = f"{op_name(node)} (node {node.name})"
+    layouts = list(dims(t, x))
+    if op_name(node) == "group_norm":
+        normalized, params = [layouts[1]], [arg(node, 2, "weight"), arg(node, 3, "bias")]
+        axis = 1
+    else:
+        k = len(node.args[1])
+        normalized, params = layouts[-k:], [arg(node, 2, "weight"), arg(node, 3, "bias")]
+        axis = len(layouts) - k
+    t.block(normalized, f"{where} normalises over this dimension")
+    for p in params:
+        if isinstance(p, Node):
+            for i in range(p.meta["val"].dim()):
+                link(t, p, i, layouts[axis + i], where)
+    return layouts
+
+
+@rule("embedding")
+def _embedding(t: Tracer, node: Node, program: Program) -> Any:
+    w, idx = node.args[0], node.args[1]
+    return [*list(dims(t, idx)), dim(t, w, 1, program)]
+
+
+@rule("scaled_dot_product_attention")
+def _sdpa(t: Tracer, node: Node, program: Program) -> Any:
+    """Heads of q, k, v couple (a KV head with its ``Hq / Hk`` query heads under GQA). In
+    head_dim mode the head_dim positions of q and k couple (``q k^T`` sums over them; the pass
+    then pins the default scale) and v's pass to the output."""
+    q, k, v = node.args[:3]
+    where = f"sdpa (node {node.name})"
+    dq, dk, dv = ([dim(t, x, i, program) for i in range(x.meta["val"].dim())] for x in (q, k, v))
+    if t.head_dim and len(dq) >= 3:  # q.k^T sums over head_dim: zeroed positions add 0
+        t.unify(dq[-1], dk[-1], where)
+    else:
+        t.block([dq[-1], dk[-1], dv[-1]], f"{where}: head_dim is not pruned")
+    if len(dq) < 3:
+        t.block(dq + dk + dv, f"{where} without a heads dimension")
+        return fixed_like(t, node, where)
+    for i in range(-len(dq), -3):
+        t.unify(dq[i], t.unify(dk[i], dv[i], where), where)
+    heads = t.unify(dk[-3], dv[-3], where)
+    hq, hk = shape(q)[-3], shape(k)[-3]
+    if hq != hk:
+        heads = tuple((s, r * (hq // hk)) for s, r in heads)   # GQA: one KV head per Hq/Hk
+    t.unify(dq[-3], heads, where)
+    if not t.head_dim:
+        t.heads.update(s for s, _ in dq[-3])
+    mask = arg(node, 3, "attn_mask")
+    if isinstance(mask, Node):
+        dm = [dim(t, mask, i, program) for i in range(mask.meta["val"].dim())]
+        if len(dm) >= 3 and shape(mask)[-3] == hq:
+            t.unify(dq[-3], dm[-3], where)
+    return [*dq[:-1], dv[-1]]

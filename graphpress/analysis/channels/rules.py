@@ -1,0 +1,262 @@
+"""Per-op channel rules of the dependency analysis (see ``channels.py`` for the invariant).
+
+A rule maps the layouts of an op's inputs to the layouts of its outputs, unifying dimensions that
+must stay aligned and blocking dimensions whose channels the op mixes (normalised, reduced,
+contracted without a weight, reshaped together with another dimension). An op without a rule
+blocks every dimension of its inputs and outputs, naming the op and the node.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.fx import Node
+from torch.utils import _pytree as pytree
+
+from graphpress.analysis.channels.views import view_rule
+
+if TYPE_CHECKING:
+    from graphpress.analysis.channels.solver import Layout, Tracer
+    from graphpress.ir.program import Program
+
+__all__ = ["RULES", "propagate"]
+
+Rule = Callable[["Tracer", Node, "Program"], Any]
+RULES: dict[str, Rule] = {}
+
+_UNARY = (
+    "relu", "relu_", "gelu", "silu", "silu_", "sigmoid", "tanh", "neg", "abs", "exp", "log",
+    "sqrt", "rsqrt", "hardtanh", "hardtanh_", "hardswish", "hardswish_", "hardsigmoid",
+    "leaky_relu", "elu", "dropout", "clone", "contiguous", "alias", "detach", "_to_copy", "to",
+    "lift_fresh_copy", "erf", "sin", "cos", "relu6", "mish", "gelu_", "clamp", "clamp_min",
+    "type_as",
+)
+_BINARY = ["add", "sub", "mul", "div", "maximum", "minimum", "where", "rsub", "pow", "add_",
+           "sub_", "mul_", "div_", "masked_fill", "masked_fill_"]
+
+
+def rule(*names: str) -> Callable[[Rule], Rule]:
+    def register(fn: Rule) -> Rule:
+        for name in names:
+            RULES[name] = fn
+        return fn
+    return register
+
+
+def op_name(node: Node) -> str:
+    target = node.target
+    if target is operator.getitem:
+        return "getitem"
+    packet = getattr(target, "_overloadpacket", None)
+    return packet.__name__ if packet is not None else str(getattr(target, "__name__", target))
+
+
+def shape(node: Any) -> tuple[int, ...]:
+    return tuple(int(s) for s in node.meta["val"].shape)
+
+
+def arg(node: Node, i: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def dims(t: Tracer, node: Node) -> list[Layout | None]:
+    """The layouts of a tensor argument; a weight's unbound axes are ``None``."""
+    if node.name in t.weights:
+        return t.weights[node.name]
+    return t.values[node.name]  # type: ignore[return-value]
+
+
+def dim(t: Tracer, node: Node, axis: int, program: Program) -> Layout:
+    """One dimension's layout; an unbound weight axis gets fresh symbols that create channels."""
+    layouts = dims(t, node)
+    if layouts[axis] is None:
+        layouts[axis] = t.created(node.name, axis, shape(node)[axis])
+    return layouts[axis]  # type: ignore[return-value]
+
+
+def link(t: Tracer, node: Node, axis: int, layout: Layout, where: str) -> Layout:
+    """Make ``node``'s dimension ``axis`` the same channels as ``layout``."""
+    layouts = dims(t, node)
+    if layouts[axis] is None:
+        layouts[axis] = layout
+        return layout
+    return t.unify(layouts[axis], layout, where)  # type: ignore[arg-type]
+
+
+def block_all(t: Tracer, node: Node, reason: str, program: Program) -> None:
+    for a in node.all_input_nodes:
+        if isinstance(a.meta.get("val"), torch.Tensor):
+            t.block([dim(t, a, i, program) for i in range(a.meta["val"].dim())], reason)
+
+
+def fixed_like(t: Tracer, node: Node, reason: str) -> Any:
+    """Fixed layouts for every output (a tuple of them for an op with several outputs)."""
+    def one(v: Any) -> Any:
+        return [t.fixed(int(s), reason) for s in v.shape] if isinstance(v, torch.Tensor) else None
+    val = node.meta.get("val")
+    return tuple(one(v) for v in val) if isinstance(val, list | tuple) else one(val)
+
+
+def propagate(program: Program, t: Tracer) -> None:
+    """One round: layouts for every node in order; inputs and outputs are fixed."""
+    for node in program.graph.nodes:
+        if node.op == "placeholder":
+            if program.is_weight(node):
+                t.weights[node.name] = [None] * node.meta["val"].dim()
+                t.values[node.name] = t.weights[node.name]
+                t.names[node.name] = program.weight_name(node) or node.name
+            else:
+                t.values[node.name] = fixed_like(t, node, f"model input {node.name}")
+        elif node.op == "call_function":
+            name = op_name(node)
+            fn = RULES.get(name, view_rule if name in _VIEWS else None)
+            where = f"{name} (node {node.name})"
+            if fn is None:
+                reason = f"no channel rule for {where}"
+                block_all(t, node, reason, program)
+                t.values[node.name] = fixed_like(t, node, reason)
+            else:
+                t.values[node.name] = fn(t, node, program)
+        elif node.op == "output":
+            outs = [a for a in pytree.tree_leaves(node.args) if isinstance(a, Node)]
+            for out in outs:
+                if isinstance(out.meta.get("val"), torch.Tensor):
+                    layouts = [dim(t, out, i, program) for i in range(out.meta["val"].dim())]
+                    t.block(layouts, f"model output {out.name}")
+
+
+_VIEWS = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze",
+          "expand", "permute", "transpose", "t", "select", "slice", "narrow", "cat", "split",
+          "split_with_sizes", "chunk", "getitem", "unbind"}
+
+
+@rule(*_UNARY)
+def _unary(t: Tracer, node: Node, program: Program) -> Any:
+    x = node.args[0]
+    return [dim(t, x, i, program) for i in range(x.meta["val"].dim())]
+
+
+@rule(*_BINARY)
+def _binary(t: Tracer, node: Node, program: Program) -> Any:
+    out = shape(node)
+    operands = [a for a in node.args if isinstance(a, Node)
+                and isinstance(a.meta.get("val"), torch.Tensor)]
+    where = f"{op_name(node)} (node {node.name})"
+    result = []
+    for i, n in enumerate(out):
+        aligned = [(a, a.meta["val"].dim() - len(out) + i) for a in operands
+                   if a.meta["val"].dim() - len(out) + i >= 0
+                   and shape(a)[a.meta["val"].dim() - len(out) + i] == n]
+        if not aligned:
+            result.append(t.fixed(n, f"broadcast in {where}"))
+            continue
+        base = next((dims(t, a)[ax] for a, ax in aligned if dims(t, a)[ax] is not None), None)
+        if base is None:
+            base = dim(t, *aligned[0], program)
+        for a, ax in aligned:
+            link(t, a, ax, base, where)
+        result.append(base)
+    return result
+
+
+@rule("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "avg_pool1d",
+      "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d", "upsample_nearest2d",
+      "upsample_bilinear2d", "pad", "constant_pad_nd")
+def _pool(t: Tracer, node: Node, program: Program) -> Any:
+    x = node.args[0]
+    where = f"{op_name(node)} (node {node.name})"
+    k = node.meta["val"].dim()
+    spatial = {"1d": 1, "2d": 2, "3d": 3}.get(op_name(node)[-2:], 0)
+    if op_name(node) in ("pad", "constant_pad_nd"):
+        spatial = len(node.args[1]) // 2
+    keep = list(dims(t, x))[: k - spatial]
+    t.block(list(dims(t, x))[k - spatial:], f"spatial dim of {where}")
+    return keep + [t.fixed(n, f"spatial dim of {where}") for n in shape(node)[k - spatial:]]
+
+
+@rule("mean", "sum", "amax", "amin", "max", "min", "softmax", "_softmax", "log_softmax",
+      "_log_softmax", "var", "std", "cumsum", "argmax", "argmin", "norm")
+def _reduce(t: Tracer, node: Node, program: Program) -> Any:
+    x = node.args[0]
+    where = f"{op_name(node)} (node {node.name})"
+    rank = x.meta["val"].dim()
+    layouts = list(dims(t, x))
+    axes = arg(node, 1, "dim", None)
+    if axes is None or axes == [] or not isinstance(node.meta["val"], torch.Tensor):
+        axes = list(range(rank))
+    axes = {a % rank for a in ([axes] if isinstance(axes, int) else axes)}
+    t.block([layouts[a] for a in axes], f"{where} reduces over this dimension")
+    if op_name(node) in ("softmax", "_softmax", "log_softmax", "_log_softmax", "cumsum"):
+        return layouts
+    out = shape(node)
+    if not isinstance(node.meta["val"], torch.Tensor):
+        return fixed_like(t, node, f"reduction {where}")
+    if len(out) == rank:
+        return [t.fixed(1, where) if a in axes else layouts[a] for a in range(rank)]
+    return [layouts[a] for a in range(rank) if a not in axes]
+
+
+@rule("matmul", "bmm", "mm")
+def _matmul(t: Tracer, node: Node, program: Program) -> Any:
+    a, b = node.args[0], node.args[1]
+    where = f"{op_name(node)} (node {node.name})"
+    da = [dim(t, a, i, program) for i in range(a.meta["val"].dim())]
+    db = [dim(t, b, i, program) for i in range(b.meta["val"].dim())]
+    if len(da) < 2 or len(db) < 2:
+        t.block(da + db, f"{where} on a vector")
+        return fixed_like(t, node, where)
+    t.block([da[-1], db[-2]], f"{where} contracts this dimension without a weight")
+    out = shape(node)
+    batch = []
+    for i, n in enumerate(out[:-2]):
+        j = i - (len(out) - len(da))
+        batch.append(da[j] if j >= 0 and shape(a)[j] == n else t.fixed(n, f"batch of {where}"))
+    return [*batch, da[-2], db[-1]]
+
+
+@rule("gather", "index_select")
+def _gather(t: Tracer, node: Node, program: Program) -> Any:
+    x, d = node.args[0], node.args[1]
+    where = f"{op_name(node)} (node {node.name})"
+    rank = x.meta["val"].dim()
+    d %= rank
+    layouts = [dim(t, x, i, program) for i in range(rank)]
+    t.block([layouts[d]], f"{where} indexes along this dimension")
+    out = []
+    for i, n in enumerate(shape(node)):
+        if i != d and shape(x)[i] == n:
+            if op_name(node) == "gather":
+                link(t, node.args[2], i, layouts[i], where)
+            out.append(layouts[i])
+        else:
+            out.append(t.fixed(n, where))
+    return out
+
+
+@rule("_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size")
+def _no_value(t: Tracer, node: Node, program: Program) -> Any:
+    return None      # checks dtype/device only: no tensor result, no channel constraint
+
+
+@rule("repeat_interleave")
+def _repeat_interleave(t: Tracer, node: Node, program: Program) -> Any:
+    """``repeat_interleave(x, g, dim)`` repeats each element g times: channels span g times more."""
+    x, repeats, d = node.args[0], node.args[1], arg(node, 2, "dim")
+    where = f"repeat_interleave (node {node.name})"
+    if not isinstance(x, Node) or not isinstance(repeats, int) or d is None:
+        block_all(t, node, f"{where} with tensor repeats or no dim", program)
+        return fixed_like(t, node, where)
+    rank = x.meta["val"].dim()
+    layouts = [dim(t, x, i, program) for i in range(rank)]
+    d %= rank
+    layouts[d] = tuple((s, r * repeats) for s, r in layouts[d])
+    return layouts
+
+
+# the layer rules (conv, linear, norms, embedding, attention) register themselves on import
+from graphpress.analysis.channels import layers as _layers  # noqa: E402, F401

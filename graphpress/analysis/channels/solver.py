@@ -1,0 +1,275 @@
+"""Channel dependency analysis: which tensor dimensions must shrink together when pruning.
+
+Every dimension of every tensor in the graph is a *layout*: a tuple of atoms ``(symbol, rep)``
+laid end to end, where a symbol stands for ``n`` channels and ``rep`` is how many consecutive
+elements each channel occupies (``rep > 1`` after flattening ``C x H x W``). Op rules
+(``channels_rules.py``) unify the symbols of dimensions that must stay aligned (a conv's input
+channels and its weight's axis 1, the two operands of an add, ...) in a union-find, so grouping
+is near-linear in graph size. A concat lays atoms end to end; a split or slice whose boundary
+falls inside an atom *cuts* the weight dimensions that created it, and the analysis reruns with
+those cuts (a few rounds at most).
+
+Invariant: a group is prunable only if every tensor dimension in it is one whose channels can be
+removed without changing any other value: it never reaches a model input or output, an op with
+no rule, a normalisation or reduction over it, or a reshape that mixes it with another dimension.
+Any such place *blocks* the group and is recorded as the reason (op and node named), so the
+analysis never cuts wrongly and never crashes on an unknown op.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from graphpress.ir.analyses import register_analysis
+
+if TYPE_CHECKING:
+    from graphpress.ir.program import Program
+
+__all__ = ["ChannelAnalysis", "ChannelGroup", "ChannelSlice", "channel_groups"]
+
+Atom = tuple[int, int]          # (symbol, elements per channel)
+Layout = tuple[Atom, ...]       # one tensor dimension
+_MAX_ROUNDS = 5
+_MAX_REASONS = 4
+
+
+@dataclass(frozen=True)
+class ChannelSlice:
+    """Where a group's channels sit in one weight: ``axis``, from ``offset``, ``rep`` each."""
+
+    weight: str
+    axis: int
+    offset: int
+    rep: int = 1
+
+
+@dataclass
+class ChannelGroup:
+    """A set of weight slices whose channels must be removed together."""
+
+    id: int
+    size: int
+    slices: list[ChannelSlice]
+    reasons: list[str] = field(default_factory=list)
+    heads: bool = False         # channels are attention heads (a KV head with its query heads)
+
+    @property
+    def prunable(self) -> bool:
+        return not self.reasons and self.size > 1
+
+    @property
+    def weights(self) -> list[str]:
+        return sorted({s.weight for s in self.slices})
+
+
+@dataclass
+class ChannelAnalysis:
+    """The groups of a program, and each node's dimension layouts in group ids."""
+
+    groups: list[ChannelGroup]
+    # node -> per dim ((group or -1, rep, channels), ...); a tuple of those for several outputs
+    layouts: dict[str, object]
+
+    def prunable(self) -> list[ChannelGroup]:
+        return [g for g in self.groups if g.prunable]
+
+    def to_networkx(self) -> Any:
+        """A bipartite networkx graph: group nodes ``("group", id)`` linked to weight names,
+        one edge attribute ``slices`` per pair listing ``(axis, offset, rep)``."""
+        import networkx as nx
+
+        graph = nx.Graph()
+        for g in self.groups:
+            graph.add_node(("group", g.id), size=g.size, prunable=g.prunable, reasons=g.reasons)
+            for s in g.slices:
+                if not graph.has_edge(("group", g.id), s.weight):
+                    graph.add_edge(("group", g.id), s.weight, slices=[])
+                graph.edges[("group", g.id), s.weight]["slices"].append((s.axis, s.offset, s.rep))
+        return graph
+
+
+class Tracer:
+    """Union-find over channel symbols plus the per-node layouts of one propagation round."""
+
+    def __init__(self, cuts: dict[tuple[str, int], set[int]],
+                 grain: dict[tuple[str, int], int]) -> None:
+        self.parent: list[int] = []
+        self.size: list[int] = []
+        self.blocked: dict[int, list[str]] = {}
+        self.origin: dict[int, tuple[str, int, int, int]] = {}   # -> (weight, axis, start, rep)
+        self.cuts = cuts            # (weight, axis) -> element offsets where channels split
+        self.grain = grain          # (weight, axis) -> elements per channel (heads: head_dim)
+        self.heads: set[int] = set()
+        self.head_dim = False       # C -> (heads, head_dim): channels are head_dim positions
+        self.opaque: set[int] = set()   # symbols of fixed dimensions (never channels)
+        self.dirty = False
+        self.values: dict[str, object] = {}
+        self.weights: dict[str, list[Layout | None]] = {}   # by placeholder name
+        self.names: dict[str, str] = {}                      # placeholder -> weight name
+
+    # ------------------------------------------------------------ union-find
+    def new(self, n: int, reason: str | None = None) -> int:
+        self.parent.append(len(self.parent))
+        self.size.append(n)
+        if reason:
+            self.blocked[len(self.parent) - 1] = [reason]
+        return len(self.parent) - 1
+
+    def find(self, s: int) -> int:
+        while self.parent[s] != s:
+            self.parent[s] = self.parent[self.parent[s]]
+            s = self.parent[s]
+        return s
+
+    def union(self, a: int, b: int) -> None:
+        a, b = self.find(a), self.find(b)
+        if a == b:
+            return
+        self.parent[b] = a
+        reasons = self.blocked.pop(b, []) + self.blocked.get(a, [])
+        if reasons:
+            self.blocked[a] = reasons[:_MAX_REASONS]
+
+    def block(self, layouts: Iterable[Layout | None], reason: str) -> None:
+        for layout in layouts:
+            for sym, _ in layout or ():
+                root = self.find(sym)
+                reasons = self.blocked.setdefault(root, [])
+                if reason not in reasons and len(reasons) < _MAX_REASONS:
+                    reasons.append(reason)
+
+    def fixed(self, n: int, reason: str) -> Layout:
+        """A dimension of fixed size (batch, spatial, a model input's)."""
+        sym = self.new(n, reason)
+        self.opaque.add(sym)
+        return ((sym, 1),)
+
+    # ------------------------------------------------------------- weights
+    def created(self, weight: str, axis: int, n: int) -> Layout:
+        """Fresh channel symbols for a weight axis that creates channels, split at its cuts and
+        grouped by its grain (``rep`` consecutive elements per channel)."""
+        g = self.grain.get((weight, axis), 1)
+        bounds = sorted({0, n} | {c for c in self.cuts.get((weight, axis), ()) if 0 < c < n})
+        atoms = []
+        for start, end in itertools.pairwise(bounds):
+            rep = g if (end - start) % g == 0 and start % g == 0 else 1
+            sym = self.new((end - start) // rep)
+            self.origin[sym] = (weight, axis, start, rep)
+            atoms.append((sym, rep))
+        return tuple(atoms)
+
+    def _sites(self, sym: int) -> list[tuple[str, int, int, int]]:
+        root = self.find(sym)
+        if root in self.blocked:
+            return []
+        return [o for s, o in self.origin.items() if self.find(s) == root]
+
+    def request_grain(self, sym: int, factor: int) -> bool:
+        """Ask for the channels of ``sym``'s group to be ``factor`` times coarser (whole heads)."""
+        sites = self._sites(sym)
+        for weight, axis, _, rep in sites:
+            self.grain[(weight, axis)] = rep * factor
+        return bool(sites)
+
+    # ------------------------------------------------------------- unify
+    def unify(self, a: Layout, b: Layout, where: str) -> Layout:
+        """Make two layouts of one dimension size the same channels; returns ``a``."""
+        if a == b:
+            return a
+        if len(a) == len(b) and all(self.size[x] * r == self.size[y] * q
+                                    for (x, r), (y, q) in zip(a, b)):
+            if all(r == q for (_, r), (_, q) in zip(a, b)):
+                for (x, _), (y, _) in zip(a, b):
+                    self.union(x, y)
+                return a
+            ok = all(r == q or (q % r == 0 and self.request_grain(x, q // r))
+                     or (r % q == 0 and self.request_grain(y, r // q))
+                     for (x, r), (y, q) in zip(a, b))
+            self.refined(ok, (a, b), where)
+            return a
+        ok = self.cut_at(a, set(self.bounds(b))) and self.cut_at(b, set(self.bounds(a)))
+        self.refined(ok, (a, b), where)
+        return a
+
+    def refined(self, ok: bool, layouts: Iterable[Layout], where: str) -> None:
+        """After asking for cuts: rerun if they were recorded, else block for good."""
+        self.dirty = self.dirty or ok
+        why = "realigned (rerun)" if ok else "do not align"
+        self.block(layouts, f"channel ranges {why} at {where}")
+
+    def cut_at(self, a: Layout, bounds: set[int]) -> bool:
+        """Ask for the weight axes creating ``a`` to be cut at element offsets ``bounds``."""
+        start = 0
+        for sym, rep in a:
+            end = start + self.size[sym] * rep
+            for e in sorted(x for x in bounds if start < x < end):
+                if (e - start) % rep or not self.request_cut(sym, (e - start) // rep):
+                    return False
+            start = end
+        return True
+
+    def request_cut(self, sym: int, channel: int) -> bool:
+        sites = self._sites(sym)
+        for weight, axis, start, rep in sites:
+            self.cuts.setdefault((weight, axis), set()).add(start + channel * rep)
+        return bool(sites)
+
+    def bounds(self, layout: Layout) -> list[int]:
+        """Element offsets where the atoms of a layout end."""
+        out, pos = [], 0
+        for sym, rep in layout:
+            pos += self.size[sym] * rep
+            out.append(pos)
+        return out
+
+
+def _analyse(program: Program, head_dim: bool) -> Tracer:
+    from graphpress.analysis.channels.rules import propagate
+
+    cuts: dict[tuple[str, int], set[int]] = {}
+    grain: dict[tuple[str, int], int] = {}
+    for _ in range(_MAX_ROUNDS):
+        tracer = Tracer(cuts, grain)
+        tracer.head_dim = head_dim
+        propagate(program, tracer)
+        if not tracer.dirty:
+            break
+    return tracer
+
+
+@register_analysis("channel_groups")
+def channel_groups(program: Program, *, head_dim: bool = False) -> ChannelAnalysis:
+    """The channel groups of ``program``: which weight slices must be pruned together, and why a
+    group cannot be pruned. Needs only shapes (works on ``meta``-device weights).
+
+    ``C -> (heads, head_dim)`` reshapes make whole heads the channels; with ``head_dim=True``
+    the channels are instead the head_dim positions, the same ones in every head."""
+    t = _analyse(program, head_dim)
+    members: dict[int, list[ChannelSlice]] = {}
+    for weight, dims in t.weights.items():
+        for axis, layout in enumerate(dims):
+            pos = 0
+            for sym, rep in layout or ():
+                members.setdefault(t.find(sym), []).append(
+                    ChannelSlice(t.names[weight], axis, pos, rep))
+                pos += t.size[sym] * rep
+    ids = {root: i for i, root in enumerate(members)}
+    heads = {t.find(s) for s in t.heads}
+    groups = [ChannelGroup(ids[root], t.size[root], slices, list(t.blocked.get(root, [])),
+                           root in heads)
+              for root, slices in members.items()]
+
+    def in_groups(value: object) -> object:
+        if isinstance(value, tuple):    # an op with several outputs
+            return tuple(in_groups(v) for v in value)
+        if not isinstance(value, list):
+            return None
+        return [None if layout is None else
+                tuple((ids.get(t.find(s), -1), r, t.size[s]) for s, r in layout)
+                for layout in value]
+
+    return ChannelAnalysis(groups, {k: in_groups(v) for k, v in t.values.items()})
+

@@ -1,0 +1,185 @@
+"""Channel rules for ops that move, slice or join dimensions without computing on them.
+
+A reshape maps groups of input dimensions to groups of output dimensions with equal products.
+One-to-one groups keep their layout; merging ``C x H x W`` keeps C's channels with ``rep``
+multiplied by ``H*W`` (the other dimensions are fixed); splitting a dimension whose channels
+each span the trailing sizes (the inverse) restores them. ``C -> (heads, head_dim)`` makes the
+channels whole heads (``rep = head_dim``, after a rerun); ``C -> (3, heads, head_dim)`` (a fused
+qkv) also cuts C into 3 slices sharing their heads. Any other regrouping blocks the channels,
+naming the node. ``cat`` lays layouts end to end,
+``split``/``slice`` take sub-ranges, which must fall on atom boundaries (or cut them, see
+``Tracer.unify``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from torch.fx import Node
+
+if TYPE_CHECKING:
+    from graphpress.analysis.channels.solver import Layout, Tracer
+    from graphpress.ir.program import Program
+
+__all__ = ["new_size", "slice_layout", "view_rule"]
+
+
+def view_rule(t: Tracer, node: Node, program: Program) -> Any:
+    from graphpress.analysis.channels.rules import arg, dim, fixed_like, op_name, shape
+
+    name = op_name(node)
+    where = f"{name} (node {node.name})"
+    if name == "getitem":
+        value = t.values.get(node.args[0].name)
+        piece = value[node.args[1]] if isinstance(value, tuple) else None
+        return piece if piece is not None else fixed_like(t, node, where)
+    if name == "cat":
+        return _cat(t, node, program, where)
+    x = node.args[0]
+    rank = x.meta["val"].dim()
+    layouts = [dim(t, x, i, program) for i in range(rank)]
+    if name == "permute":
+        return [layouts[d % rank] for d in node.args[1]]
+    if name in ("transpose", "t"):
+        a, b = (node.args[1] % rank, node.args[2] % rank) if name == "transpose" else (0, 1)
+        out = list(layouts)
+        if rank > 1:
+            out[a], out[b] = out[b], out[a]
+        return out
+    if name == "expand":
+        out = shape(node)
+        lead = len(out) - rank
+        return [t.fixed(n, where) for n in out[:lead]] + [
+            layouts[i] if shape(x)[i] == out[lead + i] else t.fixed(out[lead + i], where)
+            for i in range(rank)]
+    if name in ("select", "unbind"):
+        d = arg(node, 1, "dim", 0) % rank
+        t.block([layouts[d]], f"{where} picks single channels")
+        rest = layouts[:d] + layouts[d + 1:]
+        return rest if name == "select" else tuple(list(rest) for _ in node.meta["val"])
+    if name in ("slice", "narrow"):
+        d = arg(node, 1, "dim", 0) % rank
+        size = shape(x)[d]
+        start = arg(node, 2, "start", 0) or 0
+        if name == "narrow":
+            end = start + node.args[3]
+        else:
+            end = arg(node, 3, "end", size)
+            end = size if end is None else end
+            if arg(node, 4, "step", 1) != 1:
+                t.block([layouts[d]], f"{where} takes strided channels")
+                return [layouts[i] if i != d else t.fixed(shape(node)[d], where)
+                        for i in range(rank)]
+        start, end = _clamp(start, size), _clamp(end, size)
+        return [*layouts[:d], slice_layout(t, layouts[d], start, end, where), *layouts[d + 1:]]
+    if name in ("split", "split_with_sizes", "chunk"):
+        d = arg(node, 2, "dim", 0) % rank
+        pieces, start = [], 0
+        for v in node.meta["val"]:
+            end = start + int(v.shape[d])
+            piece = slice_layout(t, layouts[d], start, end, where)
+            pieces.append([*layouts[:d], piece, *layouts[d + 1:]])
+            start = end
+        return tuple(pieces)
+    return _reshape(t, layouts, shape(x), shape(node), where)
+
+
+def _clamp(i: int, size: int) -> int:
+    return max(0, min(size, i + size if i < 0 else i))
+
+
+def slice_layout(t: Tracer, layout: Layout, start: int, end: int, where: str) -> Layout:
+    """The atoms covering elements ``[start, end)``; blocks (or cuts) when a boundary splits one."""
+    bounds = [0, *t.bounds(layout)]
+    if start in bounds and end in bounds:
+        return layout[bounds.index(start):bounds.index(end)]
+    t.refined(t.cut_at(layout, {start, end}), [layout], where)
+    return t.fixed(end - start, where)
+
+
+def _cat(t: Tracer, node: Node, program: Program, where: str) -> Any:
+    from graphpress.analysis.channels.rules import arg, dim
+
+    inputs = [a for a in node.args[0] if a.meta["val"].numel() > 0]
+    rank = node.meta["val"].dim()
+    d = arg(node, 1, "dim", 0) % rank
+    per = [[dim(t, a, i, program) for i in range(rank)] for a in inputs]
+    out = []
+    for i in range(rank):
+        if i == d:
+            out.append(tuple(atom for layouts in per for atom in layouts[i]))
+            continue
+        for layouts in per[1:]:
+            t.unify(per[0][i], layouts[i], where)
+        out.append(per[0][i])
+    return out
+
+
+def _groups(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
+    """Pair runs of non-unit input and output dims with equal products (None if impossible)."""
+    ia = [i for i, n in enumerate(a) if n != 1]
+    jb = [j for j, n in enumerate(b) if n != 1]
+    out, i, j = [], 0, 0
+    while i < len(ia) and j < len(jb):
+        gi, gj = [ia[i]], [jb[j]]
+        pa, pb = a[ia[i]], b[jb[j]]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb and i < len(ia):
+                gi.append(ia[i])
+                pa, i = pa * a[ia[i]], i + 1
+            elif pb < pa and j < len(jb):
+                gj.append(jb[j])
+                pb, j = pb * b[jb[j]], j + 1
+            else:
+                return None
+        out.append((gi, gj))
+    return out if i == len(ia) and j == len(jb) else None
+
+
+def _reshape(t: Tracer, layouts: list[Layout], a: tuple[int, ...], b: tuple[int, ...],
+             where: str) -> list[Layout]:
+    out: list[Layout | None] = [None] * len(b)
+    groups = _groups(a, b)
+    if groups is None:
+        t.block(layouts, f"{where} regroups dimensions")
+        return [t.fixed(n, where) for n in b]
+    for i, n in enumerate(a):
+        if n == 1:
+            t.block([layouts[i]], f"{where} drops a unit dimension")
+    for gi, gj in groups:
+        if len(gi) == 1 and len(gj) == 1:
+            out[gj[0]] = layouts[gi[0]]
+        elif len(gj) == 1 and len(gi) == 2 and all(s in t.opaque for s, _ in layouts[gi[0]]):
+            out[gj[0]] = layouts[gi[1]] * a[gi[0]]   # (heads, head_dim) -> C, head_dim mode
+        elif len(gj) == 1:                    # merge: the first dim's channels span the rest
+            inner = math.prod(a[i] for i in gi[1:])
+            t.block([layouts[i] for i in gi[1:]], f"{where} merges it into another dimension")
+            out[gj[0]] = tuple((s, r * inner) for s, r in layouts[gi[0]])
+        elif len(gi) == 1 and all(r % math.prod(b[j] for j in gj[1:]) == 0
+                                  for _, r in layouts[gi[0]]):
+            inner = math.prod(b[j] for j in gj[1:])     # split back a merged C*H*W
+            out[gj[0]] = tuple((s, r // inner) for s, r in layouts[gi[0]])
+        elif len(gi) == 1 and (len(gj) > 2 or t.head_dim):  # (3, heads, head_dim) of a fused
+            # qkv: q, k, v share their heads; in head_dim mode every head shares its positions
+            from graphpress.analysis.channels.layers import same_in_every_group
+
+            piece = same_in_every_group(t, layouts[gi[0]], b[gj[0]], where)
+            rest = _reshape(t, [piece], (a[gi[0]] // b[gj[0]],), tuple(b[j] for j in gj[1:]),
+                            where)
+            for j, layout in zip(gj[1:], rest, strict=True):
+                out[j] = layout
+        elif len(gi) == 1 and len(gj) == 2:   # C -> (heads, head_dim): ask for whole heads
+            inner = b[gj[1]]
+            ok = all(t.request_grain(s, inner // math.gcd(r, inner)) for s, r in layouts[gi[0]])
+            t.refined(ok, [layouts[gi[0]]], where)
+        else:
+            t.block([layouts[i] for i in gi],
+                    f"{where} splits channels into several dimensions")
+    return [o if o is not None else t.fixed(n, where) for o, n in zip(out, b)]
+
+
+def new_size(layout: Any, kept: dict[int, int]) -> int:
+    """The size of a dimension (layout in group ids) once groups keep ``kept`` channels."""
+    return sum(kept.get(g, n) * r for g, r, n in layout)

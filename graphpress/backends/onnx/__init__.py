@@ -1,0 +1,82 @@
+"""ONNX backend: export the Program with ``torch.onnx.export`` and run it with onnxruntime.
+
+How a Program becomes ONNX::
+
+    Program.exported_program
+      -> torch.onnx.export(ep, dynamo=True, custom_translation_table=TRANSLATIONS)
+           ATen ops: the exporter's own onnxscript translations (torchlib)
+           ops in TRANSLATIONS: graphpress's translations (fake-quant today; graphpress's own
+           ops, such as packed dequant-matmul and token merge, add theirs here)
+      -> onnx.checker (with shape inference)   -> onnxruntime.InferenceSession
+
+``TRANSLATIONS`` is the one table every op extends: the key is the ``OpOverload`` that appears as
+a node target in the Program (``torch.ops.graphpress.dequant_matmul.default``), the value an
+onnxscript function that builds the op's ONNX nodes (see :mod:`.onnx_translations` for the
+conventions and examples). Register with::
+
+    from onnxscript import opset18 as op
+
+    @register_translation(torch.ops.mylib.scaled_relu.default)
+    def scaled_relu(x, scale: float):
+        return op.Mul(op.Relu(x), op.Constant(value_float=scale))
+
+Options (keywords of :func:`onnx_backend`, defaults in :class:`OnnxOptions`): ``opset``,
+``optimize``, ``providers``, ``graph_optimization_level``, ``intra_op_threads``,
+``external_data_threshold``, ``atol``/``rtol`` (verification), ``metadata`` (provenance written
+into model.onnx and the manifest).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+
+from graphpress.backends.onnx.artifact import OnnxArtifact
+from graphpress.backends.onnx.export import OnnxOptions, export_onnx
+from graphpress.backends.onnx.translations import BUILTIN_TRANSLATIONS
+from graphpress.ir.program import Program
+
+__all__ = ["OnnxArtifact", "OnnxOptions", "TRANSLATIONS", "onnx_backend",
+           "register_translation"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+TRANSLATIONS: dict[torch._ops.OpOverload, Callable[..., Any]] = dict(BUILTIN_TRANSLATIONS)
+"""op -> onnxscript translation, passed to torch.onnx.export as custom_translation_table."""
+
+
+def register_translation(op: torch._ops.OpOverload, *,
+                         replace: bool = False) -> Callable[[F], F]:
+    """Decorator: make ``fn`` the ONNX translation of ``op`` in :data:`TRANSLATIONS`.
+
+    ``op`` is an overload (``torch.ops.ns.name.default``), as in graph node targets. A second
+    translation for the same op is an error unless ``replace=True``.
+    """
+    if not isinstance(op, torch._ops.OpOverload):
+        hint = " (pick an overload, e.g. op.default)" if isinstance(
+            op, torch._ops.OpOverloadPacket) else ""
+        raise TypeError(f"register_translation takes an OpOverload, got {op!r}{hint}")
+
+    def decorate(fn: F) -> F:
+        existing = TRANSLATIONS.get(op)
+        if existing is not None and existing is not fn and not replace:
+            raise ValueError(f"{op} already has the ONNX translation {existing.__qualname__}; "
+                             "pass replace=True to override it")
+        TRANSLATIONS[op] = fn
+        return fn
+    return decorate
+
+
+def onnx_backend(program: Program, **options: Any) -> OnnxArtifact:
+    """The ``"onnx"`` backend factory: export, check, and open an onnxruntime session.
+
+    Raises BackendError for an unknown option, an op without translation (naming the op, the
+    node and its source module), a model onnx.checker rejects, or an unavailable provider.
+    """
+    settings = OnnxOptions.from_kwargs(options)
+    start = time.perf_counter()
+    onnx_program = export_onnx(program, settings, TRANSLATIONS)
+    return OnnxArtifact(program, onnx_program, settings, time.perf_counter() - start)

@@ -1,0 +1,201 @@
+"""The pruning plan as data, and applying it to a Program.
+
+A plan is, per channel group, the weight slices of the group (``weight, axis, offset, rep``) and
+the kept channel indices. ``PrunePlan.weight_indices()`` lists it as (parameter, axis, kept
+element indices); ``save``/``load`` write it as JSON so it can be re-applied to another program
+of the same architecture (a fresh checkpoint): groups are matched by their slices.
+
+Applying a plan keeps, in every weight slice of a group, the elements of the kept channels
+(``rep`` consecutive elements per channel), rewrites the constant shape arguments of
+view/reshape/expand/unflatten/split/slice/narrow nodes and the ``groups`` of depthwise
+convolutions from the channel layouts of the analysis, and refreshes shape metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.fx import Node
+
+from graphpress.analysis.channels.rules import op_name
+from graphpress.analysis.channels.solver import ChannelAnalysis, ChannelGroup
+from graphpress.analysis.channels.views import new_size
+from graphpress.ir.program import Program
+
+__all__ = ["GroupPlan", "PrunePlan", "apply_plan", "masked_copy"]
+
+Key = tuple[str, int, int, int]
+
+
+@dataclass
+class GroupPlan:
+    """Kept channels of one group, and the weight slices the group spans."""
+
+    slices: list[Key]
+    size: int
+    keep: list[int]
+
+
+@dataclass
+class PrunePlan:
+    """What to keep, per channel group; data that can be saved and re-applied."""
+
+    groups: list[GroupPlan] = field(default_factory=list)
+
+    def removed(self) -> dict[tuple[str, int], set[int]]:
+        """(weight, axis) -> removed element indices along that axis."""
+        out: dict[tuple[str, int], set[int]] = {}
+        for g in self.groups:
+            drop = sorted(set(range(g.size)) - set(g.keep))
+            for weight, axis, offset, rep in g.slices:
+                out.setdefault((weight, axis), set()).update(
+                    offset + c * rep + r for c in drop for r in range(rep))
+        return {k: v for k, v in out.items() if v}
+
+    def weight_indices(self, program: Program) -> list[tuple[str, int, list[int]]]:
+        """(parameter, axis, kept element indices) for every pruned weight axis."""
+        return [(w, axis, mask.nonzero().flatten().tolist())
+                for (w, axis), mask in _kept_elements(self, program).items()]
+
+    def to_json(self) -> str:
+        return json.dumps({"groups": [vars(g) for g in self.groups]})
+
+    @classmethod
+    def from_json(cls, text: str) -> PrunePlan:
+        data = json.loads(text)
+        return cls([GroupPlan([tuple(s) for s in g["slices"]], g["size"], g["keep"])
+                    for g in data["groups"]])
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> PrunePlan:
+        return cls.from_json(Path(path).read_text())
+
+
+def key_of(group: ChannelGroup) -> list[Key]:
+    return sorted((s.weight, s.axis, s.offset, s.rep) for s in group.slices)
+
+
+def _kept_elements(plan: PrunePlan, program: Program) -> dict[tuple[str, int], torch.Tensor]:
+    out = {}
+    for (weight, axis), drop in plan.removed().items():
+        n = program.weight(weight).shape[axis]
+        mask = torch.ones(n, dtype=torch.bool)
+        mask[sorted(drop)] = False
+        out[(weight, axis)] = mask
+    return out
+
+
+def masked_copy(program: Program, plan: PrunePlan) -> Program:
+    """The original program with every removed channel zeroed in every slice of its group."""
+    masked = program.copy()
+    for (weight, axis), mask in _kept_elements(plan, program).items():
+        tensor = masked.weight(weight).detach().clone()
+        shape = [1] * tensor.dim()
+        shape[axis] = -1
+        masked.replace_weight(weight, tensor * mask.view(shape).to(tensor.dtype))
+    return masked
+
+
+def apply_plan(program: Program, plan: PrunePlan, analysis: ChannelAnalysis) -> int:
+    """Prune ``program`` in place; returns the number of weight elements removed."""
+    by_key = {tuple(key_of(g)): g for g in analysis.groups}
+    kept: dict[int, int] = {}
+    for gp_ in plan.groups:
+        group = by_key.get(tuple(sorted(gp_.slices)))
+        if group is None or group.size != gp_.size:
+            raise ValueError(f"plan group over {gp_.slices[0][0]!r} (axis {gp_.slices[0][1]}) "
+                             "does not match a channel group of this program")
+        if len(gp_.keep) < gp_.size:
+            kept[group.id] = len(gp_.keep)
+    before = 0
+    for (weight, axis), mask in _kept_elements(plan, program).items():
+        tensor = program.weight(weight)
+        before += tensor.numel()
+        index = mask.nonzero().flatten()
+        if tensor.device.type == "meta":
+            new = torch.empty_like(tensor).narrow(axis, 0, len(index))
+        else:
+            new = tensor.detach().index_select(axis, index.to(tensor.device)).contiguous()
+        program.replace_weight(weight, new)
+        before -= new.numel()
+    for node in program.graph.nodes:
+        if node.op == "call_function":
+            _rewrite_args(node, analysis.layouts, kept)
+    program.refresh_shapes()
+    return before
+
+
+def _rewrite_args(node: Node, layouts: dict[str, Any], kept: dict[int, int]) -> None:
+    name = op_name(node)
+    out = layouts.get(node.name)
+    if out is None or (isinstance(out, list) and any(o is None for o in out)):
+        return
+    if name in ("view", "reshape", "_unsafe_view", "expand"):
+        sizes = [s if s == -1 else new_size(out[i], kept) for i, s in enumerate(node.args[1])]
+        _set(node, 1, sizes)
+    elif name == "unflatten":
+        d = node.args[1] % node.args[0].meta["val"].dim()
+        _set(node, 2, [new_size(out[d + i], kept) for i in range(len(node.args[2]))])
+    elif name in ("split", "split_with_sizes", "chunk"):
+        rank = node.args[0].meta["val"].dim()
+        d = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % rank
+        sizes = [new_size(piece[d], kept) for piece in out]
+        old = [int(v.shape[d]) for v in node.meta["val"]]
+        if sizes != old:
+            node.target = torch.ops.aten.split_with_sizes.default
+            node.args, node.kwargs = (node.args[0], sizes, d), {}
+    elif name in ("slice", "narrow"):
+        source = layouts.get(node.args[0].name)
+        d = node.args[1] % node.args[0].meta["val"].dim()
+        if source is None or source[d] is None:
+            return
+        size = int(node.args[0].meta["val"].shape[d])
+        start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
+        start = start + size if start < 0 else start
+        if name == "narrow":
+            end = start + node.args[3]
+            _set(node, 2, _moved(source[d], start, kept))
+            _set(node, 3, _moved(source[d], end, kept) - _moved(source[d], start, kept))
+        else:
+            end = node.args[3] if len(node.args) > 3 and node.args[3] is not None else size
+            end = min(size, end + size if end < 0 else end)
+            _set(node, 2, _moved(source[d], start, kept))
+            _set(node, 3, _moved(source[d], end, kept))
+    elif name == "scaled_dot_product_attention" and "scale" not in node.kwargs \
+            and len(node.args) < 7:
+        q = node.args[0]
+        old = int(q.meta["val"].shape[-1])
+        if new_size(layouts[q.name][-1], kept) != old:   # pin the default 1/sqrt(head_dim)
+            node.kwargs = {**node.kwargs, "scale": old ** -0.5}
+    elif name in ("conv1d", "conv2d", "conv3d", "convolution"):
+        index = 8 if name == "convolution" else 6
+        groups = node.args[index] if len(node.args) > index else 1
+        channels = int(node.args[0].meta["val"].shape[1])
+        if groups > 1 and groups == channels:       # depthwise: one group per channel
+            _set(node, index, new_size(layouts[node.args[0].name][1], kept))
+
+
+def _moved(layout: Any, position: int, kept: dict[int, int]) -> int:
+    """Where an element boundary of the old dimension lands after pruning (atom-aligned)."""
+    old = new = 0
+    for g, r, n in layout:
+        if position <= old:
+            break
+        if position < old + n * r:      # inside an atom: only unpruned atoms are cut by slices
+            return new + position - old
+        old, new = old + n * r, new + kept.get(g, n) * r
+    return new
+
+
+def _set(node: Node, index: int, value: Any) -> None:
+    args = list(node.args)
+    if args[index] != value:
+        args[index] = value
+        node.args = tuple(args)

@@ -1,0 +1,133 @@
+"""The PassManager: runs a pipeline with checks after every pass.
+
+For each pass: fresh required analyses -> ``run`` -> provenance stamped on the nodes it created
+-> ``graph.lint()``, signature and state-dict consistency, fake-tensor re-propagation that must
+agree with the metadata the pass left -> (``verify=True``) its numerical contract on the sample
+inputs. A pass that reports ``changed=False`` must not have changed the Program; the manager
+checks the claim. ``Fixpoint`` groups repeat until no member changes anything, at most
+``max_iterations`` rounds; a group still changing at the cap is noted in the report.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from graphpress.errors import GraphpressError, MetadataError, PassError
+from graphpress.ir.program import Program
+from graphpress.ir.shapes import propagate_shapes
+from graphpress.pipeline.base import Fixpoint, Pass, PassContext, PassResult
+from graphpress.pipeline.instrumentation import Instrumentation, hooks_from_environment
+from graphpress.pipeline.registry import PipelineSpec, build_pipeline
+from graphpress.pipeline.report import PassRecord, Report
+from graphpress.pipeline.verification import Samples, check_contract, run_samples
+
+__all__ = ["PassManager"]
+
+
+class PassManager:
+    """Runs a pipeline of passes over a Program."""
+
+    def __init__(self, pipeline: PipelineSpec, *, verify: bool = False,
+                 samples: Samples | None = None, context: PassContext | None = None,
+                 hooks: Sequence[Instrumentation] | None = None) -> None:
+        self.pipeline = build_pipeline(pipeline)
+        self.verify = verify
+        self.context = context or PassContext()
+        self.samples: Samples = samples or (
+            [(self.context.example_inputs, self.context.example_kwargs)]
+            if self.context.example_inputs or self.context.example_kwargs else [])
+        if verify and not self.samples:
+            raise PassError("verify=True needs sample inputs: pass example inputs to compile()")
+        self.hooks = list(hooks) if hooks is not None else hooks_from_environment()
+        self._history: list[str] = []
+        self._outputs: list[Any] | None = None
+        self._index = 0
+
+    def describe(self) -> str:
+        return ", ".join(item.describe() for item in self.pipeline)
+
+    def run(self, program: Program, report: Report | None = None) -> Report:
+        report = report or Report()
+        program.set_analysis("shapes", propagate_shapes(program, who="tracing"))
+        if self.verify:
+            self._outputs = run_samples(program, self.samples)
+        for item in self.pipeline:
+            if isinstance(item, Fixpoint):
+                self._run_fixpoint(item, program, report)
+            else:
+                report.records.append(self._run_one(item, program, iteration=1))
+        return report
+
+    def _run_fixpoint(self, group: Fixpoint, program: Program, report: Report) -> None:
+        for iteration in range(1, group.max_iterations + 1):
+            records = [self._run_one(p, program, iteration) for p in group.passes]
+            report.records.extend(records)
+            if not any(r.changed for r in records):
+                return
+        report.extra[f"warning ({group.describe()})"] = (
+            f"still changing after {group.max_iterations} iterations; raise max_iterations")
+
+    def _run_one(self, pass_: Pass, program: Program, iteration: int) -> PassRecord:
+        self._index += 1
+        label = pass_.describe()
+        for name in pass_.requires:
+            program.analysis(name)
+        costs_before = program.analysis("costs")
+        contract = pass_.contract_for(program)
+        before = program.copy() if self.verify else None
+        known_nodes = set(program.graph.nodes)
+        version = program.version
+        for hook in self.hooks:
+            hook.before_pass(pass_, program, self._index)
+        start = time.perf_counter()
+        try:
+            result = pass_.run(program, self.context)
+        except GraphpressError:
+            raise
+        except Exception as exc:
+            ran = ", ".join(self._history) or "none"
+            raise PassError(f"pass {label!r} raised {type(exc).__name__}: {exc}\n"
+                            f"passes run before it: {ran}") from exc
+        seconds = time.perf_counter() - start
+        if not isinstance(result, PassResult):
+            raise PassError(f"pass {label!r} returned {type(result).__name__}, not a PassResult")
+        if result.changed:
+            self._settle(pass_, program, known_nodes)
+        elif program.version != version or len(known_nodes) != len(program.graph.nodes):
+            raise MetadataError(f"pass {label!r} reported no change but edited the program")
+        costs_after = program.analysis("costs")
+        max_error = None
+        if self.verify and before is not None:
+            if result.changed or self._outputs is None:
+                max_error, self._outputs = check_contract(
+                    pass_, contract, before, program, result, self.samples, self._outputs,
+                    self._history)
+            else:
+                max_error = 0.0
+        self._history.append(label)
+        program.passes_applied.append(label)
+        record = PassRecord(
+            name=pass_.name, iteration=iteration, seconds=seconds, changed=result.changed,
+            nodes=(costs_before.nodes, costs_after.nodes),
+            parameters=(costs_before.parameters, costs_after.parameters),
+            macs=(costs_before.macs, costs_after.macs), contract=str(contract),
+            max_error=max_error, stats=dict(result.stats),
+            skipped=[(s.node, s.reason) for s in result.skipped], details=result.details)
+        for hook in self.hooks:
+            hook.after_pass(pass_, program, record, self._index)
+        return record
+
+    def _settle(self, pass_: Pass, program: Program, known_nodes: set[Any]) -> None:
+        """Stamp provenance, bump the version, re-check structure and metadata."""
+        for node in program.graph.nodes:
+            if node not in known_nodes:
+                node.meta.setdefault("graphpress_pass", pass_.name)
+        program.sync_output_specs()
+        program.touch()
+        program.keep_analyses(pass_.preserves)
+        who = f"pass {pass_.describe()!r}"
+        program.graph_module.recompile()
+        program.set_analysis("shapes", propagate_shapes(program, who=who))
+        program.validate(who=who)

@@ -1,0 +1,253 @@
+"""Channel dependency analysis on tiny graphs: one test per coupling rule and per refusal."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import graphpress as gp
+from graphpress.analysis.channels.solver import ChannelAnalysis, ChannelGroup
+from graphpress.frontends import trace
+
+
+def _groups(model: nn.Module, *inputs: torch.Tensor) -> ChannelAnalysis:
+    return gp.analysis.channel_groups(trace(model.eval(), inputs))
+
+
+def _group_of(analysis: ChannelAnalysis, weight: str, axis: int) -> ChannelGroup:
+    found = [g for g in analysis.groups
+             if any(s.weight == weight and s.axis == axis for s in g.slices)]
+    assert len(found) == 1, f"{weight}[{axis}] in {len(found)} groups"
+    return found[0]
+
+
+def _members(group: ChannelGroup) -> set[tuple[str, int]]:
+    return {(s.weight, s.axis) for s in group.slices}
+
+
+class ConvBnConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn, self.b = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(F.relu(self.bn(self.a(x))))
+
+
+def test_conv_bn_conv_couples_producer_norm_and_consumer() -> None:
+    analysis = _groups(ConvBnConv(), torch.randn(1, 3, 8, 8))
+    g = _group_of(analysis, "a.weight", 0)
+    assert g.prunable and g.size == 8
+    assert _members(g) == {("a.weight", 0), ("a.bias", 0), ("bn.weight", 0), ("bn.bias", 0),
+                           ("bn.running_mean", 0), ("bn.running_var", 0), ("b.weight", 1)}
+    out = _group_of(analysis, "b.weight", 0)
+    assert not out.prunable and any("model output" in r for r in out.reasons)
+    inp = _group_of(analysis, "a.weight", 1)
+    assert any("model input" in r for r in inp.reasons)
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1)
+        self.c = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        return self.c(y + self.b(y))
+
+
+def test_residual_add_couples_both_branches() -> None:
+    g = _group_of(_groups(Residual(), torch.randn(1, 3, 6, 6)), "a.weight", 0)
+    assert {("a.weight", 0), ("b.weight", 0), ("b.weight", 1), ("c.weight", 1)} <= _members(g)
+    assert g.prunable
+
+
+class Concat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 6, 1), nn.Conv2d(10, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.cat([self.a(x), self.b(x)], dim=1))
+
+
+def test_cat_gives_each_producer_its_offset_range_in_the_consumer() -> None:
+    analysis = _groups(Concat(), torch.randn(1, 3, 4, 4))
+    ga, gb = _group_of(analysis, "a.weight", 0), _group_of(analysis, "b.weight", 0)
+    assert ga.id != gb.id and ga.size == 4 and gb.size == 6
+    assert ("c.weight", 1, 0) in {(s.weight, s.axis, s.offset) for s in ga.slices}
+    assert ("c.weight", 1, 4) in {(s.weight, s.axis, s.offset) for s in gb.slices}
+
+
+class Split(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 10, 1), nn.Conv2d(4, 2, 1), nn.Conv2d(6, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u, v = torch.split(self.a(x), [4, 6], dim=1)
+        return self.b(u) + self.c(v)
+
+
+def test_split_cuts_the_producer_into_ranges() -> None:
+    analysis = _groups(Split(), torch.randn(1, 3, 4, 4))
+    ranges = sorted((g.size, s.offset) for g in analysis.groups for s in g.slices
+                    if s.weight == "a.weight" and s.axis == 0)
+    assert ranges == [(4, 0), (6, 4)]
+    assert all(g.prunable for g in analysis.groups if "b.weight" in g.weights
+               and any(s.axis == 1 for s in g.slices))
+
+
+class Depthwise(nn.Module):
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=groups)
+        self.b = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.dw(self.a(x)))
+
+
+def test_depthwise_conv_couples_its_input_and_output_channels() -> None:
+    g = _group_of(_groups(Depthwise(8), torch.randn(1, 3, 4, 4)), "a.weight", 0)
+    assert {("a.weight", 0), ("dw.weight", 0), ("dw.bias", 0), ("b.weight", 1)} <= _members(g)
+    assert g.prunable
+
+
+def test_grouped_conv_keeps_the_same_local_channels_in_every_group() -> None:
+    g = _group_of(_groups(Depthwise(2), torch.randn(1, 3, 4, 4)), "dw.weight", 1)
+    assert g.size == 4 and g.prunable
+    assert {("a.weight", 0, 0), ("a.weight", 0, 4), ("dw.weight", 1, 0)} <= {
+        (s.weight, s.axis, s.offset) for s in g.slices}
+
+
+class ConvTranspose(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.b = nn.ConvTranspose2d(3, 6, 2, stride=2), nn.Conv2d(6, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.up(x))
+
+
+def test_transposed_conv_creates_channels_on_weight_axis_1() -> None:
+    g = _group_of(_groups(ConvTranspose(), torch.randn(1, 3, 4, 4)), "up.weight", 1)
+    assert _members(g) == {("up.weight", 1), ("up.bias", 0), ("b.weight", 1)} and g.prunable
+
+
+class FlattenLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.fc = nn.Conv2d(3, 4, 1), nn.Linear(4 * 9, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(F.max_pool2d(self.a(x), 2), 1))
+
+
+def test_flatten_maps_a_channel_to_its_spatial_block() -> None:
+    g = _group_of(_groups(FlattenLinear(), torch.randn(1, 3, 6, 6)), "a.weight", 0)
+    assert ("fc.weight", 1, 0, 9) in {(s.weight, s.axis, s.offset, s.rep) for s in g.slices}
+    assert g.prunable
+
+
+class Heads(nn.Module):
+    def __init__(self, kv_heads: int = 2) -> None:
+        super().__init__()
+        self.kv = kv_heads
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 2 * kv_heads), nn.Linear(8, 8)
+        self.norm, self.o = nn.LayerNorm(8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        x = self.norm(x)
+        q = self.q(x).view(b, n, 4, 2).transpose(1, 2)
+        k = self.k(x).view(b, n, self.kv, 2).transpose(1, 2)
+        v = self.v(x)[..., : 2 * self.kv].view(b, n, self.kv, 2).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, enable_gqa=self.kv != 4)
+        return self.o(y.transpose(1, 2).reshape(b, n, 8))
+
+
+def test_attention_heads_couple_whole_and_layer_norm_blocks() -> None:
+    analysis = _groups(Heads(kv_heads=4), torch.randn(1, 3, 8))
+    heads = _group_of(analysis, "q.weight", 0)
+    assert heads.prunable and heads.heads and heads.size == 4
+    assert {(s.weight, s.axis, s.rep) for s in heads.slices} >= {
+        ("q.weight", 0, 2), ("k.weight", 0, 2), ("o.weight", 1, 2)}
+    norm = _group_of(analysis, "norm.weight", 0)
+    assert any("layer_norm" in r and "normalises" in r for r in norm.reasons)
+
+
+def test_grouped_query_attention_keeps_a_kv_head_with_its_query_heads() -> None:
+    heads = _group_of(_groups(Heads(kv_heads=2), torch.randn(1, 3, 8)), "k.weight", 0)
+    assert heads.size == 2 and heads.prunable
+    assert ("q.weight", 0, 4) in {(s.weight, s.axis, s.rep) for s in heads.slices}
+
+
+class Unknown(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.flip(self.a(x), [1]))
+
+
+def test_op_without_rule_blocks_its_group_and_names_op_and_node() -> None:
+    g = _group_of(_groups(Unknown(), torch.randn(1, 3, 4, 4)), "a.weight", 0)
+    assert not g.prunable
+    assert "no channel rule for flip (node flip)" in g.reasons
+
+
+class Embed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.fc1, self.fc2 = nn.Embedding(10, 6), nn.Linear(6, 5), nn.Linear(5, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(self.emb(ids))))
+
+
+def test_embedding_dim_and_linear_chain() -> None:
+    analysis = _groups(Embed(), torch.tensor([[1, 2, 3]]))
+    g = _group_of(analysis, "emb.weight", 1)
+    assert _members(g) == {("emb.weight", 1), ("fc1.weight", 1)} and g.prunable
+    hidden = _group_of(analysis, "fc1.weight", 0)
+    assert _members(hidden) == {("fc1.weight", 0), ("fc1.bias", 0), ("fc2.weight", 1)}
+
+
+def test_analysis_is_cached_and_listed() -> None:
+    program = trace(ConvBnConv().eval(), (torch.randn(1, 3, 8, 8),))
+    assert program.analysis("channel_groups") is program.analysis("channel_groups")
+    assert "channel_groups" in gp.ir.ANALYSES
+
+
+def test_networkx_view_links_groups_and_weights() -> None:
+    analysis = _groups(Concat(), torch.randn(1, 3, 4, 4))
+    graph = analysis.to_networkx()
+    group = _group_of(analysis, "b.weight", 0)
+    assert graph.edges[("group", group.id), "c.weight"]["slices"] == [(1, 4, 1)]
+    assert graph.nodes[("group", group.id)]["prunable"]
+
+
+class LinearToConv1d(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.conv, self.out = nn.Linear(6, 32), nn.Conv1d(4, 4, 3), nn.Linear(24, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.conv(self.fc(x).unflatten(1, (4, 8))).flatten(1))
+
+
+def test_unflatten_into_channels_and_length() -> None:
+    x = torch.randn(2, 6)
+    analysis = _groups(LinearToConv1d(), x)
+    fc = _group_of(analysis, "fc.weight", 0)
+    assert fc.prunable and fc.size == 4 and ("fc.weight", 0, 0, 8) in {
+        (s.weight, s.axis, s.offset, s.rep) for s in fc.slices}
+    # read as (heads, head_dim), the 8 positions land on the conv's length: never pruned
+    fc = _group_of(gp.analysis.channel_groups(trace(LinearToConv1d().eval(), (x,)), head_dim=True),
+                   "fc.bias", 0)
+    assert any("spatial dim of conv1d" in r for r in fc.reasons)
