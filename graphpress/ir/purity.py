@@ -1,25 +1,97 @@
 """Which nodes a rewrite may delete, merge or evaluate ahead of time.
 
-A node is *pure* when its result depends only on its arguments and running it has no effect
-besides producing that result: not an in-place or mutating op, not an assertion or other
-side-effecting op, not random (``nondeterministic_seeded``: dropout, rand).
+Two properties, recorded per op and kept apart:
+
+* *pure*: the result depends only on the arguments and running the op has no effect besides
+  producing it: not in-place or mutating (a mutable schema), not an assertion or other
+  side-effecting op, not random (``nondeterministic_seeded``: dropout, rand). Pure nodes may be
+  deleted when unused (dce) and merged when repeated (cse).
+* *foldable*: a pure op on constants may be evaluated ahead of time and replaced by its value
+  (fold_constants). Fake-quantize, quantize and dequantize are pure but not foldable: folding
+  them into float weights would erase the quantization before a backend lowers it.
+
+Ops are keyed by their namespace-qualified name (``aten::add``, ``graphpress::dequantize``),
+so ``mylib::linear`` never takes ``aten::linear``'s properties. ATen and prims ops are
+foldable when pure; an op of another namespace is foldable only if its registry entry says so
+(:func:`register_op_properties`, called by the ``graphpress::`` op library for its ops and
+available to plugins for theirs), since graphpress cannot know what it is for.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch.fx import Node
 
-__all__ = ["is_pure"]
+__all__ = ["OpProperties", "is_foldable", "is_pure", "op_properties", "qualified_name",
+           "register_op_properties"]
+
+_FOLDABLE_NAMESPACES = ("aten", "prims")
+
+
+@dataclass(frozen=True)
+class OpProperties:
+    """What a rewrite may do with an op: delete or merge it (pure), precompute it (foldable)."""
+
+    pure: bool
+    foldable: bool
+
+    def __post_init__(self) -> None:
+        if self.foldable and not self.pure:
+            raise ValueError("an op that is not pure cannot be foldable")
+
+
+_PROPERTIES: dict[str, OpProperties] = {}
+
+
+def qualified_name(target: Any) -> str:
+    """``namespace::name`` of an op target (overload dropped), or '' for non-op targets."""
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.name
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return target._qualified_op_name
+    return ""
+
+
+def register_op_properties(name: str, *, pure: bool, foldable: bool) -> None:
+    """Record the properties of the op ``namespace::name`` (overrides what the schema says)."""
+    if "::" not in name:
+        raise ValueError(f"op names are namespace-qualified ('mylib::op'), got {name!r}")
+    _PROPERTIES[name] = OpProperties(pure=pure, foldable=foldable)
+
+
+def op_properties(target: Any) -> OpProperties | None:
+    """The registered properties of an op target, if any."""
+    return _PROPERTIES.get(qualified_name(target))
 
 
 def is_pure(node: Node) -> bool:
-    if node.op != "call_function" or node.is_impure():
+    if node.op != "call_function":
         return False
     target = node.target
+    registered = op_properties(target)
+    if registered is not None:
+        return registered.pure
+    if node.is_impure():
+        return False
     if isinstance(target, torch._ops.OpOverload):
         if torch.Tag.nondeterministic_seeded in target.tags:
             return False
         if target._schema.is_mutable:
             return False
     return True
+
+
+def is_foldable(node: Node) -> bool:
+    """Pure and allowed to be evaluated ahead of time on constant inputs."""
+    if not is_pure(node):
+        return False
+    registered = op_properties(node.target)
+    if registered is not None:
+        return registered.foldable
+    name = qualified_name(node.target)
+    if name:
+        return name.split("::", 1)[0] in _FOLDABLE_NAMESPACES
+    return True  # Python-level functions of the graph (operator.getitem and the like)
