@@ -24,6 +24,7 @@ from torch.export.graph_signature import InputKind
 from torch.fx import Node
 from torch.utils import _pytree as pytree
 
+from graphpress.ir.builder import GraphBuilder
 from graphpress.ir.program import Program
 from graphpress.ir.purity import is_pure
 from graphpress.pipeline.base import Contract, Pass, PassContext, PassResult, Skip
@@ -91,8 +92,8 @@ class FoldConstants(Pass):
         name = self._new_name(program, node)
         if result._base is not None:  # a view of an input: own the memory, keep the strides
             result = result.clone()
-        new = program.add_weight(name, result, kind=kind)
-        new.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+        with GraphBuilder(program, anchor=node, pass_name=self.name) as build:
+            new = build.weight(name, result, kind=kind)
         node.replace_all_uses_with(new)
         program.graph.erase_node(node)
         for a in dying:

@@ -23,10 +23,10 @@ from torch.fx import Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils import _pytree as pytree
 
+from graphpress.ir.graph import get_arg, inputs_of
 from graphpress.ir.program import Program
 from graphpress.ir.purity import is_pure
 from graphpress.passes.fold_bn.algebra import batchnorm_affine
-from graphpress.passes.fold_bn.match import get_arg, inputs_of
 
 __all__ = ["Affine", "Constants", "as_affine"]
 

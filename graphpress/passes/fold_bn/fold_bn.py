@@ -32,18 +32,19 @@ import torch
 from torch.fx import Node
 from torch.utils import _pytree as pytree
 
-from graphpress.ir.program import WEIGHT_KINDS, Program
-from graphpress.passes.fold_bn.affine import Affine, Constants, as_affine
-from graphpress.passes.fold_bn.algebra import fold_input, fold_output
-from graphpress.passes.fold_bn.match import (
-    Layer,
-    as_layer,
+from graphpress.ir.builder import GraphBuilder
+from graphpress.ir.graph import (
     erase_unused,
     follow_axis,
     is_view,
     reads_only_metadata,
     set_arg,
+    view_source,
 )
+from graphpress.ir.program import WEIGHT_KINDS, Program
+from graphpress.passes.fold_bn.affine import Affine, Constants, as_affine
+from graphpress.passes.fold_bn.algebra import fold_input, fold_output
+from graphpress.passes.fold_bn.match import Layer, as_layer
 from graphpress.pipeline.base import Contract, Pass, PassContext, PassResult, Skip
 from graphpress.pipeline.registry import register_pass
 
@@ -149,9 +150,7 @@ class FoldBatchNorm(Pass):
 
     def _before(self, program: Program, affine: Affine) -> tuple[Layer | None, str]:
         """Output side: the layer whose output reaches the op through views only."""
-        path = [affine.source]
-        while is_view(path[0]):
-            path.insert(0, path[0].args[0])
+        path = view_source(affine.source)
         layer = as_layer(path[0])
         if layer is None:
             return None, f"not after a conv/linear (its input comes from %{path[0].name})"
@@ -276,8 +275,9 @@ class FoldBatchNorm(Pass):
         while name in existing:
             i += 1
             name = f"{base}_folded{i}"
-        set_arg(layer.node, role, program.add_weight(name, tensor,
-                                                     kind=_KIND[program.input_kind(like)]))
+        with GraphBuilder(program, anchor=layer.node, pass_name=self.name) as build:
+            set_arg(layer.node, role,
+                    build.weight(name, tensor, kind=_KIND[program.input_kind(like)]))
         if current is not None and not current.users:
             program.remove_weight(current)
 
