@@ -27,7 +27,8 @@ from graphpress.pipeline.report import Report
 
 __all__ = ["CompiledModel", "compile", "load"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""manifest.json format: 2 records each file's size and sha256 and the op libraries."""
 
 
 class CompiledModel:
@@ -51,11 +52,19 @@ class CompiledModel:
         return self._report
 
     def save(self, folder: str | Path) -> Path:
-        """Write the artifact, the IR text, the report and a manifest into ``folder``."""
+        """Write the artifact, the IR text, the report and a manifest into ``folder``.
+
+        The manifest, written last, records each file's size and sha256, the op libraries the
+        program calls besides aten/prims (namespace, ops, defining modules) and the graphpress
+        and torch versions; ``load`` checks them before reading anything else.
+        """
         from graphpress._version import __version__
+        from graphpress.ir.artifacts import file_records, op_libraries
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        # an interrupted save leaves no manifest, rather than a stale one
+        (folder / "manifest.json").unlink(missing_ok=True)
         files = self.artifact.save(folder)
         if self.backend != "eager":  # the eager program is what gp.load restores
             torch.export.save(self.program.exported_program, folder / "program.pt2")
@@ -63,8 +72,10 @@ class CompiledModel:
         (folder / "program.txt").write_text(format_program(self.program))
         (folder / "report.txt").write_text(str(self._report) + "\n")
         manifest = {"format": FORMAT_VERSION, "graphpress": __version__,
-                    "backend": self.backend, "pipeline": self.pipeline,
-                    "files": [*sorted(set(files)), "program.txt", "report.txt"],
+                    "torch": torch.__version__, "backend": self.backend,
+                    "pipeline": self.pipeline,
+                    "files": file_records(folder, [*files, "program.txt", "report.txt"]),
+                    "op_libraries": op_libraries(self.program.exported_program.graph_module),
                     "report": self._report.to_dict()}
         (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
         return folder
@@ -127,14 +138,37 @@ def _check_backend(artifact: Artifact, program: Program,
 
 
 def load(folder: str | Path) -> CompiledModel:
-    """Load a folder written by ``CompiledModel.save`` (runs with the eager backend)."""
+    """Load a folder written by ``CompiledModel.save`` (runs with the eager backend).
+
+    Before torch reads it, every file is checked against the manifest's size and sha256, and
+    the op libraries the program needs are imported (``graphpress.ops`` and the modules recorded
+    at save). A missing, truncated or edited file, a missing, unparsable or newer manifest and
+    an op that is still unknown each raise one ``ArtifactError`` naming the file and the fix.
+    """
+    from graphpress.errors import ArtifactError
+    from graphpress.ir.artifacts import (
+        import_op_libraries,
+        load_exported_program,
+        read_manifest,
+        verify_files,
+    )
+
     folder = Path(folder)
-    manifest_path = folder / "manifest.json"
-    if not manifest_path.exists():
-        raise FileNotFoundError(
-            f"{folder} has no manifest.json; is it a folder written by CompiledModel.save?")
-    manifest = json.loads(manifest_path.read_text())
-    program = Program(torch.export.load(folder / "program.pt2"),
-                      frontend=manifest["report"].get("frontend", "export"))
-    report = Report.from_dict(manifest["report"])
-    return CompiledModel(program, build_backend("eager", program), report, manifest["pipeline"])
+    manifest = read_manifest(folder, "manifest.json", format_version=FORMAT_VERSION,
+                             resave="CompiledModel.save")
+    verify_files(folder, manifest, "manifest.json", resave="CompiledModel.save",
+                 required=["program.pt2"])
+    try:
+        frontend = manifest["report"].get("frontend", "export")
+        report = Report.from_dict(manifest["report"])
+        pipeline = str(manifest["pipeline"])
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{folder / 'manifest.json'} lacks a readable report or pipeline "
+                            f"({type(exc).__name__}: {exc}). Fix: save the model again with "
+                            "CompiledModel.save") from None
+    program_file = folder / "program.pt2"
+    import_op_libraries(manifest.get("op_libraries", {}), program_file,
+                        preload=["graphpress.ops"])
+    program = Program(load_exported_program(program_file, manifest.get("torch")),
+                      frontend=frontend)
+    return CompiledModel(program, build_backend("eager", program), report, pipeline)

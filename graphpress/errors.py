@@ -7,11 +7,13 @@ catch everything graphpress raises with ``except GraphpressError``.
 from __future__ import annotations
 
 __all__ = [
+    "ArtifactError",
     "BackendError",
     "ContractViolation",
     "GraphpressError",
     "InputError",
     "MetadataError",
+    "MissingArtifactError",
     "PassError",
     "PipelineError",
     "TraceError",
@@ -48,3 +50,11 @@ class ContractViolation(PassError):
 
 class BackendError(GraphpressError):
     """A backend is unavailable or could not lower the Program."""
+
+
+class ArtifactError(GraphpressError):
+    """A saved folder cannot be loaded: damaged, incomplete, too new, or missing an op library."""
+
+
+class MissingArtifactError(ArtifactError, FileNotFoundError):
+    """A file a saved folder needs (its manifest included) is not there."""
