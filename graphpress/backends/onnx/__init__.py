@@ -3,16 +3,17 @@
 How a Program becomes ONNX::
 
     Program.exported_program
-      -> torch.onnx.export(ep, dynamo=True, custom_translation_table=TRANSLATIONS)
+      -> torch.onnx.export(ep, dynamo=True, custom_translation_table=translation_table())
            ATen ops: the exporter's own onnxscript translations (torchlib)
-           ops in TRANSLATIONS: graphpress's translations (fake-quant today; graphpress's own
-           ops, such as packed dequant-matmul and token merge, add theirs here)
+           ops in the table: graphpress's translations (fake-quant today) and the
+           ``onnx_translation`` of every op defined through ``graphpress.ops.define_op``
       -> onnx.checker (with shape inference)   -> onnxruntime.InferenceSession
 
-``TRANSLATIONS`` is the one table every op extends: the key is the ``OpOverload`` that appears as
-a node target in the Program (``torch.ops.graphpress.dequant_matmul.default``), the value an
-onnxscript function that builds the op's ONNX nodes (see :mod:`.onnx_translations` for the
-conventions and examples). Register with::
+The table is keyed by the ``OpOverload`` that appears as a node target in the Program
+(``torch.ops.mylib.scaled_relu.default``): an op's namespace is part of its key, so
+``mylib::linear`` never gets ``aten::linear``'s translation. Values are onnxscript functions that
+build the op's ONNX nodes (see :mod:`.translations` for the conventions and examples). An op of
+the op registry brings its translation with its entry; any other op registers one with::
 
     from onnxscript import opset18 as op
 
@@ -38,14 +39,28 @@ from graphpress.backends.onnx.artifact import OnnxArtifact
 from graphpress.backends.onnx.export import OnnxOptions, export_onnx
 from graphpress.backends.onnx.translations import BUILTIN_TRANSLATIONS
 from graphpress.ir.program import Program
+from graphpress.ops.registry import entries
 
 __all__ = ["OnnxArtifact", "OnnxOptions", "TRANSLATIONS", "onnx_backend",
-           "register_translation"]
+           "register_translation", "translation_table"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 TRANSLATIONS: dict[torch._ops.OpOverload, Callable[..., Any]] = dict(BUILTIN_TRANSLATIONS)
-"""op -> onnxscript translation, passed to torch.onnx.export as custom_translation_table."""
+"""op -> onnxscript translation registered with :func:`register_translation` (and the built-ins);
+the exporter gets :func:`translation_table`, which adds the op registry's translations."""
+
+
+def _registry_translations() -> dict[torch._ops.OpOverload, Callable[..., Any]]:
+    return {entry.op: entry.onnx_translation for entry in entries().values()
+            if entry.onnx_translation is not None}
+
+
+def translation_table() -> dict[torch._ops.OpOverload, Callable[..., Any]]:
+    """What ``torch.onnx.export`` gets: the op registry's ``onnx_translation`` of every op
+    defined so far, and :data:`TRANSLATIONS` (which wins where both have an op, as only
+    ``register_translation(..., replace=True)`` can make it)."""
+    return {**_registry_translations(), **TRANSLATIONS}
 
 
 def register_translation(op: torch._ops.OpOverload, *,
@@ -53,7 +68,8 @@ def register_translation(op: torch._ops.OpOverload, *,
     """Decorator: make ``fn`` the ONNX translation of ``op`` in :data:`TRANSLATIONS`.
 
     ``op`` is an overload (``torch.ops.ns.name.default``), as in graph node targets. A second
-    translation for the same op is an error unless ``replace=True``.
+    translation for the same op (including the one an op registry entry brings) is an error
+    unless ``replace=True``.
     """
     if not isinstance(op, torch._ops.OpOverload):
         hint = " (pick an overload, e.g. op.default)" if isinstance(
@@ -61,7 +77,7 @@ def register_translation(op: torch._ops.OpOverload, *,
         raise TypeError(f"register_translation takes an OpOverload, got {op!r}{hint}")
 
     def decorate(fn: F) -> F:
-        existing = TRANSLATIONS.get(op)
+        existing = TRANSLATIONS.get(op, _registry_translations().get(op))
         if existing is not None and existing is not fn and not replace:
             raise ValueError(f"{op} already has the ONNX translation {existing.__qualname__}; "
                              "pass replace=True to override it")
@@ -78,5 +94,5 @@ def onnx_backend(program: Program, **options: Any) -> OnnxArtifact:
     """
     settings = OnnxOptions.from_kwargs(options)
     start = time.perf_counter()
-    onnx_program = export_onnx(program, settings, TRANSLATIONS)
+    onnx_program = export_onnx(program, settings, translation_table())
     return OnnxArtifact(program, onnx_program, settings, time.perf_counter() - start)

@@ -3,8 +3,9 @@
 A translation is an onnxscript function in trace-only style: it receives the node's tensor
 arguments as symbolic values and its Python arguments (ints, floats) as attributes, and builds
 ONNX nodes by calling ``op.<OnnxOp>(...)``. ``graphpress.backends.onnx.TRANSLATIONS`` starts from
-:data:`BUILTIN_TRANSLATIONS` and is passed to ``torch.onnx.export`` as its
-``custom_translation_table``.
+:data:`BUILTIN_TRANSLATIONS`; ``graphpress.backends.onnx.translation_table()`` adds the
+translations of the op registry's entries (``graphpress.ops``) and is what ``torch.onnx.export``
+gets as its ``custom_translation_table``.
 
 Fake quantization. torch computes ``(clamp(round(x / s) + z, qmin, qmax) - z) * s`` (round half
 to even); ONNX computes the same with ``DequantizeLinear(QuantizeLinear(x, s, z), s, z)``, where
