@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +17,16 @@ import torch
 from graphpress.backends import Artifact, build_backend
 from graphpress.errors import BackendError
 from graphpress.frontends import trace
-from graphpress.frontends.inputs import normalize_inputs
+from graphpress.frontends.inputs import normalize_batches, normalize_inputs
 from graphpress.ir.printer import format_program
 from graphpress.ir.program import Program
 from graphpress.numerics import compare_outputs
 from graphpress.pipeline.base import PassContext
+from graphpress.pipeline.end_to_end import check_end_to_end
 from graphpress.pipeline.manager import PassManager
 from graphpress.pipeline.registry import PipelineSpec
 from graphpress.pipeline.report import Report
+from graphpress.pipeline.samples import generate_samples
 
 __all__ = ["CompiledModel", "compile", "load"]
 
@@ -91,15 +94,23 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, *,
             dynamic_batch: bool = False, dynamic_shapes: Any = None,
             verify_inputs: list[tuple[Any, ...]] | None = None, inplace: bool = False,
             options: dict[str, Any] | None = None,
-            backend_options: dict[str, Any] | None = None) -> CompiledModel:
+            backend_options: dict[str, Any] | None = None,
+            calibration_data: Iterable[Any] | None = None,
+            generated_samples: int = 3) -> CompiledModel:
     """Trace ``model``, run the pass pipeline, lower it with ``backend``.
 
     ``passes`` is a list of Pass objects or names, or a string such as
     ``"fold_bn, prune_channels(ratio=0.5)"``. With ``verify=True`` every pass's numerical
-    contract is checked on the example inputs (and ``verify_inputs``, extra positional-arg
-    tuples); a violation raises ContractViolation naming the pass, and a backend other than
-    eager is compared with eager on the same inputs. ``options`` reach passes through
-    ``PassContext.options``; ``backend_options`` go to the backend factory.
+    contract is checked on the samples: the example inputs, ``generated_samples`` more of the
+    same shapes and dtypes (see :mod:`graphpress.pipeline.samples`) and ``verify_inputs``
+    (extra positional-arg tuples); a violation raises ContractViolation naming the pass. At the
+    end the final program is checked against ``model`` under the composed contracts
+    (:mod:`graphpress.pipeline.end_to_end`), and a backend other than eager is compared with
+    eager. Verification never changes the model's or the program's state.
+    ``calibration_data`` is an iterable of batches (tuples of positional inputs, a dict of
+    keyword inputs, or a single tensor) that reaches passes as ``PassContext.calibration_data``.
+    ``options`` reach passes through ``PassContext.options``; ``backend_options`` go to the
+    backend factory.
     """
     args, kwargs = normalize_inputs(example_inputs, example_kwargs)
     start = time.perf_counter()
@@ -107,13 +118,16 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, *,
                                      "dynamic_shapes": dynamic_shapes, "inplace": inplace}
     program = trace(model, args, kwargs, frontend=frontend, **trace_options)
     trace_seconds = time.perf_counter() - start
-    samples = [(args, kwargs)] + [(normalize_inputs(extra)[0], kwargs)
-                                  for extra in verify_inputs or []]
+    samples = ([(args, kwargs)] + generate_samples((args, kwargs), generated_samples)
+               + [(normalize_inputs(extra)[0], kwargs) for extra in verify_inputs or []])
     context = PassContext(example_inputs=args, example_kwargs=kwargs, frontend=frontend,
-                          options=dict(options or {}))
+                          options=dict(options or {}),
+                          calibration_data=normalize_batches(calibration_data))
     manager = PassManager(passes, verify=verify, samples=samples, context=context)
     report = Report(frontend=frontend, backend=backend, trace_seconds=trace_seconds)
     manager.run(program, report)
+    if verify:
+        check_end_to_end(model, program, samples, report)
     artifact = build_backend(backend, program, **(backend_options or {}))
     if verify and backend != "eager":
         _check_backend(artifact, program, samples, report)

@@ -1,5 +1,8 @@
 """Export frontend: ``torch.export`` (non-strict, training IR) into a Program.
 
+The training IR is then functionalized (:mod:`graphpress.frontends.functionalize`): no
+in-place op is left, and state changes are the signature's mutation outputs.
+
 The exported state dict aliases the user's parameters, so the frontend clones every weight
 (unless ``inplace=True``): passes can never change the user's ``nn.Module``. Outputs of any
 pytree type (tuples, dicts, Hugging Face ``ModelOutput``) are kept in the output spec and come
@@ -19,6 +22,7 @@ from torch.export import Dim, ExportedProgram
 from torch.utils import _pytree as pytree
 
 from graphpress.errors import InputError, TraceError
+from graphpress.frontends.functionalize import functionalize
 from graphpress.frontends.inputs import normalize_inputs
 from graphpress.ir.program import Program
 
@@ -49,6 +53,7 @@ def _clone_weights(ep: ExportedProgram) -> None:
 
 def program_from_exported(ep: ExportedProgram, *, frontend: str = "export",
                           inplace: bool = False) -> Program:
+    ep = functionalize(ep)
     if not inplace:
         _clone_weights(ep)
     return Program(ep, frontend=frontend)

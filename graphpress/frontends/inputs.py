@@ -7,6 +7,7 @@ that names the position and the type and says how to convert it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -14,7 +15,7 @@ from torch.utils import _pytree as pytree
 
 from graphpress.errors import InputError
 
-__all__ = ["normalize_inputs"]
+__all__ = ["normalize_batches", "normalize_inputs"]
 
 _OK_LEAVES = (torch.Tensor, int, float, bool, str, type(None))
 
@@ -51,3 +52,23 @@ def normalize_inputs(example_inputs: Any, example_kwargs: Any = None
             "example inputs contain no tensor: pass the inputs the model is called with, "
             "e.g. gp.compile(model, example_inputs=(torch.randn(1, 3, 224, 224),))")
     return args, kwargs
+
+
+def normalize_batches(batches: Iterable[Any] | None
+                      ) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """Calibration batches as ``(args, kwargs)`` pairs: each batch is a tuple (or list) of
+    positional inputs, a dict of keyword inputs, or a single tensor."""
+    if batches is None:
+        return []
+    if isinstance(batches, torch.Tensor | dict):
+        raise InputError(
+            "calibration_data must be an iterable of batches (e.g. a list of input tuples or "
+            "a DataLoader yielding them), not a single tensor or dict; wrap it: [(x,)]")
+    normalized = []
+    for index, batch in enumerate(batches):
+        try:
+            normalized.append(normalize_inputs(None, batch) if isinstance(batch, dict)
+                              else normalize_inputs(batch))
+        except InputError as exc:
+            raise InputError(f"calibration batch {index}: {exc}") from exc
+    return normalized

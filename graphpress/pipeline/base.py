@@ -8,8 +8,15 @@ sample inputs::
 
 where ``reference`` is the program before the pass for an ``exact`` contract, or what
 :meth:`Pass.reference` builds from it otherwise (the masked original for pruning, the
-quantize-dequantize original for fake-quant). A pass with no checkable contract says so with
+quantize-dequantize original for fake-quant). Absolute tolerances are relative to each output's
+magnitude (``atol * rms(reference)``, see :mod:`graphpress.numerics`). A ``statistical``
+contract checks agreement metrics instead of elements (``sqnr_db``, ``cosine``,
+``top1_agreement`` against :meth:`Pass.reference`, each with its minimum), for rewrites that
+change values on purpose. A pass with no checkable contract says so with
 ``Contract.unchecked(...)`` and the report shows it.
+
+The four kinds, by the names used everywhere (``Contract.kind``, the report, the docs):
+``exact``, ``reference``, ``statistical``, ``unchecked``.
 """
 
 from __future__ import annotations
@@ -30,10 +37,12 @@ __all__ = ["Contract", "Fixpoint", "Pass", "PassContext", "PassResult", "Skip"]
 class Contract:
     """What must hold between a pass's input and output programs."""
 
-    kind: str  # "exact" (vs the input), "reference" (vs Pass.reference), or "unchecked"
+    kind: str  # "exact" (vs the input), "reference" / "statistical" (vs Pass.reference),
+    #            or "unchecked"
     rtol: float = 1e-5
     atol: float = 1e-5
     description: str = ""
+    minimums: tuple[tuple[str, float], ...] = ()  # statistical: (metric, smallest allowed)
 
     @classmethod
     def exact(cls, rtol: float = 1e-5, atol: float = 1e-5) -> Contract:
@@ -45,12 +54,27 @@ class Contract:
         return cls("reference", rtol, atol, description)
 
     @classmethod
+    def statistical(cls, description: str, **minimums: float) -> Contract:
+        """Agreement with :meth:`Pass.reference` by metric: ``statistical("...",
+        sqnr_db=30, cosine=0.999)``; each metric must be at least its minimum."""
+        from graphpress.numerics import METRICS
+
+        unknown = [m for m in minimums if m not in METRICS]
+        if unknown or not minimums:
+            raise ValueError(f"statistical contracts take minimums of {', '.join(METRICS)}; "
+                             f"got {', '.join(unknown) or 'none'}")
+        return cls("statistical", 0.0, 0.0, description, tuple(sorted(minimums.items())))
+
+    @classmethod
     def unchecked(cls, why: str) -> Contract:
         return cls("unchecked", 0.0, 0.0, why)
 
     def __str__(self) -> str:
         if self.kind == "unchecked":
             return f"unchecked ({self.description})"
+        if self.kind == "statistical":
+            limits = ", ".join(f"{m} >= {v:g}" for m, v in self.minimums)
+            return f"statistical ({limits}): {self.description}"
         return f"{self.kind} (rtol={self.rtol:g}, atol={self.atol:g}): {self.description}"
 
 
@@ -76,12 +100,15 @@ class PassResult:
 
 @dataclass
 class PassContext:
-    """What a pass may use besides the Program: sample data and the compile settings."""
+    """What a pass may use besides the Program: sample data, calibration batches (each an
+    ``(args, kwargs)`` pair, as ``gp.compile(calibration_data=...)`` normalizes them; run them
+    with :func:`graphpress.ir.runner.run_batches`) and the compile settings."""
 
     example_inputs: tuple[Any, ...] = ()
     example_kwargs: dict[str, Any] = field(default_factory=dict)
     frontend: str = "export"
     options: dict[str, Any] = field(default_factory=dict)
+    calibration_data: list[tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=list)
 
 
 class Pass(abc.ABC):
@@ -92,6 +119,7 @@ class Pass(abc.ABC):
     requires: ClassVar[tuple[str, ...]] = ("shapes",)   # analyses that must be fresh first
     preserves: ClassVar[tuple[str, ...]] = ()           # analyses still valid after a change
     rewrites_weights: ClassVar[bool] = False            # reads or writes weight values
+    runs_after: ClassVar[tuple[str, ...]] = ()          # passes that must come first if present
 
     @abc.abstractmethod
     def run(self, program: Program, ctx: PassContext) -> PassResult:

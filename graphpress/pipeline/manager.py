@@ -4,7 +4,9 @@ For each pass: fresh required analyses -> ``run`` -> provenance stamped on the n
 -> ``graph.lint()``, signature and state-dict consistency, fake-tensor re-propagation that must
 agree with the metadata the pass left -> (``verify=True``) its numerical contract on the sample
 inputs. A pass that reports ``changed=False`` must not have changed the Program; the manager
-checks the claim. ``Fixpoint`` groups repeat until no member changes anything, at most
+checks the claim. A pass that declares ``runs_after`` names passes that must come before it
+when both are in a pipeline (quantization after pruning); a pipeline in the wrong order is
+refused before anything runs. ``Fixpoint`` groups repeat until no member changes anything, at most
 ``max_iterations`` rounds; a group still changing at the cap is noted in the report.
 """
 
@@ -14,16 +16,39 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from graphpress.errors import GraphpressError, MetadataError, PassError
+from graphpress.errors import GraphpressError, MetadataError, PassError, PipelineError
 from graphpress.ir.program import Program
 from graphpress.ir.shapes import propagate_shapes
 from graphpress.pipeline.base import Fixpoint, Pass, PassContext, PassResult
 from graphpress.pipeline.instrumentation import Instrumentation, hooks_from_environment
 from graphpress.pipeline.registry import PipelineSpec, build_pipeline
 from graphpress.pipeline.report import PassRecord, Report
-from graphpress.pipeline.verification import Samples, check_contract, run_samples
+from graphpress.pipeline.samples import Samples, generate_samples, run_samples
+from graphpress.pipeline.verification import check_contract
 
-__all__ = ["PassManager"]
+__all__ = ["GENERATED_SAMPLES", "PassManager", "check_order"]
+
+GENERATED_SAMPLES = 3  # samples generated beside the example inputs when none are given
+
+
+def _flatten(pipeline: Sequence[Pass | Fixpoint]) -> list[Pass]:
+    out: list[Pass] = []
+    for item in pipeline:
+        out.extend(item.passes if isinstance(item, Fixpoint) else [item])
+    return out
+
+
+def check_order(pipeline: Sequence[Pass | Fixpoint]) -> None:
+    """Refuse a pipeline in which a pass comes before one it declares in ``runs_after``."""
+    passes = _flatten(pipeline)
+    for position, pass_ in enumerate(passes):
+        for later in passes[position + 1:]:
+            if later.name in pass_.runs_after:
+                order = ", ".join(p.name for p in passes)
+                raise PipelineError(
+                    f"pass {pass_.name!r} must run after {later.name!r} (it declares "
+                    f"runs_after={pass_.runs_after}), but the pipeline is: {order}. "
+                    f"Fix: move {later.name!r} before {pass_.name!r}.")
 
 
 class PassManager:
@@ -35,11 +60,13 @@ class PassManager:
         self.pipeline = build_pipeline(pipeline)
         self.verify = verify
         self.context = context or PassContext()
+        example = (self.context.example_inputs, self.context.example_kwargs)
         self.samples: Samples = samples or (
-            [(self.context.example_inputs, self.context.example_kwargs)]
+            [example, *generate_samples(example, GENERATED_SAMPLES)]
             if self.context.example_inputs or self.context.example_kwargs else [])
         if verify and not self.samples:
             raise PassError("verify=True needs sample inputs: pass example inputs to compile()")
+        check_order(self.pipeline)
         self.hooks = list(hooks) if hooks is not None else hooks_from_environment()
         self._history: list[str] = []
         self._outputs: list[Any] | None = None
@@ -53,6 +80,7 @@ class PassManager:
         program.set_analysis("shapes", propagate_shapes(program, who="tracing"))
         if self.verify:
             self._outputs = run_samples(program, self.samples)
+            report.extra["verified on"] = f"{len(self.samples)} samples"
         for item in self.pipeline:
             if isinstance(item, Fixpoint):
                 self._run_fixpoint(item, program, report)
@@ -98,12 +126,13 @@ class PassManager:
         elif program.version != version or len(known_nodes) != len(program.graph.nodes):
             raise MetadataError(f"pass {label!r} reported no change but edited the program")
         costs_after = program.analysis("costs")
-        max_error = None
+        max_error, metrics = None, {}
         if self.verify and before is not None:
             if result.changed or self._outputs is None:
-                max_error, self._outputs = check_contract(
-                    pass_, contract, before, program, result, self.samples, self._outputs,
-                    self._history)
+                verdict = check_contract(pass_, contract, before, program, result,
+                                         self.samples, self._outputs, self._history)
+                max_error, metrics, self._outputs = (verdict.max_error, verdict.metrics,
+                                                     verdict.outputs)
             else:
                 max_error = 0.0
         self._history.append(label)
@@ -113,7 +142,8 @@ class PassManager:
             nodes=(costs_before.nodes, costs_after.nodes),
             parameters=(costs_before.parameters, costs_after.parameters),
             macs=(costs_before.macs, costs_after.macs), contract=str(contract),
-            max_error=max_error, stats=dict(result.stats),
+            contract_kind=contract.kind, contract_tolerance=(contract.rtol, contract.atol),
+            max_error=max_error, metrics=metrics, stats=dict(result.stats),
             skipped=[(s.node, s.reason) for s in result.skipped], details=result.details)
         for hook in self.hooks:
             hook.after_pass(pass_, program, record, self._index)

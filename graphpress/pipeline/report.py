@@ -22,7 +22,10 @@ class PassRecord:
     parameters: tuple[int, int]
     macs: tuple[int, int]
     contract: str
+    contract_kind: str = ""                           # exact / reference / statistical / unchecked
+    contract_tolerance: tuple[float, float] = (0.0, 0.0)  # (rtol, atol)
     max_error: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)  # statistical contracts
     stats: dict[str, int] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     # what the pass returned in PassResult.details (e.g. the pruning plan); not serialized
@@ -62,8 +65,9 @@ class Report:
         records = []
         for r in data.get("records", []):
             r = dict(r)
-            for key in ("nodes", "parameters", "macs"):
-                r[key] = tuple(r[key])
+            for key in ("nodes", "parameters", "macs", "contract_tolerance"):
+                if key in r:
+                    r[key] = tuple(r[key])
             r["skipped"] = [tuple(s) for s in r.get("skipped", [])]
             records.append(PassRecord(**r))
         return cls(records, data.get("frontend", ""), data.get("backend", ""),
@@ -82,6 +86,8 @@ class Report:
         rows = [header]
         for r in self.records:
             err = "-" if r.max_error is None else f"{r.max_error:.2e}"
+            if r.metrics:
+                err += " (" + ", ".join(f"{k} {v:.4g}" for k, v in r.metrics.items()) + ")"
             stats = ", ".join(f"{k}={v}" for k, v in r.stats.items())
             result = ("changed" if r.changed else "no change") + (f" ({stats})" if stats else "")
             rows.append((r.name, str(r.iteration), f"{r.seconds * 1e3:.1f}", _pair(r.nodes),
