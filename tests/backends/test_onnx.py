@@ -19,8 +19,10 @@ from torch.export import Dim
 import graphpress as gp
 from graphpress.backends import onnx as gonnx
 from graphpress.backends.onnx import OnnxArtifact, onnx_backend, register_translation
-from graphpress.errors import BackendError, InputError
+from graphpress.backends.onnx.artifact import check_saved_model
+from graphpress.errors import ArtifactError, BackendError, InputError, MissingArtifactError
 from graphpress.frontends import trace
+from graphpress.ir.artifacts import file_record
 from graphpress.testing import assert_equivalent
 from graphpress.testing.zoo import get_model
 from tests.models import ConvBNLinear, conv_inputs
@@ -179,6 +181,33 @@ def test_save_writes_model_and_manifest(dynamic_conv: tuple[nn.Module, gp.Compil
     assert_equivalent(gp.load(folder), model, (x,), rtol=0, atol=1e-5)
 
 
+def test_saved_onnx_files_are_checked(dynamic_conv: tuple[nn.Module, gp.CompiledModel],
+                                      tmp_path: Path) -> None:
+    """onnx_manifest.json records model.onnx's size and sha256; check_saved_model (and gp.load,
+    through manifest.json) refuse an edited or missing model, or a manifest too new or gone."""
+    folder = dynamic_conv[1].save(tmp_path / "out")
+    path, manifest_path = folder / "model.onnx", folder / "onnx_manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["format"] == 1 and manifest["files"] == {"model.onnx": file_record(path)}
+    assert check_saved_model(folder) == path
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    for load in (check_saved_model, gp.load):
+        with pytest.raises(ArtifactError, match="modified after it was saved") as info:
+            load(folder)
+        assert str(path) in str(info.value) and "Fix: copy the folder again" in str(info.value)
+    path.unlink()
+    with pytest.raises(MissingArtifactError, match="model.onnx is missing"):
+        check_saved_model(folder)
+    manifest_path.write_text(json.dumps(manifest | {"format": 7, "graphpress": "9.0.0"}))
+    with pytest.raises(ArtifactError, match="format 7, written by graphpress 9.0.0.*upgrade"):
+        check_saved_model(folder)
+    manifest_path.unlink()
+    with pytest.raises(MissingArtifactError, match="onnx_manifest.json is missing"):
+        check_saved_model(folder)
+
+
 def test_external_data_above_threshold(tmp_path: Path) -> None:
     model = ConvBNLinear().eval()
     artifact = onnx_backend(trace(model, conv_inputs()), external_data_threshold=0,
@@ -193,6 +222,13 @@ def test_external_data_above_threshold(tmp_path: Path) -> None:
     saved = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
     assert {p.key: p.value for p in saved.metadata_props}["graphpress.owner"] == "tests"
     assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in saved.graph.initializer)
+    assert set(manifest["files"]) == {"model.onnx", "model.onnx.data"}
+    assert check_saved_model(tmp_path) == tmp_path / "model.onnx"
+    data = tmp_path / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[:-4])
+    with pytest.raises(ArtifactError, match="model.onnx.data is truncated") as info:
+        check_saved_model(tmp_path)
+    assert "Fix: copy the folder again" in str(info.value)
 
 
 class FakeQuantNet(nn.Module):

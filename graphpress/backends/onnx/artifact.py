@@ -8,6 +8,10 @@ program's output spec, so a Hugging Face model still returns its ``ModelOutput``
 The model is checked with ``onnx.checker`` once, in the form it is saved in: serialized bytes,
 or, when its weights exceed ``external_data_threshold``, files with external data in a private
 temporary folder (a protobuf cannot exceed 2 GB).
+
+A saved folder's ``onnx_manifest.json`` records the size and sha256 of model.onnx (and
+model.onnx.data); :func:`check_saved_model` checks them before a runtime reads the model, so a
+truncated, edited or missing file is one ``ArtifactError`` naming it.
 """
 
 from __future__ import annotations
@@ -26,11 +30,14 @@ from torch.utils import _pytree as pytree
 
 from graphpress.backends.onnx.export import OnnxOptions, check_onnx_model
 from graphpress.errors import BackendError, InputError
+from graphpress.ir.artifacts import file_records, read_manifest, verify_files
 from graphpress.ir.program import Program
 
-__all__ = ["OnnxArtifact"]
+__all__ = ["OnnxArtifact", "check_saved_model"]
 
 MANIFEST = "onnx_manifest.json"
+FORMAT_VERSION = 1
+"""onnx_manifest.json format: 1 records the size and sha256 of the model files."""
 _LEVELS = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -196,7 +203,7 @@ class OnnxArtifact:
                                if isinstance(dim, str)} for e in entries}
         ranges = self.program.exported_program.range_constraints
         return {
-            "graphpress": __version__, "model": "model.onnx",
+            "format": FORMAT_VERSION, "graphpress": __version__, "model": "model.onnx",
             "external_data": "model.onnx.data" if self.external_data else None,
             "opset": self.opset, "ir_version": self.onnx_program.model.ir_version,
             "producer": f"{self.onnx_program.model.producer_name} "
@@ -210,10 +217,26 @@ class OnnxArtifact:
         }
 
     def save(self, folder: Path) -> list[str]:
-        """Write model.onnx (and model.onnx.data for large weights) and onnx_manifest.json."""
+        """Write model.onnx (and model.onnx.data for large weights) and onnx_manifest.json,
+        which records the files' sizes and sha256 (checked by :func:`check_saved_model`)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        (folder / MANIFEST).unlink(missing_ok=True)  # an interrupted save leaves none
         self.onnx_program.save(folder / "model.onnx", external_data=self.external_data)
         files = ["model.onnx", "model.onnx.data"] if self.external_data else ["model.onnx"]
-        (folder / MANIFEST).write_text(json.dumps(self.manifest(), indent=2))
+        manifest = self.manifest() | {"files": file_records(folder, files)}
+        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
         return [*files, MANIFEST]
+
+
+def check_saved_model(folder: str | Path) -> Path:
+    """The path of a saved model.onnx, after checking its files against onnx_manifest.json.
+
+    Raises ArtifactError naming the file and the fix if the manifest is missing, unparsable or
+    of a newer format, or a model file is missing, truncated or edited.
+    """
+    folder = Path(folder)
+    resave = "CompiledModel.save (backend='onnx')"
+    manifest = read_manifest(folder, MANIFEST, format_version=FORMAT_VERSION, resave=resave)
+    verify_files(folder, manifest, MANIFEST, resave=resave, required=["model.onnx"])
+    return folder / "model.onnx"
