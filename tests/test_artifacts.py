@@ -306,3 +306,28 @@ def test_preload_imports_installed_modules_and_skips_absent_ones(
     import_op_libraries({}, tmp_path / "program.pt2",
                         preload=[f"{name}_absent", name])
     assert sys.modules[name].LOADED
+
+
+def test_recorded_module_that_no_longer_defines_the_op(
+        saved: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    tag = uuid.uuid4().hex[:8]
+    module, namespace = f"gp_art_moved_{tag}", f"gp_art_moved_{tag}"
+    (tmp_path / f"{module}.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    manifest = _manifest(saved)
+    manifest["op_libraries"] = {namespace: {"ops": [f"{namespace}::triple.default"],
+                                            "modules": [module]}}
+    _write_manifest(saved, manifest)
+    message = _load_error(saved, capfd)
+    assert f"needs the op {namespace}::triple.default" in message
+    assert f"module {module!r}, which defined it at save, no longer does" in message
+    assert f"Fix: import the module that now defines the {namespace}:: ops" in message
+
+
+def test_unreadable_op_libraries_entry(saved: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    manifest = _manifest(saved)
+    manifest["op_libraries"] = {"mylib": 3}
+    _write_manifest(saved, manifest)
+    message = _load_error(saved, capfd)
+    assert "unreadable 'op_libraries'" in message and "save the model again" in message
