@@ -5,13 +5,6 @@ ops (quantize / dequantize) come with the quantization passes. Plugins define th
 through the same registry (:func:`define_op`), in their own namespace.
 """
 
-from graphpress.ops.registry import (
-    OpEntry,
-    check_op,
-    define_op,
-    defining_modules,
-    entries,
-    lookup,
-)
+from graphpress.ops.registry import OpEntry, check_op, define_op, entries, lookup
 
-__all__ = ["OpEntry", "check_op", "define_op", "defining_modules", "entries", "lookup"]
+__all__ = ["OpEntry", "check_op", "define_op", "entries", "lookup"]

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from graphpress.ir.purity import qualified_name, register_op_properties
+from graphpress.ir.purity import register_op_properties
 
-__all__ = ["OpEntry", "check_op", "define_op", "defining_modules", "entries", "lookup"]
+__all__ = ["OpEntry", "check_op", "define_op", "entries", "lookup"]
 
 
 @dataclass(frozen=True)
@@ -96,18 +96,6 @@ def lookup(qualified_name: str) -> OpEntry | None:
 def entries() -> dict[str, OpEntry]:
     """Every registered entry by qualified name (a copy)."""
     return dict(_ENTRIES)
-
-
-def defining_modules(graph: torch.fx.Graph) -> list[str]:
-    """The modules that define the registry ops ``graph`` calls, sorted: what must be imported
-    before a saved program that calls them can be loaded (``torch.export.load`` cannot resolve
-    an op that is not defined)."""
-    modules = set()
-    for node in graph.nodes:
-        entry = _ENTRIES.get(qualified_name(node.target)) if node.op == "call_function" else None
-        if entry is not None:
-            modules.add(entry.eager.__module__)
-    return sorted(modules)
 
 
 def check_op(entry: OpEntry, *args: Any, **kwargs: Any) -> None:

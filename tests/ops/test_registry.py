@@ -15,8 +15,9 @@ from torch import nn
 import graphpress as gp
 from graphpress.backends import onnx as gonnx
 from graphpress.frontends import trace
+from graphpress.ir.artifacts import op_libraries
 from graphpress.ir.purity import is_foldable, is_pure
-from graphpress.ops import check_op, define_op, defining_modules, entries, lookup
+from graphpress.ops import check_op, define_op, entries, lookup
 from graphpress.passes import PassContext, PassManager
 from tests.ops.sample_ops import LOGGED, OPAQUE_SCALE, SCALE_ADD
 
@@ -100,13 +101,15 @@ def test_survives_export_and_compile_with_cleanup_passes() -> None:
 def test_save_load_needs_the_defining_module_imported(tmp_path: Path) -> None:
     model, x = ScaleAdd().eval(), torch.randn(3, 4)
     compiled = gp.compile(model, (x,))
-    assert defining_modules(compiled.program.graph) == ["tests.ops.sample_ops"]
+    libraries = op_libraries(compiled.program.graph_module)
+    assert libraries["gptest"]["modules"] == ["tests.ops.sample_ops"]
     torch.export.save(compiled.program.exported_program, tmp_path / "ep.pt2")
     loaded = torch.export.load(tmp_path / "ep.pt2").module()
     torch.testing.assert_close(loaded(x), model(x))
     folder = compiled.save(tmp_path / "saved")
     torch.testing.assert_close(gp.load(folder)(x), model(x))
-    # a fresh interpreter: loading fails until the op library is imported, then works
+    # fresh interpreters: torch.export.load fails until the op library is imported; gp.load
+    # imports the modules its manifest records itself
     script = (
         "import sys, torch\n"
         f"path = {str(tmp_path / 'ep.pt2')!r}\n"
@@ -117,6 +120,13 @@ def test_save_load_needs_the_defining_module_imported(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert done.stdout.split("\n")[:2] == ["refused", "loaded (3, 4)"], done.stderr[-2000:]
+    script = ("import sys, torch, graphpress as gp\n"
+              f"compiled = gp.load({str(folder)!r})\n"
+              "assert 'tests.ops.sample_ops' in sys.modules\n"
+              "print(tuple(compiled(torch.ones(3, 4)).shape))\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.stdout.strip() == "(3, 4)", done.stderr[-2000:]
 
 
 def test_onnx_backend_emits_the_translation() -> None:
@@ -151,9 +161,6 @@ def _program_on_weights() -> gp.Program:
     return trace(OnWeights().eval(), (torch.randn(4),))
 
 
-@pytest.mark.xfail(strict=True, reason="fold_constants still asks is_pure, not is_foldable (the "
-                   "foldability check of issue 8 section 1, owned elsewhere); remove this "
-                   "marker when it lands")
 def test_foldability_decides_constant_folding() -> None:
     program = _program_on_weights()
     foldable, opaque = (_calls(program, op)[0] for op in (gptest.scale_add.default,
