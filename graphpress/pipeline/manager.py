@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 from graphpress.errors import GraphpressError, MetadataError, PassError, PipelineError
 from graphpress.ir.program import Program
 from graphpress.ir.shapes import propagate_shapes
 from graphpress.pipeline.base import Fixpoint, Pass, PassContext, PassResult
+from graphpress.pipeline.fingerprint import Diff, Fingerprint, describe, diff, fingerprint
 from graphpress.pipeline.instrumentation import Instrumentation, hooks_from_environment
 from graphpress.pipeline.registry import PipelineSpec, build_pipeline
 from graphpress.pipeline.report import PassRecord, Report
@@ -53,6 +54,11 @@ def check_order(pipeline: Sequence[Pass | Fixpoint]) -> None:
 
 class PassManager:
     """Runs a pipeline of passes over a Program."""
+
+    # After a pass that changed the program, re-propagate shapes from the nodes it touched
+    # ("incremental", see graphpress.ir.shapes) or through every node ("full", the behaviour
+    # before the fingerprint; benchmarks/compile_overhead.py measures both in one run).
+    shape_check: Literal["incremental", "full"] = "incremental"
 
     def __init__(self, pipeline: PipelineSpec, *, verify: bool = False,
                  samples: Samples | None = None, context: PassContext | None = None,
@@ -105,10 +111,10 @@ class PassManager:
         costs_before = program.analysis("costs")
         contract = pass_.contract_for(program)
         before = program.copy() if self.verify else None
-        known_nodes = set(program.graph.nodes)
         version = program.version
         for hook in self.hooks:
             hook.before_pass(pass_, program, self._index)
+        prints = fingerprint(program)
         start = time.perf_counter()
         try:
             result = pass_.run(program, self.context)
@@ -121,10 +127,16 @@ class PassManager:
         seconds = time.perf_counter() - start
         if not isinstance(result, PassResult):
             raise PassError(f"pass {label!r} returned {type(result).__name__}, not a PassResult")
+        edits = diff(prints, fingerprint(program))
         if result.changed:
-            self._settle(pass_, program, known_nodes)
-        elif program.version != version or len(known_nodes) != len(program.graph.nodes):
-            raise MetadataError(f"pass {label!r} reported no change but edited the program")
+            self._settle(pass_, program, edits, prints)
+        else:
+            unreported = edits.changes + edits.meta_changes()
+            if unreported or program.version != version:
+                what = describe(unreported) or "it called Program.touch()"
+                raise MetadataError(
+                    f"pass {label!r} reported no change but edited the program: {what}; "
+                    "return PassResult(changed=True) when the program changes")
         costs_after = program.analysis("costs")
         max_error, metrics = None, {}
         if self.verify and before is not None:
@@ -149,15 +161,17 @@ class PassManager:
             hook.after_pass(pass_, program, record, self._index)
         return record
 
-    def _settle(self, pass_: Pass, program: Program, known_nodes: set[Any]) -> None:
-        """Stamp provenance, bump the version, re-check structure and metadata."""
-        for node in program.graph.nodes:
-            if node not in known_nodes:
-                node.meta.setdefault("graphpress_pass", pass_.name)
+    def _settle(self, pass_: Pass, program: Program, edits: Diff, before: Fingerprint) -> None:
+        """Stamp provenance, bump the version, re-check structure and metadata (shapes from
+        the nodes the pass touched, unless ``shape_check`` is "full")."""
+        for node in edits.added:
+            node.meta.setdefault("graphpress_pass", pass_.name)
         program.sync_output_specs()
         program.touch()
         program.keep_analyses(pass_.preserves)
         who = f"pass {pass_.describe()!r}"
         program.graph_module.recompile()
-        program.set_analysis("shapes", propagate_shapes(program, who=who))
+        touched = edits.touched if self.shape_check == "incremental" else None
+        program.set_analysis("shapes", propagate_shapes(
+            program, who=who, touched=touched, previous=before.values()))
         program.validate(who=who)

@@ -11,7 +11,7 @@ from graphpress.errors import MetadataError
 from graphpress.frontends import trace
 from graphpress.ir.costs import count_costs
 from graphpress.ir.program import Program
-from graphpress.ir.shapes import propagate_shapes, symbolic_shapes
+from graphpress.ir.shapes import needs_full_propagation, propagate_shapes, symbolic_shapes
 
 
 def test_propagation_fills_missing_and_catches_stale(conv_program: Program) -> None:
@@ -65,3 +65,33 @@ def test_sdpa_macs() -> None:
 
     q, k, v = torch.randn(2, 4, 8, 16), torch.randn(2, 4, 6, 16), torch.randn(2, 4, 6, 16)
     assert count_costs(trace(Attn(), (q, k, v))).macs == 2 * 4 * 8 * 6 * (16 + 16)
+
+
+def _rewrite_relu(program: Program, target: object) -> tuple[torch.fx.Node, dict]:
+    previous = {n: n.meta.get("val") for n in program.graph.nodes}
+    relu = next(n for n in program.graph.nodes if n.target == torch.ops.aten.relu.default)
+    relu.target = target
+    return relu, previous
+
+
+def test_propagation_from_touched_nodes_reruns_only_them(conv_program: Program) -> None:
+    relu, previous = _rewrite_relu(conv_program, torch.ops.aten.sigmoid.default)
+    assert propagate_shapes(conv_program, touched=[relu], previous=previous) == []
+    rerun = [n.name for n in conv_program.graph.nodes if n.meta.get("val") is not previous[n]]
+    assert rerun == ["relu"]   # same shape as before: its users are not re-run
+
+
+def test_propagation_from_touched_nodes_checks_them(conv_program: Program) -> None:
+    relu, previous = _rewrite_relu(conv_program, torch.ops.aten.sigmoid.default)
+    relu.meta["val"] = relu.meta["val"].new_empty((1, 1))
+    with pytest.raises(MetadataError, match="stale shape metadata after pass 'x'.*relu"):
+        propagate_shapes(conv_program, who="pass 'x'", touched=[relu], previous=previous)
+
+
+def test_graph_with_a_mutating_op_gets_the_full_propagation(conv_program: Program) -> None:
+    # an in-place op makes values depend on mutations that are not arguments: no shortcut
+    relu, previous = _rewrite_relu(conv_program, torch.ops.aten.relu_.default)
+    assert needs_full_propagation(conv_program)
+    propagate_shapes(conv_program, touched=[relu], previous=previous)
+    assert all(n.meta["val"] is not previous[n] for n in conv_program.graph.nodes
+               if n.op == "call_function")
