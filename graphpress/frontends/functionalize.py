@@ -140,6 +140,9 @@ def _rewrite(ep: ExportedProgram, plans: list[tuple[Node, torch._ops.OpOverload]
     output = graph.output_node()
     output.args = (tuple(mutation_outputs) + tuple(output.args[0]),)
     ep.graph_signature.output_specs[:] = mutation_specs + list(ep.graph_signature.output_specs)
+    for spec, value in zip(ep.graph_signature.output_specs, output.args[0]):
+        if isinstance(spec.arg, TensorArgument) and isinstance(value, Node):
+            spec.arg = TensorArgument(name=value.name)  # a returned in-place op was replaced
     graph.lint()
     ep.graph_module.recompile()
 

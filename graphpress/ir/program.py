@@ -10,7 +10,9 @@ Invariant kept by every method here (and checked by :meth:`Program.validate` aft
 
 Passes edit weights only through :meth:`add_weight`, :meth:`replace_weight` and
 :meth:`remove_weight`, which keep all three in step. Weight tensors are never mutated in place:
-a rewrite stores a new tensor, so a copy of a Program taken before a pass stays valid.
+a rewrite stores a new tensor, and a run stores a mutated buffer's new value as a new tensor,
+so :meth:`copy` shares tensors safely and a copy taken before a pass stays valid. What leaves
+the Program owns its memory: :meth:`module` (the thing users train) holds a copy of the weights.
 """
 
 from __future__ import annotations
@@ -36,6 +38,14 @@ WEIGHT_KINDS = {
     "constant": InputKind.CONSTANT_TENSOR,
 }
 _PREFIX = {InputKind.PARAMETER: "p_", InputKind.BUFFER: "b_", InputKind.CONSTANT_TENSOR: "c_"}
+
+
+def _owned(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of a weight that shares no memory with it (parameters stay parameters)."""
+    copy = tensor.detach().clone()
+    if isinstance(tensor, torch.nn.Parameter):
+        return torch.nn.Parameter(copy, requires_grad=tensor.requires_grad)
+    return copy
 
 
 @dataclass
@@ -125,6 +135,16 @@ class Program:
         if spec is None or spec.kind not in WEIGHT_KINDS.values():
             return None
         return spec.target
+
+    def mutated_weights(self) -> set[str]:
+        """Names of the buffers (and parameters) the program writes: the targets of its
+        BUFFER_MUTATION / PARAMETER_MUTATION outputs. Their values change from call to call."""
+        kinds = (OutputKind.BUFFER_MUTATION, OutputKind.PARAMETER_MUTATION)
+        return {s.target for s in self.signature.output_specs if s.kind in kinds}
+
+    def is_constant(self, node: Node) -> bool:
+        """A weight whose value is the same on every call: a weight the program never writes."""
+        return self.is_weight(node) and self.weight_name(node) not in self.mutated_weights()
 
     def weight(self, node_or_name: Node | str) -> torch.Tensor:
         """The tensor of a weight, by placeholder node or fully qualified name."""
@@ -299,11 +319,17 @@ class Program:
 
     # ---------------------------------------------------------------- running
     def module(self) -> torch.nn.Module:
-        """The program as a stand-alone ``nn.Module`` with its weights as attributes
-        (``ExportedProgram.module()``; rebuilt only after a change)."""
+        """The program as a stand-alone ``nn.Module`` (``ExportedProgram.module()``; rebuilt
+        only after a change) that owns a copy of the weights: training it or running its buffer
+        mutations never changes this Program, its copies, or the user's model."""
         if self._module is None or self._module[0] != self.version:
             self.graph_module.recompile()
-            self._module = (self.version, self._ep.module())
+            owned = self.copy()
+            for store in (owned.state_dict, owned.constants):
+                for name, value in store.items():
+                    if isinstance(value, torch.Tensor):
+                        store[name] = _owned(value)
+            self._module = (self.version, owned.exported_program.module())
         return self._module[1]
 
     def flat_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:

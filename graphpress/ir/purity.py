@@ -12,7 +12,8 @@ Two properties, recorded per op and kept apart:
 
 Ops are keyed by their namespace-qualified name (``aten::add``, ``graphpress::dequantize``),
 so ``mylib::linear`` never takes ``aten::linear``'s properties. ATen and prims ops are
-foldable when pure; an op of another namespace is foldable only if its registry entry says so
+foldable when pure, except ATen's fake-quantize, quantize and dequantize ops; an op of another
+namespace is foldable only if its registry entry says so
 (:func:`register_op_properties`, called by the ``graphpress::`` op library for its ops and
 available to plugins for theirs), since graphpress cannot know what it is for.
 """
@@ -44,6 +45,21 @@ class OpProperties:
 
 
 _PROPERTIES: dict[str, OpProperties] = {}
+
+# ATen's own fake-quant ops: pure, but kept for the backend (the ONNX backend emits Q/DQ)
+_KEPT_FOR_BACKEND = (
+    "aten::fake_quantize_per_tensor_affine",
+    "aten::fake_quantize_per_tensor_affine_cachemask",
+    "aten::fake_quantize_per_channel_affine",
+    "aten::fake_quantize_per_channel_affine_cachemask",
+    "aten::_fake_quantize_learnable_per_tensor_affine",
+    "aten::_fake_quantize_learnable_per_channel_affine",
+    "aten::_fake_quantize_per_tensor_affine_cachemask_tensor_qparams",
+    "aten::quantize_per_tensor",
+    "aten::quantize_per_channel",
+    "aten::dequantize",
+)
+_PROPERTIES.update({name: OpProperties(pure=True, foldable=False) for name in _KEPT_FOR_BACKEND})
 
 
 def qualified_name(target: Any) -> str:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch.export.graph_signature import OutputKind
-
 from graphpress.ir.program import Program
 from graphpress.ir.purity import is_pure
 from graphpress.pipeline.base import Contract, Pass, PassContext, PassResult
@@ -38,8 +36,7 @@ class DeadCodeElimination(Pass):
                 removed_nodes += 1
         removed_weights = 0
         if self.remove_unused_weights:
-            mutated = {s.target for s in program.signature.output_specs
-                       if s.kind in (OutputKind.BUFFER_MUTATION, OutputKind.PARAMETER_MUTATION)}
+            mutated = program.mutated_weights()
             for node in list(program.nodes("placeholder")):
                 name = program.weight_name(node)
                 if name is not None and not node.users and name not in mutated:

@@ -1,10 +1,13 @@
 """Constant folding, including computations on weights.
 
-A pure node whose tensor inputs are all weights (parameters, buffers, constant tensors) and
-whose other arguments are literals computes the same value on every call; it is evaluated once
-and replaced by a new weight. Nodes are visited in execution order, so chains fold in one run
-(``w.t() * 2`` becomes one weight). The new weight is a parameter if any input was a parameter
-(so fine-tuning still trains it), else a buffer or a constant. Inputs left unused are removed.
+A foldable node (pure, and its op allows precomputation: see :mod:`graphpress.ir.purity`;
+fake-quant and dequantize are pure but not foldable) whose tensor inputs are all constant
+weights (parameters, buffers, constant tensors that the program never writes: a mutated
+buffer is state, not a constant) and whose other arguments are literals computes the same
+value on every call; it is evaluated once and replaced by a new weight. Nodes are visited in
+execution order, so chains fold in one run (``w.t() * 2`` becomes one weight). The new weight
+is a parameter if any input was a parameter (so fine-tuning still trains it), else a buffer or
+a constant. Inputs left unused are removed.
 
 The model never grows: a node folds only if the bytes it adds are at most the bytes of the
 inputs it frees, or the result is small (at most ``max_new_elements``); so ``expand`` of a bias
@@ -26,7 +29,7 @@ from torch.utils import _pytree as pytree
 
 from graphpress.ir.builder import GraphBuilder
 from graphpress.ir.program import Program
-from graphpress.ir.purity import is_pure
+from graphpress.ir.purity import is_foldable, is_pure
 from graphpress.pipeline.base import Contract, Pass, PassContext, PassResult, Skip
 from graphpress.pipeline.registry import register_pass
 
@@ -55,11 +58,16 @@ class FoldConstants(Pass):
         folded = 0
         skipped: list[Skip] = []
         for node in list(program.graph.nodes):
-            if not is_pure(node) or not isinstance(node.meta.get("val"), torch.Tensor):
+            if not isinstance(node.meta.get("val"), torch.Tensor):
                 continue
             inputs = [a for a in pytree.tree_leaves((node.args, node.kwargs))
                       if isinstance(a, Node)]
-            if not all(program.is_weight(a) for a in inputs):
+            if not all(program.is_constant(a) for a in inputs):
+                continue
+            if not is_foldable(node):
+                if is_pure(node):
+                    skipped.append(Skip(node.name, f"{node.target} is pure but not foldable "
+                                                   "(its op keeps it for the backend)"))
                 continue
             if any(isinstance(s, torch.SymInt) for s in node.meta["val"].shape):
                 skipped.append(Skip(node.name, "result has a symbolic shape"))
