@@ -108,7 +108,8 @@ def test_no_inplace_op_is_left_and_state_is_a_mutation_output() -> None:
 
 def test_cse_does_not_merge_clones_mutated_differently() -> None:
     _assert_same_calls(CloneMutations, torch.ones(4), "cse, dce")
-    assert float(gp.compile(CloneMutations(), (torch.ones(4),), passes="cse")(torch.ones(4))[0]) == 5
+    compiled = gp.compile(CloneMutations(), (torch.ones(4),), passes="cse")
+    assert float(compiled(torch.ones(4))[0]) == 5
 
 
 def test_fold_constants_does_not_freeze_a_mutated_clone() -> None:

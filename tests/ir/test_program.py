@@ -114,3 +114,23 @@ def test_nodes_by_op(conv_program: Program) -> None:
     assert calls and all(n.op == "call_function" for n in calls)
     assert [n.name for n in conv_program.nodes("placeholder")][-1] == "x"
     assert len(list(conv_program.nodes())) == len(conv_program.graph.nodes)
+
+
+def test_module_owns_its_weights_so_training_it_changes_no_program() -> None:
+    from graphpress.frontends import trace
+
+    model = ConvBNLinear().eval()
+    program = trace(model, conv_inputs())
+    copy = program.copy()
+    before = {k: v.clone() for k, v in program.weights().items()}
+    module = program.module()
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    module(*conv_inputs()).square().sum().backward()
+    optimizer.step()
+    trained = dict(module.named_parameters())
+    assert any(not torch.equal(trained[k], before[k]) for k in trained if k in before)
+    for p in (program, copy):
+        for name, tensor in p.weights().items():
+            assert torch.equal(tensor, before[name]), f"{name} changed through module()"
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name])
