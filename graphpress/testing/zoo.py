@@ -402,6 +402,53 @@ class AttentionNet(nn.Module):
         return self.norm(self.blocks(x))
 
 
+class BmmAttention(nn.Module):
+    """Multi-head self-attention over ``batch * heads`` with ``bmm`` (the fairseq layout)."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
+            nn.Linear(dim, dim) for _ in range(4)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        h, d = self.num_heads, c // self.num_heads
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, n, h, d).transpose(1, 2).reshape(b * h, n, d)
+
+        q = heads(self.q_proj(x)) * d**-0.5
+        k, v = heads(self.k_proj(x)), heads(self.v_proj(x))
+        weights = torch.bmm(q, k.transpose(1, 2)).softmax(dim=-1)
+        out = torch.bmm(weights, v).view(b, h, n, d).transpose(1, 2).reshape(b, n, c)
+        return self.o_proj(out)
+
+
+class BmmAttentionNet(nn.Module):
+    """Pre-norm transformer blocks whose attention is written with ``bmm`` (4 heads)."""
+
+    def __init__(self, dim: int = 32, num_layers: int = 2) -> None:
+        super().__init__()
+        self.attn_norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(num_layers))
+        self.attns = nn.ModuleList(BmmAttention(dim, num_heads=4) for _ in range(num_layers))
+        self.mlp_norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(num_layers))
+        self.mlps = nn.ModuleList(
+            nn.Sequential(nn.Linear(dim, 64), nn.GELU(), nn.Linear(64, dim))
+            for _ in range(num_layers)
+        )
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for attn_norm, attn, mlp_norm, mlp in zip(
+            self.attn_norms, self.attns, self.mlp_norms, self.mlps, strict=True
+        ):
+            x = x + attn(attn_norm(x))
+            x = x + mlp(mlp_norm(x))
+        return self.norm(x)
+
+
 class Mlp1dBn(nn.Module):
     """Linear + BatchNorm1d, then a Conv1d + BatchNorm1d over the features viewed as a sequence."""
 
@@ -553,7 +600,7 @@ def _hf_vit(*, tiny: bool) -> nn.Module:
     return _instantiate(lambda: ViTForImageClassification(config))
 
 
-def _hf_bert() -> nn.Module:
+def _hf_bert(attention: str = "sdpa") -> nn.Module:
     from transformers import BertConfig, BertModel
 
     config = BertConfig(
@@ -562,12 +609,12 @@ def _hf_bert() -> nn.Module:
         num_hidden_layers=2,
         num_attention_heads=4,
         intermediate_size=64,
-        attn_implementation="sdpa",
+        attn_implementation=attention,
     )
     return _instantiate(lambda: BertModel(config))
 
 
-def _hf_llama() -> nn.Module:
+def _hf_llama(attention: str = "sdpa") -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -578,7 +625,7 @@ def _hf_llama() -> nn.Module:
         num_key_value_heads=2,
         intermediate_size=64,
         use_cache=False,
-        attn_implementation="sdpa",
+        attn_implementation=attention,
     )
     return _instantiate(lambda: LlamaForCausalLM(config))
 
@@ -706,6 +753,20 @@ _MODELS: tuple[ZooModel, ...] = (
         description="Tiny Hugging Face LlamaForCausalLM with 4 query and 2 key/value heads.",
     ),
     ZooModel(
+        name="hf_bert_eager",
+        build=functools.partial(_hf_bert, "eager"),
+        example_inputs=functools.partial(_token_inputs, 100, 2, 8, with_mask=True),
+        tags=frozenset({"hf", "attention", "transformer", "token_inputs"}),
+        description="hf_bert with attn_implementation='eager' (attention as matmul, softmax).",
+    ),
+    ZooModel(
+        name="hf_llama_eager",
+        build=functools.partial(_hf_llama, "eager"),
+        example_inputs=functools.partial(_token_inputs, 100, 2, 8, with_mask=False),
+        tags=frozenset({"hf", "attention", "transformer", "gqa", "token_inputs"}),
+        description="hf_llama with attn_implementation='eager' (repeat_kv, matmul, softmax).",
+    ),
+    ZooModel(
         name="hf_convnext",
         build=_hf_convnext,
         example_inputs=_inputs(2, _TINY_IMAGE),
@@ -774,6 +835,13 @@ _MODELS: tuple[ZooModel, ...] = (
         example_inputs=_inputs(2, (8, 32)),
         tags=frozenset({"handwritten", "attention", "gqa", "transformer"}),
         description=AttentionNet.__doc__ or "",
+    ),
+    ZooModel(
+        name="bmm_attention_net",
+        build=_handwritten(BmmAttentionNet, (8, 32)),
+        example_inputs=_inputs(2, (8, 32)),
+        tags=frozenset({"handwritten", "attention", "transformer"}),
+        description=BmmAttentionNet.__doc__ or "",
     ),
     ZooModel(
         name="mlp_1d_bn",

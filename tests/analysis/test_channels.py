@@ -251,3 +251,118 @@ def test_unflatten_into_channels_and_length() -> None:
     fc = _group_of(gp.analysis.channel_groups(trace(LinearToConv1d().eval(), (x,)), head_dim=True),
                    "fc.bias", 0)
     assert any("spatial dim of conv1d" in r for r in fc.reasons)
+
+
+class EagerAttention(nn.Module):
+    """Attention written with matmul, as Hugging Face ``attn_implementation="eager"`` does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(8, 8) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = (p(x).view(b, n, 4, 2).transpose(1, 2) for p in (self.q, self.k, self.v))
+        s = (q @ k.transpose(-2, -1)) * 0.7
+        return self.o((s.softmax(-1) @ v).transpose(1, 2).reshape(b, n, 8))
+
+
+def test_matmul_attention_couples_the_heads_of_q_k_and_v() -> None:
+    heads = _group_of(_groups(EagerAttention(), torch.randn(2, 3, 8)), "q.weight", 0)
+    assert heads.prunable and heads.size == 4
+    assert {(s.weight, s.axis, s.rep) for s in heads.slices} >= {
+        ("q.weight", 0, 2), ("k.weight", 0, 2), ("v.weight", 0, 2), ("o.weight", 1, 2)}
+    # head_dim mode: q k^T contracts head_dim, so q's and k's positions couple; v's reach o
+    analysis = gp.analysis.channel_groups(trace(EagerAttention().eval(), (torch.randn(2, 3, 8),)),
+                                          head_dim=True)
+    assert {("q.weight", 0), ("k.weight", 0)} <= _members(_group_of(analysis, "q.weight", 0))
+    assert {("v.weight", 0), ("o.weight", 1)} <= _members(_group_of(analysis, "v.weight", 0))
+
+
+class MatmulWeight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(6, 2)
+        self.w = nn.Parameter(torch.randn(8, 6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(torch.relu(self.a(x)) @ self.w))
+
+
+def test_matmul_contraction_couples_its_operands() -> None:
+    analysis = _groups(MatmulWeight(), torch.randn(2, 3, 4))
+    inner = _group_of(analysis, "a.weight", 0)
+    assert _members(inner) == {("a.weight", 0), ("a.bias", 0), ("w", 0)} and inner.prunable
+    out = _group_of(analysis, "w", 1)
+    assert _members(out) == {("w", 1), ("b.weight", 1)} and out.prunable
+
+
+class BroadcastKey(nn.Module):
+    """One key head broadcast against four query heads by matmul's batch broadcasting."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.o = nn.Linear(8, 8), nn.Linear(8, 2), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q = self.q(x).view(b, n, 4, 2).transpose(1, 2)
+        k = self.k(x).view(b, n, 1, 2).transpose(1, 2)
+        s = (q @ k.transpose(-2, -1)).softmax(-1)
+        return self.o((s @ q).transpose(1, 2).reshape(b, n, 8))
+
+
+def test_matmul_batch_broadcast_blocks_with_a_reason() -> None:
+    heads = _group_of(_groups(BroadcastKey(), torch.randn(2, 3, 8)), "q.weight", 0)
+    assert not heads.prunable
+    assert any("matmul" in r and "broadcast" in r for r in heads.reasons), heads.reasons
+
+
+class Norms(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv1d(3, 8, 1), nn.Conv1d(8, 4, 1)
+        self.c, self.d = nn.Conv1d(3, 6, 1), nn.Conv1d(6, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)                                    # normalised over channels (dim 1)
+        h = h / torch.ops.aten.norm(h, 2, [1], True)
+        g = self.c(x)                                    # normalised over length (dim 2)
+        g = g / torch.linalg.vector_norm(g, 2, dim=2, keepdim=True)
+        return self.b(h) + self.d(g)
+
+
+def test_norm_family_reads_its_dim_argument() -> None:
+    analysis = _groups(Norms(), torch.randn(2, 3, 5))
+    over_channels = _group_of(analysis, "a.weight", 0)
+    assert not over_channels.prunable
+    assert any(r.startswith("norm (node") and "reduces" in r for r in over_channels.reasons)
+    assert _group_of(analysis, "c.weight", 0).prunable
+
+
+@torch.library.custom_op("mylib::linear", mutates_args=())
+def _my_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return x @ w.t() + b
+
+
+@_my_linear.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+class CustomLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 6), nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        return self.c(torch.relu(_my_linear(h, self.b.weight, self.b.bias)))
+
+
+def test_rules_match_the_qualified_op_name() -> None:
+    analysis = _groups(CustomLinear(), torch.randn(2, 4))
+    for weight, axis in (("a.weight", 0), ("b.weight", 0)):
+        g = _group_of(analysis, weight, axis)
+        assert not g.prunable
+        assert any("no channel rule for mylib::linear" in r for r in g.reasons), g.reasons

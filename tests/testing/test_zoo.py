@@ -178,7 +178,7 @@ def test_tag_filtering_keeps_zoo_order() -> None:
     assert all(not ({"hf", "large"} & entry.tags) for entry in not_hf)
 
     gqa = {entry.name for entry in zoo_models(include="gqa")}
-    assert gqa == {"hf_llama", "attention_net"}
+    assert gqa == {"hf_llama", "hf_llama_eager", "attention_net"}
     assert zoo_models(include=["gqa"]) == zoo_models(include=("gqa",))
 
 

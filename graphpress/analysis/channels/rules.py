@@ -1,9 +1,15 @@
-"""Per-op channel rules of the dependency analysis (see ``channels.py`` for the invariant).
+"""Per-op channel rules of the dependency analysis (see ``solver.py`` for the invariant).
 
 A rule maps the layouts of an op's inputs to the layouts of its outputs, unifying dimensions that
 must stay aligned and blocking dimensions whose channels the op mixes (normalised, reduced,
-contracted without a weight, reshaped together with another dimension). An op without a rule
-blocks every dimension of its inputs and outputs, naming the op and the node.
+reshaped together with another dimension). Rules are keyed by the namespace-qualified op name:
+``RULES`` holds the rules of ``aten`` ops (by their bare name), an op of another namespace gets
+only the ``channel_rule`` of its entry in the graphpress op registry (``mylib::linear`` never
+gets ``aten::linear``'s rule). An op without a rule blocks every dimension of its inputs and
+outputs, naming the op and the node.
+
+Sizes are read by their hints: a symbolic size (a dynamic batch) is never specialised, so the
+analysis adds no guard to the program's shape environment.
 """
 
 from __future__ import annotations
@@ -14,15 +20,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.fx import Node
+from torch.fx.experimental.symbolic_shapes import optimization_hint
 from torch.utils import _pytree as pytree
 
 from graphpress.analysis.channels.views import view_rule
+from graphpress.ir.purity import qualified_name
 
 if TYPE_CHECKING:
     from graphpress.analysis.channels.solver import Layout, Tracer
     from graphpress.ir.program import Program
 
-__all__ = ["RULES", "propagate"]
+__all__ = ["RULES", "propagate", "rule_for"]
 
 Rule = Callable[["Tracer", Node, "Program"], Any]
 RULES: dict[str, Rule] = {}
@@ -47,15 +55,42 @@ def rule(*names: str) -> Callable[[Rule], Rule]:
 
 
 def op_name(node: Node) -> str:
+    """The op's name: bare for ``aten`` ops (``linear``), qualified for others (``mylib::op``)."""
     target = node.target
     if target is operator.getitem:
         return "getitem"
-    packet = getattr(target, "_overloadpacket", None)
-    return packet.__name__ if packet is not None else str(getattr(target, "__name__", target))
+    qualified = qualified_name(target)
+    if qualified:
+        return qualified.removeprefix("aten::")
+    return str(getattr(target, "__name__", target))
+
+
+def rule_for(node: Node) -> Rule | None:
+    """The channel rule of a node's op, or None (the op then blocks what it touches)."""
+    if node.target is operator.getitem:
+        return view_rule
+    namespace, _, name = qualified_name(node.target).partition("::")
+    if namespace == "aten":
+        return RULES.get(name, view_rule if name in _VIEWS else None)
+    return _registered_rule(f"{namespace}::{name}") if name else None
+
+
+def _registered_rule(qualified: str) -> Rule | None:
+    try:
+        from graphpress.ops.registry import lookup
+    except ImportError:         # no op library: custom ops have no rule
+        return None
+    entry = lookup(qualified)
+    return entry.channel_rule if entry is not None else None
+
+
+def size(n: Any) -> int:
+    """A size as an int; a symbolic one by its hint, without guarding on it."""
+    return optimization_hint(n) if isinstance(n, torch.SymInt) else int(n)
 
 
 def shape(node: Any) -> tuple[int, ...]:
-    return tuple(int(s) for s in node.meta["val"].shape)
+    return tuple(size(s) for s in node.meta["val"].shape)
 
 
 def arg(node: Node, i: int, name: str, default: Any = None) -> Any:
@@ -97,7 +132,7 @@ def block_all(t: Tracer, node: Node, reason: str, program: Program) -> None:
 def fixed_like(t: Tracer, node: Node, reason: str) -> Any:
     """Fixed layouts for every output (a tuple of them for an op with several outputs)."""
     def one(v: Any) -> Any:
-        return [t.fixed(int(s), reason) for s in v.shape] if isinstance(v, torch.Tensor) else None
+        return [t.fixed(size(s), reason) for s in v.shape] if isinstance(v, torch.Tensor) else None
     val = node.meta.get("val")
     return tuple(one(v) for v in val) if isinstance(val, list | tuple) else one(val)
 
@@ -113,11 +148,9 @@ def propagate(program: Program, t: Tracer) -> None:
             else:
                 t.values[node.name] = fixed_like(t, node, f"model input {node.name}")
         elif node.op == "call_function":
-            name = op_name(node)
-            fn = RULES.get(name, view_rule if name in _VIEWS else None)
-            where = f"{name} (node {node.name})"
+            fn = rule_for(node)
             if fn is None:
-                reason = f"no channel rule for {where}"
+                reason = f"no channel rule for {op_name(node)} (node {node.name})"
                 block_all(t, node, reason, program)
                 t.values[node.name] = fixed_like(t, node, reason)
             else:
@@ -131,8 +164,8 @@ def propagate(program: Program, t: Tracer) -> None:
 
 
 _VIEWS = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze",
-          "expand", "permute", "transpose", "t", "select", "slice", "narrow", "cat", "split",
-          "split_with_sizes", "chunk", "getitem", "unbind"}
+          "expand", "expand_as", "permute", "transpose", "t", "select", "slice", "narrow", "cat",
+          "split", "split_with_sizes", "chunk", "getitem", "unbind"}
 
 
 @rule(*_UNARY)
@@ -179,19 +212,24 @@ def _pool(t: Tracer, node: Node, program: Program) -> Any:
     return keep + [t.fixed(n, f"spatial dim of {where}") for n in shape(node)[k - spatial:]]
 
 
+# where the reduced dimensions are: the p-norms take the order ``p`` first
+_DIM_INDEX = {"norm": 2, "linalg_vector_norm": 2, "linalg_norm": 2}
+
+
 @rule("mean", "sum", "amax", "amin", "max", "min", "softmax", "_softmax", "log_softmax",
-      "_log_softmax", "var", "std", "cumsum", "argmax", "argmin", "norm")
+      "_log_softmax", "var", "std", "cumsum", "argmax", "argmin", *_DIM_INDEX)
 def _reduce(t: Tracer, node: Node, program: Program) -> Any:
     x = node.args[0]
-    where = f"{op_name(node)} (node {node.name})"
+    name = op_name(node)
+    where = f"{name} (node {node.name})"
     rank = x.meta["val"].dim()
     layouts = list(dims(t, x))
-    axes = arg(node, 1, "dim", None)
+    axes = arg(node, _DIM_INDEX.get(name, 1), "dim", None)
     if axes is None or axes == [] or not isinstance(node.meta["val"], torch.Tensor):
         axes = list(range(rank))
     axes = {a % rank for a in ([axes] if isinstance(axes, int) else axes)}
     t.block([layouts[a] for a in axes], f"{where} reduces over this dimension")
-    if op_name(node) in ("softmax", "_softmax", "log_softmax", "_log_softmax", "cumsum"):
+    if name in ("softmax", "_softmax", "log_softmax", "_log_softmax", "cumsum"):
         return layouts
     out = shape(node)
     if not isinstance(node.meta["val"], torch.Tensor):
@@ -199,24 +237,6 @@ def _reduce(t: Tracer, node: Node, program: Program) -> Any:
     if len(out) == rank:
         return [t.fixed(1, where) if a in axes else layouts[a] for a in range(rank)]
     return [layouts[a] for a in range(rank) if a not in axes]
-
-
-@rule("matmul", "bmm", "mm")
-def _matmul(t: Tracer, node: Node, program: Program) -> Any:
-    a, b = node.args[0], node.args[1]
-    where = f"{op_name(node)} (node {node.name})"
-    da = [dim(t, a, i, program) for i in range(a.meta["val"].dim())]
-    db = [dim(t, b, i, program) for i in range(b.meta["val"].dim())]
-    if len(da) < 2 or len(db) < 2:
-        t.block(da + db, f"{where} on a vector")
-        return fixed_like(t, node, where)
-    t.block([da[-1], db[-2]], f"{where} contracts this dimension without a weight")
-    out = shape(node)
-    batch = []
-    for i, n in enumerate(out[:-2]):
-        j = i - (len(out) - len(da))
-        batch.append(da[j] if j >= 0 and shape(a)[j] == n else t.fixed(n, f"batch of {where}"))
-    return [*batch, da[-2], db[-1]]
 
 
 @rule("gather", "index_select")
@@ -243,6 +263,15 @@ def _no_value(t: Tracer, node: Node, program: Program) -> Any:
     return None      # checks dtype/device only: no tensor result, no channel constraint
 
 
+@rule("sym_size")
+def _sym_size(t: Tracer, node: Node, program: Program) -> Any:
+    """Reading a size (a dynamic one: static sizes are constants) pins that dimension."""
+    x, d = node.args[0], node.args[1]
+    t.block([dim(t, x, d % x.meta["val"].dim(), program)], f"sym_size (node {node.name}) reads "
+            "this size")
+    return None
+
+
 @rule("repeat_interleave")
 def _repeat_interleave(t: Tracer, node: Node, program: Program) -> Any:
     """``repeat_interleave(x, g, dim)`` repeats each element g times: channels span g times more."""
@@ -258,5 +287,6 @@ def _repeat_interleave(t: Tracer, node: Node, program: Program) -> Any:
     return layouts
 
 
-# the layer rules (conv, linear, norms, embedding, attention) register themselves on import
+# the layer and contraction rules register themselves on import
+from graphpress.analysis.channels import contractions as _contractions  # noqa: E402, F401
 from graphpress.analysis.channels import layers as _layers  # noqa: E402, F401

@@ -3,7 +3,9 @@
 A reshape maps groups of input dimensions to groups of output dimensions with equal products.
 One-to-one groups keep their layout; merging ``C x H x W`` keeps C's channels with ``rep``
 multiplied by ``H*W`` (the other dimensions are fixed); splitting a dimension whose channels
-each span the trailing sizes (the inverse) restores them. ``C -> (heads, head_dim)`` makes the
+each span the trailing sizes (the inverse) restores them. Merging a fixed dimension ``B`` with
+channels ``C`` (``(batch, heads) -> batch * heads`` before a ``bmm``) lays C's layout ``B``
+times; splitting such a dimension back restores C. ``C -> (heads, head_dim)`` makes the
 channels whole heads (``rep = head_dim``, after a rerun); ``C -> (3, heads, head_dim)`` (a fused
 qkv) also cuts C into 3 slices sharing their heads. Any other regrouping blocks the channels,
 naming the node. ``cat`` lays layouts end to end,
@@ -26,7 +28,7 @@ __all__ = ["new_size", "slice_layout", "view_rule"]
 
 
 def view_rule(t: Tracer, node: Node, program: Program) -> Any:
-    from graphpress.analysis.channels.rules import arg, dim, fixed_like, op_name, shape
+    from graphpress.analysis.channels.rules import arg, dim, fixed_like, op_name, shape, size
 
     name = op_name(node)
     where = f"{name} (node {node.name})"
@@ -47,7 +49,7 @@ def view_rule(t: Tracer, node: Node, program: Program) -> Any:
         if rank > 1:
             out[a], out[b] = out[b], out[a]
         return out
-    if name == "expand":
+    if name in ("expand", "expand_as"):
         out = shape(node)
         lead = len(out) - rank
         return [t.fixed(n, where) for n in out[:lead]] + [
@@ -60,24 +62,27 @@ def view_rule(t: Tracer, node: Node, program: Program) -> Any:
         return rest if name == "select" else tuple(list(rest) for _ in node.meta["val"])
     if name in ("slice", "narrow"):
         d = arg(node, 1, "dim", 0) % rank
-        size = shape(x)[d]
+        n = shape(x)[d]
         start = arg(node, 2, "start", 0) or 0
         if name == "narrow":
-            end = start + node.args[3]
+            length = node.args[3]
+            end = start + length if isinstance(start, int) and isinstance(length, int) else None
         else:
-            end = arg(node, 3, "end", size)
-            end = size if end is None else end
-            if arg(node, 4, "step", 1) != 1:
-                t.block([layouts[d]], f"{where} takes strided channels")
-                return [layouts[i] if i != d else t.fixed(shape(node)[d], where)
-                        for i in range(rank)]
-        start, end = _clamp(start, size), _clamp(end, size)
+            end = arg(node, 3, "end", n)
+            end = n if end is None else end
+        why = ("takes strided channels" if name == "slice" and arg(node, 4, "step", 1) != 1
+               else "has a symbolic bound" if not (isinstance(start, int)
+                                                   and isinstance(end, int)) else "")
+        if why:
+            t.block([layouts[d]], f"{where} {why}")
+            return [*layouts[:d], t.fixed(shape(node)[d], where), *layouts[d + 1:]]
+        start, end = _clamp(start, n), _clamp(end, n)
         return [*layouts[:d], slice_layout(t, layouts[d], start, end, where), *layouts[d + 1:]]
     if name in ("split", "split_with_sizes", "chunk"):
         d = arg(node, 2, "dim", 0) % rank
         pieces, start = [], 0
         for v in node.meta["val"]:
-            end = start + int(v.shape[d])
+            end = start + size(v.shape[d])
             piece = slice_layout(t, layouts[d], start, end, where)
             pieces.append([*layouts[:d], piece, *layouts[d + 1:]])
             start = end
@@ -99,9 +104,9 @@ def slice_layout(t: Tracer, layout: Layout, start: int, end: int, where: str) ->
 
 
 def _cat(t: Tracer, node: Node, program: Program, where: str) -> Any:
-    from graphpress.analysis.channels.rules import arg, dim
+    from graphpress.analysis.channels.rules import arg, dim, shape
 
-    inputs = [a for a in node.args[0] if a.meta["val"].numel() > 0]
+    inputs = [a for a in node.args[0] if math.prod(shape(a)) > 0]
     rank = node.meta["val"].dim()
     d = arg(node, 1, "dim", 0) % rank
     per = [[dim(t, a, i, program) for i in range(rank)] for a in inputs]
@@ -151,6 +156,9 @@ def _reshape(t: Tracer, layouts: list[Layout], a: tuple[int, ...], b: tuple[int,
     for gi, gj in groups:
         if len(gi) == 1 and len(gj) == 1:
             out[gj[0]] = layouts[gi[0]]
+        elif len(gi) == 1 and len(gj) == 2 and _repeats(layouts[gi[0]], b[gj[0]]):
+            layout = layouts[gi[0]]     # (batch * heads) -> (batch, heads): undo the merge below
+            out[gj[1]] = layout[: len(layout) // b[gj[0]]]
         elif len(gj) == 1 and len(gi) == 2 and all(s in t.opaque for s, _ in layouts[gi[0]]):
             out[gj[0]] = layouts[gi[1]] * a[gi[0]]   # (heads, head_dim) -> C, head_dim mode
         elif len(gj) == 1:                    # merge: the first dim's channels span the rest
@@ -178,6 +186,12 @@ def _reshape(t: Tracer, layouts: list[Layout], a: tuple[int, ...], b: tuple[int,
             t.block([layouts[i] for i in gi],
                     f"{where} splits channels into several dimensions")
     return [o if o is not None else t.fixed(n, where) for o, n in zip(out, b)]
+
+
+def _repeats(layout: Layout, k: int) -> bool:
+    """Whether ``layout`` is one piece laid ``k`` times (a fixed batch merged with channels)."""
+    n = len(layout) // k
+    return len(layout) == n * k and n > 0 and layout == layout[:n] * k
 
 
 def new_size(layout: Any, kept: dict[int, int]) -> int:

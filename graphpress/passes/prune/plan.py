@@ -6,14 +6,22 @@ element indices); ``save``/``load`` write it as JSON so it can be re-applied to 
 of the same architecture (a fresh checkpoint): groups are matched by their slices.
 
 Applying a plan keeps, in every weight slice of a group, the elements of the kept channels
-(``rep`` consecutive elements per channel), rewrites the constant shape arguments of
+(``rep`` consecutive elements per channel), rewrites the shape arguments of
 view/reshape/expand/unflatten/split/slice/narrow nodes and the ``groups`` of depthwise
 convolutions from the channel layouts of the analysis, and refreshes shape metadata.
+
+Only the sizes pruning changes are rewritten: every other argument, a symbolic size included,
+stays as it was, so a dynamic batch stays dynamic. A symbolic size that does change (a batch
+merged with heads, ``batch * heads``) is rewritten symbolically: ``s * new // old`` as
+``(s // q) * p`` with ``p / q = new / old`` in lowest terms, exact because such a size is the
+fixed batch times whole copies of the pruned layout.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +29,7 @@ from typing import Any
 import torch
 from torch.fx import Node
 
-from graphpress.analysis.channels.rules import op_name
+from graphpress.analysis.channels.rules import op_name, size
 from graphpress.analysis.channels.solver import ChannelAnalysis, ChannelGroup
 from graphpress.analysis.channels.views import new_size
 from graphpress.ir.program import Program
@@ -138,48 +146,69 @@ def _rewrite_args(node: Node, layouts: dict[str, Any], kept: dict[int, int]) -> 
     if out is None or (isinstance(out, list) and any(o is None for o in out)):
         return
     if name in ("view", "reshape", "_unsafe_view", "expand"):
-        sizes = [s if s == -1 else new_size(out[i], kept) for i, s in enumerate(node.args[1])]
-        _set(node, 1, sizes)
+        old = node.meta["val"].shape
+        _set(node, 1, [_resized(node, s, old[i], out[i], kept) for i, s in enumerate(node.args[1])])
     elif name == "unflatten":
         d = node.args[1] % node.args[0].meta["val"].dim()
-        _set(node, 2, [new_size(out[d + i], kept) for i in range(len(node.args[2]))])
+        old = node.meta["val"].shape
+        _set(node, 2, [_resized(node, s, old[d + i], out[d + i], kept)
+                       for i, s in enumerate(node.args[2])])
     elif name in ("split", "split_with_sizes", "chunk"):
         rank = node.args[0].meta["val"].dim()
         d = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % rank
         sizes = [new_size(piece[d], kept) for piece in out]
-        old = [int(v.shape[d]) for v in node.meta["val"]]
+        old = [size(v.shape[d]) for v in node.meta["val"]]
         if sizes != old:
             node.target = torch.ops.aten.split_with_sizes.default
             node.args, node.kwargs = (node.args[0], sizes, d), {}
     elif name in ("slice", "narrow"):
-        source = layouts.get(node.args[0].name)
-        d = node.args[1] % node.args[0].meta["val"].dim()
-        if source is None or source[d] is None:
-            return
-        size = int(node.args[0].meta["val"].shape[d])
-        start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
-        start = start + size if start < 0 else start
-        if name == "narrow":
-            end = start + node.args[3]
-            _set(node, 2, _moved(source[d], start, kept))
-            _set(node, 3, _moved(source[d], end, kept) - _moved(source[d], start, kept))
-        else:
-            end = node.args[3] if len(node.args) > 3 and node.args[3] is not None else size
-            end = min(size, end + size if end < 0 else end)
-            _set(node, 2, _moved(source[d], start, kept))
-            _set(node, 3, _moved(source[d], end, kept))
+        _rewrite_slice(node, name, layouts, kept)
     elif name == "scaled_dot_product_attention" and "scale" not in node.kwargs \
             and len(node.args) < 7:
         q = node.args[0]
-        old = int(q.meta["val"].shape[-1])
+        old = size(q.meta["val"].shape[-1])
         if new_size(layouts[q.name][-1], kept) != old:   # pin the default 1/sqrt(head_dim)
             node.kwargs = {**node.kwargs, "scale": old ** -0.5}
     elif name in ("conv1d", "conv2d", "conv3d", "convolution"):
         index = 8 if name == "convolution" else 6
         groups = node.args[index] if len(node.args) > index else 1
-        channels = int(node.args[0].meta["val"].shape[1])
+        channels = size(node.args[0].meta["val"].shape[1])
         if groups > 1 and groups == channels:       # depthwise: one group per channel
             _set(node, index, new_size(layouts[node.args[0].name][1], kept))
+
+
+def _resized(node: Node, arg: Any, old: Any, layout: Any, kept: dict[int, int]) -> Any:
+    """A size argument once pruned: unchanged unless pruning changes it, symbolic if it was."""
+    before, after = size(old), new_size(layout, kept)
+    if after == before or (isinstance(arg, int) and arg == -1):
+        return arg
+    if isinstance(arg, int):
+        return after
+    g = math.gcd(before, after)
+    q, p = before // g, after // g
+    with node.graph.inserting_before(node):
+        whole = node.graph.call_function(operator.floordiv, (arg, q)) if q != 1 else arg
+        return node.graph.call_function(operator.mul, (whole, p)) if p != 1 else whole
+
+
+def _rewrite_slice(node: Node, name: str, layouts: dict[str, Any], kept: dict[int, int]) -> None:
+    source = layouts.get(node.args[0].name)
+    d = node.args[1] % node.args[0].meta["val"].dim()
+    if source is None or source[d] is None:
+        return
+    n = size(node.args[0].meta["val"].shape[d])
+    start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
+    end = node.args[3] if len(node.args) > 3 and node.args[3] is not None else n
+    if not isinstance(start, int) or not isinstance(end, int):
+        return          # a symbolic bound: the analysis kept this dimension whole
+    end = start + end if name == "narrow" else end
+    start = start + n if start < 0 else start
+    end = min(n, end + n if end < 0 else end)
+    _set(node, 2, _moved(source[d], start, kept))
+    if name == "narrow":
+        _set(node, 3, _moved(source[d], end, kept) - _moved(source[d], start, kept))
+    else:
+        _set(node, 3, _moved(source[d], end, kept))
 
 
 def _moved(layout: Any, position: int, kept: dict[int, int]) -> int:

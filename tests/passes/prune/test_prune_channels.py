@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from graphpress.ir.program import Program
 from graphpress.passes import PassContext, PruneChannels
 from graphpress.passes.prune.plan import PrunePlan
 from graphpress.testing import assert_equivalent
+from graphpress.testing.zoo import get_model
 
 
 class Net(nn.Module):
@@ -261,3 +263,54 @@ def test_fused_qkv_reshape_is_rewritten() -> None:
     reshape = next(n for n in program.graph.nodes if "reshape" in str(n.target))
     assert list(reshape.args[1])[2:] == [3, 2, 2]
     assert_equivalent(program, masked, inputs, rtol=1e-5, atol=1e-5)
+
+
+class EagerAttention(nn.Module):
+    """Attention written with matmul (Hugging Face ``attn_implementation="eager"``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(8, 8) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = (p(x).view(b, n, 4, 2).transpose(1, 2) for p in (self.q, self.k, self.v))
+        s = (q @ k.transpose(-2, -1)) * 2 ** -0.5
+        return self.o((s.softmax(-1) @ v).transpose(1, 2).reshape(b, n, 8))
+
+
+def test_random_plan_keeps_the_same_heads_in_q_k_and_v() -> None:
+    inputs = (torch.randn(2, 5, 8),)
+    for seed in range(4):
+        prune = PruneChannels(ratio=0.5, importance="random", seed=seed)
+        compiled = gp.compile(EagerAttention().eval(), inputs, passes=[prune], verify=True)
+        plan = compiled.report().details("prune_channels")["plan"]
+        program = trace(EagerAttention().eval(), inputs)
+        kept = {(w, axis): idx for w, axis, idx in plan.weight_indices(program)}
+        assert len(kept[("q.weight", 0)]) == 4
+        assert kept[("q.weight", 0)] == kept[("k.weight", 0)] == kept[("v.weight", 0)] \
+            == kept[("o.weight", 1)]
+        _, masked = _run(PruneChannels(plan=plan), program)
+        assert_equivalent(program, masked, inputs, rtol=1e-5, atol=1e-5)
+
+
+def test_dynamic_batch_stays_dynamic_after_pruning() -> None:
+    for model in (EagerAttention().eval(), Attention().eval()):
+        program = trace(model, (torch.randn(2, 5, 8),), dynamic_batch=True)
+        _, masked = _run(PruneChannels(ratio=0.5), program)
+        assert program.weights()["q.weight"].shape == (4, 8)
+        for batch in (3, 1, 2):
+            x = (torch.randn(batch, 5, 8),)
+            assert_equivalent(program, masked, x, rtol=1e-5, atol=1e-5)
+
+
+def test_pruned_batch_times_heads_size_stays_symbolic() -> None:
+    model, (x,) = get_model("bmm_attention_net").make()
+    program = trace(model, (x,), dynamic_batch=True)
+    _, masked = _run(PruneChannels(ratio=0.5), program)
+    assert program.weights()["attns.0.q_proj.weight"].shape == (16, 32)
+    merged = [n for n in program.graph.nodes if n.target is operator.floordiv]
+    assert merged, "batch * heads is rewritten as (batch * heads) // 2"
+    for batch in (3, 1):
+        inputs = (torch.randn(batch, *x.shape[1:]),)
+        assert_equivalent(program, masked, inputs, rtol=1e-5, atol=1e-5)

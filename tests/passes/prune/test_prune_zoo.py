@@ -9,7 +9,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 import graphpress as gp
-from graphpress.testing.zoo import ZooModel, zoo_models
+from graphpress.testing.zoo import ZooModel, get_model, zoo_models
 
 
 def _shapes(value: object) -> list[tuple[int, ...]]:
@@ -40,6 +40,21 @@ def test_prunes_every_zoo_model_at_half(zoo: ZooModel) -> None:
 @pytest.mark.parametrize("zoo", zoo_models(include=["attention"]), ids=lambda z: z.name)
 def test_prunes_head_dim_of_attention_zoo_models(zoo: ZooModel) -> None:
     _check(zoo, prune_heads=False)
+
+
+_PROJECTION = re.compile(r".*(query|key|value|[qkv]_proj)\.weight")
+
+
+@pytest.mark.parametrize("name", ["hf_bert_eager", "hf_llama_eager", "bmm_attention_net"])
+def test_prunes_heads_of_matmul_attention(name: str) -> None:
+    """Attention written with matmul/bmm loses half its heads in q, k and v alike."""
+    model, inputs = get_model(name).make()
+    compiled = gp.compile(model, inputs, passes=[gp.passes.PruneChannels(ratio=0.5)], verify=True)
+    before = {n: p.shape for n, p in model.named_parameters() if _PROJECTION.fullmatch(n)}
+    after = compiled.program.weights()
+    assert len(before) >= 6
+    for weight, shape in before.items():
+        assert after[weight].shape == (shape[0] // 2, shape[1]), weight
 
 
 @pytest.mark.slow
