@@ -3,38 +3,57 @@
 Usage::
 
     python benchmarks/compile_overhead.py [--large] [--sizes 1000,10000,50000]
-                                          [--weights 250,500,1000] [--repeats 3]
+                                          [--weights 250,500,1000] [--repeats 3] [--threads 1]
+
+"pipeline" is ``PassManager(PIPELINE).run`` without verification: the passes plus the
+manager's checks (fingerprints, recompile, graph lint, signature, fake-tensor shape
+propagation). Each run gets a fresh copy of the program (copying is not timed). Two code paths
+of the manager are timed in the same rounds, their order alternating from round to round:
+
+* ``full``: ``PassManager.shape_check = "full"``, the checks as before issue 8: every node is
+  re-propagated before the first pass and after each pass that changed the program;
+* ``incremental`` (the default): shapes re-propagated from the nodes each pass touched; before
+  the first pass the full propagation runs unless the program's ``shapes`` analysis is current
+  (a copy's is not, so every timed run here pays it, as ``gp.compile`` does today).
+
+(b) also times ``incremental, shapes current``: the same, on a copy whose ``shapes`` analysis
+was computed before the clock starts (what a frontend that records its trace-time check, or a
+second pipeline on the same program, would get). "propagation s" is the time spent in
+``propagate_shapes`` (the first check included), measured by wrapping it.
 
 (a) For each zoo model (the default set; ``--large`` adds the large ones): the ``torch.export``
-trace time, the time of ``PassManager(PIPELINE).run`` without verification (the passes plus the
-manager's checks after each: graph lint, signature, fake-tensor re-propagation), and the node
-counts before and after. Medians over ``--repeats`` runs; each pipeline run gets a fresh copy of
-the traced program.
+trace time, the pipeline time of both paths, and the node counts before and after. Medians
+over ``--repeats`` rounds.
 
 (b) Synthetic chains of N nodes, to show how the pipeline cost grows with graph size: the
 pipeline time per node (µs/node) should stay flat if the cost is linear. One block of the chain
 is ``a = sin(h); b = sin(h); cos(h); h = a + b * 0.5``: a duplicate (``cse`` merges it) and a dead
-node (``dce`` removes it) per five nodes.
+node (``dce`` removes it) per five nodes. Medians over ``--repeats`` rounds (1 round above 10k
+nodes).
 
 How the chains are built: ``torch.export`` traces about 6 ms per node of this chain on a 2-core
 CPU (10k nodes took 58 s; 50k would take about 5 minutes). So the chain module is exported with
 one block, and that exported block is repeated with ``Graph.node_copy`` (meta, including the fake
-tensors, copied; the PassManager re-propagates shapes as usual) until the graph has N nodes. At
-the smallest size the full module is also exported and the two graphs are checked to have the
-same op sequence, so the constructed graphs are what ``torch.export`` would have produced.
+tensors, copied) until the graph has N nodes. At the smallest size the full module is also
+exported and the two graphs are checked to have the same op sequence, so the constructed graphs
+are what ``torch.export`` would have produced.
 
 (c) Chains with weights: ``h = h * (w_i * 2)`` for K parameters ``w_i`` (traced with
 ``torch.export``, 2 nodes per weight), so ``fold_constants`` folds K weight expressions and the
 graph has K weight placeholders. This shows the cost per node as the number of weights grows,
-with the time of the passes that handle weights (``fold_constants``, ``dce``).
+with the time of the passes that handle weights (``fold_constants``, ``dce``); one run of the
+default (incremental) path per count.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import platform
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,7 +61,9 @@ from common import markdown_table
 from torch import nn
 from torch.export.graph_signature import TensorArgument
 
+import graphpress.pipeline.manager as manager_module
 from graphpress.frontends import trace
+from graphpress.ir.analyses import ANALYSES
 from graphpress.ir.program import Program
 from graphpress.pipeline.manager import PassManager
 from graphpress.pipeline.report import Report
@@ -79,29 +100,88 @@ def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     return statistics.median(times), result
 
 
-def _pipeline(program: Program, repeats: int) -> tuple[float, Program, Report]:
-    """Median seconds of the pipeline on fresh copies of ``program`` (copying is not timed)."""
-    times, copy, report = [], program, Report()
-    for _ in range(repeats):
-        copy = program.copy()
-        manager = PassManager(PIPELINE)
+@dataclass
+class Run:
+    """One timed pipeline run: total, inside the passes, inside ``propagate_shapes``."""
+
+    seconds: float
+    in_passes: float
+    propagation: float
+    after: Program
+    report: Report
+
+
+class _PropagationTimer:
+    """Adds up the time spent in ``propagate_shapes`` while active: wraps the two references
+    the pipeline calls it by (the manager's import and the ``shapes`` analysis)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._original = manager_module.propagate_shapes
+
+    def _timed(self, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return self._original(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def __enter__(self) -> _PropagationTimer:
+        manager_module.propagate_shapes = self._timed
+        ANALYSES["shapes"] = self._timed
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        manager_module.propagate_shapes = self._original
+        ANALYSES["shapes"] = self._original
+
+
+def _run(program: Program, shape_check: str, shapes_current: bool = False) -> Run:
+    """One pipeline run on a fresh copy of ``program`` (copying is not timed)."""
+    copy = program.copy()
+    if shapes_current:
+        copy.analysis("shapes")
+    manager = PassManager(PIPELINE, hooks=[])
+    manager.shape_check = shape_check  # type: ignore[assignment]
+    with _PropagationTimer() as timer:
         start = time.perf_counter()
         report = manager.run(copy)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), copy, report
+        seconds = time.perf_counter() - start
+    return Run(seconds, sum(r.seconds for r in report.records), timer.seconds, copy, report)
 
 
-def zoomarkdown_table(large: bool, repeats: int) -> str:
+def _rounds(program: Program, variants: dict[str, tuple[str, bool]], repeats: int
+            ) -> dict[str, Run]:
+    """The median run of each variant over ``repeats`` rounds; within a round the variants
+    run one after the other, in an order rotated by one from round to round."""
+    runs: dict[str, list[Run]] = {name: [] for name in variants}
+    names = list(variants)
+    for round_ in range(repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            runs[name].append(_run(program, *variants[name]))
+    return {name: sorted(r, key=lambda run: run.seconds)[(len(r) - 1) // 2]
+            for name, r in runs.items()}
+
+
+OLD_NEW = {"full": ("full", False), "incremental": ("incremental", False)}
+
+
+def zoo_table(large: bool, repeats: int) -> str:
     rows = []
     entries = zoo_models(exclude=()) if large else zoo_models()
     for entry in entries:
         model, inputs = entry.make()
         trace_s, program = _median_time(lambda m=model, x=inputs: trace(m, x), repeats)
-        pipeline_s, after, _ = _pipeline(program, repeats)
-        rows.append((entry.name, f"{trace_s * 1e3:.0f}", f"{pipeline_s * 1e3:.1f}",
-                     str(program.num_nodes()), str(after.num_nodes())))
+        runs = _rounds(program, OLD_NEW, repeats)
+        old, new = runs["full"], runs["incremental"]
+        rows.append((entry.name, f"{trace_s * 1e3:.0f}", f"{old.seconds * 1e3:.1f}",
+                     f"{new.seconds * 1e3:.1f}", f"{old.seconds / new.seconds:.2f}",
+                     str(program.num_nodes()), str(new.after.num_nodes())))
         print(f"  {entry.name}: done", flush=True)
-    return markdown_table(("model", "trace ms", "pipeline ms", "nodes before", "nodes after"), rows)
+    return markdown_table(("model", "trace ms", "pipeline ms (full)",
+                           "pipeline ms (incremental)", "full / incremental", "nodes before",
+                           "nodes after"), rows)
 
 
 def chain_program(nodes: int) -> Program:
@@ -149,36 +229,44 @@ def _check_against_export(nodes: int) -> None:
         raise SystemExit(f"the constructed {nodes}-node chain differs from torch.export's")
 
 
-def chainmarkdown_table(sizes: list[int], repeats: int) -> str:
-    rows, base = [], None
+CHAIN_VARIANTS = {**OLD_NEW, "incremental, shapes current": ("incremental", True)}
+
+
+def chain_table(sizes: list[int], repeats: int) -> str:
+    rows = []
+    base: dict[str, float] = {}
     for size in sizes:
         start = time.perf_counter()
         program = chain_program(size)
         build_s = time.perf_counter() - start
-        runs = repeats if size <= 10_000 else 1
-        total_s, after, report = _pipeline(program, runs)
-        passes_s = sum(r.seconds for r in report.records)
-        per_node = total_s / program.num_nodes() * 1e6
-        base = base or per_node
-        rows.append((str(program.num_nodes()), str(after.num_nodes()), f"{build_s:.1f}",
-                     str(runs), f"{total_s:.2f}", f"{passes_s:.2f}", f"{total_s - passes_s:.2f}",
-                     f"{per_node:.1f}", f"{per_node / base:.2f}"))
+        rounds = repeats if size <= 10_000 else 1
+        runs = _rounds(program, CHAIN_VARIANTS, rounds)
+        full = runs["full"].seconds
+        for name, run in runs.items():
+            per_node = run.seconds / program.num_nodes() * 1e6
+            base.setdefault(name, per_node)
+            rows.append((str(program.num_nodes()), name, str(run.after.num_nodes()),
+                         f"{build_s:.1f}", str(rounds), f"{run.seconds:.2f}",
+                         f"{run.in_passes:.2f}", f"{run.propagation:.2f}",
+                         f"{run.propagation / run.seconds:.0%}", f"{per_node:.1f}",
+                         f"{per_node / base[name]:.2f}", f"{full / run.seconds:.2f}"))
         print(f"  {size} nodes: done", flush=True)
-    return markdown_table(("nodes before", "nodes after", "build s", "runs", "pipeline s",
-                   "in passes s", "manager checks s", "µs/node", "vs first"), rows)
+    return markdown_table(("nodes before", "manager path", "nodes after", "build s", "rounds",
+                           "pipeline s", "in passes s", "propagation s", "propagation share",
+                           "µs/node", "vs first size", "full / this"), rows)
 
 
-def weightsmarkdown_table(counts: list[int]) -> str:
+def weights_table(counts: list[int]) -> str:
     rows, base = [], None
     for count in counts:
         program = trace(ScaledChain(count), (torch.randn(8),))
-        total_s, after, report = _pipeline(program, 1)
-        by_pass = {name: sum(r.seconds for r in report.records if r.name == name)
+        run = _run(program, "incremental")
+        by_pass = {name: sum(r.seconds for r in run.report.records if r.name == name)
                    for name in ("fold_constants", "dce", "cse")}
-        per_node = total_s / program.num_nodes() * 1e6
+        per_node = run.seconds / program.num_nodes() * 1e6
         base = base or per_node
-        rows.append((str(count), str(program.num_nodes()), str(after.num_nodes()),
-                     f"{total_s:.2f}", f"{by_pass['fold_constants']:.2f}",
+        rows.append((str(count), str(program.num_nodes()), str(run.after.num_nodes()),
+                     f"{run.seconds:.2f}", f"{by_pass['fold_constants']:.2f}",
                      f"{by_pass['dce']:.2f}", f"{by_pass['cse']:.2f}", f"{per_node:.0f}",
                      f"{per_node / base:.2f}"))
         print(f"  {count} weights: done", flush=True)
@@ -193,25 +281,28 @@ def main() -> None:
                         help="synthetic chain sizes in nodes (default: 1000,10000,50000)")
     parser.add_argument("--weights", default="250,500,1000",
                         help="weight counts of the chains with weights (default: 250,500,1000)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per median (default: 3)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds per median (default: 3)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     sizes = sorted(int(s) for s in args.sizes.split(","))
     trace(Chain(1), (torch.randn(8),))  # warm up torch.export before timing anything
 
-    print(f"pipeline: {PIPELINE}; torch {torch.__version__}; "
-          f"{torch.get_num_threads()} threads\n")
+    print(f"pipeline: {PIPELINE}; torch {torch.__version__}; {torch.get_num_threads()} "
+          f"threads; {platform.machine()}; {datetime.date.today()}\n")
     print("(a) zoo models: trace and pipeline time (no verification)")
-    zoo = zoomarkdown_table(args.large, args.repeats)
+    zoo = zoo_table(args.large, args.repeats)
     print(f"\n{zoo}\n")
     start = time.perf_counter()
     _check_against_export(sizes[0])
     print(f"checked: the constructed {sizes[0]}-node chain has the op sequence torch.export "
           f"gives ({time.perf_counter() - start:.1f} s incl. exporting it)\n")
-    print("(b) synthetic chains: pipeline time per node")
-    chains = chainmarkdown_table(sizes, args.repeats)
+    print("(b) synthetic chains: pipeline time per node, manager paths in the same rounds")
+    chains = chain_table(sizes, args.repeats)
     print(f"\n{chains}\n")
-    print("(c) chains with weights: pipeline time per node as the weight count grows (1 run)")
-    weights = weightsmarkdown_table(sorted(int(s) for s in args.weights.split(",")))
+    print("(c) chains with weights: pipeline time per node as the weight count grows "
+          "(incremental path, 1 run)")
+    weights = weights_table(sorted(int(s) for s in args.weights.split(",")))
     print(f"\n{weights}")
 
 

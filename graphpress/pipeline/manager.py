@@ -56,8 +56,9 @@ class PassManager:
     """Runs a pipeline of passes over a Program."""
 
     # After a pass that changed the program, re-propagate shapes from the nodes it touched
-    # ("incremental", see graphpress.ir.shapes) or through every node ("full", the behaviour
-    # before the fingerprint; benchmarks/compile_overhead.py measures both in one run).
+    # ("incremental", see graphpress.ir.shapes; before the first pass only if the "shapes"
+    # analysis is not current) or through every node, before the first pass too ("full", the
+    # behaviour before issue 8; benchmarks/compile_overhead.py measures both in one run).
     shape_check: Literal["incremental", "full"] = "incremental"
 
     def __init__(self, pipeline: PipelineSpec, *, verify: bool = False,
@@ -83,7 +84,10 @@ class PassManager:
 
     def run(self, program: Program, report: Report | None = None) -> Report:
         report = report or Report()
-        program.set_analysis("shapes", propagate_shapes(program, who="tracing"))
+        if self.shape_check == "full":
+            program.set_analysis("shapes", propagate_shapes(program, who="tracing"))
+        else:  # full propagation, unless the shapes were checked at this version already
+            program.analysis("shapes")
         if self.verify:
             self._outputs = run_samples(program, self.samples)
             report.extra["verified on"] = f"{len(self.samples)} samples"

@@ -343,3 +343,16 @@ def test_incremental_and_full_checks_leave_the_same_metadata(pipeline: str) -> N
                 for n in program.graph.nodes}
 
     assert run("incremental") == run("full")
+
+
+def test_first_propagation_runs_only_when_shapes_are_not_current(conv_program: Program) -> None:
+    def vals() -> dict[str, object]:
+        return {n.name: n.meta.get("val") for n in conv_program.graph.nodes}
+
+    conv_program.analysis("shapes")          # checked at this version
+    checked = vals()
+    _manager(["cse"], verify=False).run(conv_program)
+    assert vals() == checked and all(vals()[k] is v for k, v in checked.items())
+    conv_program.touch()                     # a change outside the manager: check again
+    _manager(["cse"], verify=False).run(conv_program)
+    assert not any(vals()[k] is v for k, v in checked.items() if k != "output")
