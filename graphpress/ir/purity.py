@@ -4,8 +4,9 @@ Two properties, recorded per op and kept apart:
 
 * *pure*: the result depends only on the arguments and running the op has no effect besides
   producing it: not in-place or mutating (a mutable schema), not an assertion or other
-  side-effecting op, not random (``nondeterministic_seeded``: dropout, rand). Pure nodes may be
-  deleted when unused (dce) and merged when repeated (cse).
+  side-effecting op (FX's side-effect list, and any op whose schema returns nothing, like
+  ``_assert_async``), not random (``nondeterministic_seeded``: dropout, rand). Pure nodes may
+  be deleted when unused (dce) and merged when repeated (cse).
 * *foldable*: a pure op on constants may be evaluated ahead of time and replaced by its value
   (fold_constants). Fake-quantize, quantize and dequantize are pure but not foldable: folding
   them into float weights would erase the quantization before a backend lowers it.
@@ -97,6 +98,8 @@ def is_pure(node: Node) -> bool:
             return False
         if target._schema.is_mutable:
             return False
+        if not target._schema.returns:
+            return False  # returns nothing: it exists for its effect (_assert_async, ...)
     return True
 
 
