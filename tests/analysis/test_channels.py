@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import sys
+
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import graphpress as gp
+from graphpress.analysis.channels.rules import RULES
 from graphpress.analysis.channels.solver import ChannelAnalysis, ChannelGroup
 from graphpress.frontends import trace
+from graphpress.ops.registry import define_op
 
 
 def _groups(model: nn.Module, *inputs: torch.Tensor) -> ChannelAnalysis:
@@ -366,3 +371,43 @@ def test_rules_match_the_qualified_op_name() -> None:
         g = _group_of(analysis, weight, axis)
         assert not g.prunable
         assert any("no channel rule for mylib::linear" in r for r in g.reasons), g.reasons
+
+
+def _scale(x: torch.Tensor, s: float) -> torch.Tensor:
+    """x * s, elementwise."""
+    return x * s
+
+
+def _scale_fake(x: torch.Tensor, s: float) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+_CHANNEL_SCALE = define_op("gptest_channels::scale", _scale, fake=_scale_fake,
+                           channel_rule=RULES["relu"])      # elementwise: channels pass through
+_NO_RULE_SCALE = define_op("gptest_channels::scale_no_rule", _scale, fake=_scale_fake)
+
+
+class RegistryOps(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 6), nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = _CHANNEL_SCALE.op(self.a(x), 2.0)
+        return self.c(_NO_RULE_SCALE.op(self.b(h), 3.0))
+
+
+def test_custom_ops_get_the_channel_rule_of_their_registry_entry() -> None:
+    analysis = _groups(RegistryOps(), torch.randn(2, 4))
+    ruled = _group_of(analysis, "a.weight", 0)
+    assert ruled.prunable and ("b.weight", 1) in _members(ruled)
+    unruled = _group_of(analysis, "b.weight", 0)
+    assert any("no channel rule for gptest_channels::scale_no_rule" in r
+               for r in unruled.reasons), unruled.reasons
+
+
+def test_without_the_op_library_custom_ops_have_no_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    program = trace(RegistryOps().eval(), (torch.randn(2, 4),))
+    monkeypatch.setitem(sys.modules, "graphpress.ops.registry", None)   # import fails
+    ruled = _group_of(gp.analysis.channel_groups(program), "a.weight", 0)
+    assert "no channel rule for gptest_channels::scale (node scale)" in ruled.reasons
