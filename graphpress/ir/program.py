@@ -347,6 +347,13 @@ class Program:
             self.graph_module.recompile()
             self._compiled_version = self.version
         flat = self.flat_inputs(args, kwargs)
+        weights = len(flat) - len(self.user_inputs())
+        if not torch.is_grad_enabled():
+            # a weight computed from parameters (a folded one) must look like it did when the
+            # graph computed it: not requiring grad; some kernels (SDPA's attn_mask) pick
+            # another algorithm for tensors that require grad, even under no_grad
+            flat[:weights] = [w.detach() if isinstance(w, torch.Tensor) else w
+                              for w in flat[:weights]]
         outputs = self.graph_module(*flat)
         user_positions = [i for i, spec in enumerate(self.signature.input_specs)
                           if spec.kind == InputKind.USER_INPUT]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import graphpress as gp
 from graphpress.frontends import trace
 from graphpress.ir.program import Program
 from graphpress.passes import PassContext, PassManager
@@ -113,3 +114,38 @@ def test_fold_constants_skips_symbolic_shapes() -> None:
     assert aten.arange.default in _targets(program), "the batch-sized arange stays in the graph"
     x = torch.randn(7, 3)
     assert_equivalent(program, Arange(), (x,), rtol=0, atol=0)
+
+
+class RelativePositionAttention(nn.Module):
+    """SDPA whose attn_mask is a learned relative-position bias gathered by a constant index:
+    the whole mask is a computation on weights, which fold_constants precomputes."""
+
+    def __init__(self, tokens: int = 6, dim: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.table = nn.Parameter(torch.randn(heads, 2 * tokens - 1))
+        positions = torch.arange(tokens)
+        self.register_buffer("index", positions[None, :] - positions[:, None] + tokens - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        bias = self.table[:, self.index].unsqueeze(0) * 0.5
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return out.transpose(1, 2).reshape(b, n, d)
+
+
+def test_constant_relative_position_bias_folds_into_sdpa_bit_exactly() -> None:
+    torch.manual_seed(0)
+    model = RelativePositionAttention().eval()
+    x = torch.randn(2, 6, 16)
+    compiled = gp.compile(model, (x,), passes="fixpoint(fold_constants, cse, dce)", verify=True)
+    sdpa = next(n for n in compiled.program.graph.nodes
+                if n.target == aten.scaled_dot_product_attention.default)
+    mask = sdpa.kwargs.get("attn_mask", sdpa.args[3] if len(sdpa.args) > 3 else None)
+    assert compiled.program.is_weight(mask), "the bias became one precomputed weight"
+    assert aten.index.Tensor not in _targets(compiled.program)
+    for sample in (x, torch.randn(2, 6, 16)):
+        with torch.no_grad():
+            assert torch.equal(compiled(sample), model(sample))
