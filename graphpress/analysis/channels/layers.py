@@ -1,5 +1,5 @@
 """Channel rules of layers with weights: conv (grouped, depthwise, transposed), linear, norms,
-embedding, and scaled_dot_product_attention (see ``channels.py`` for the invariant).
+embedding, and scaled_dot_product_attention (see ``solver.py`` for the invariant).
 
 A layer's output channels are *created* by its weight's output axis; its input channels are
 unified with the weight's input axis. Grouped convolutions keep the same local channels in every

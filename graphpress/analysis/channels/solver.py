@@ -3,11 +3,11 @@
 Every dimension of every tensor in the graph is a *layout*: a tuple of atoms ``(symbol, rep)``
 laid end to end, where a symbol stands for ``n`` channels and ``rep`` is how many consecutive
 elements each channel occupies (``rep > 1`` after flattening ``C x H x W``). Op rules
-(``channels_rules.py``) unify the symbols of dimensions that must stay aligned (a conv's input
-channels and its weight's axis 1, the two operands of an add, ...) in a union-find, so grouping
-is near-linear in graph size. A concat lays atoms end to end; a split or slice whose boundary
-falls inside an atom *cuts* the weight dimensions that created it, and the analysis reruns with
-those cuts (a few rounds at most).
+(``rules.py``, ``contractions.py``, ``views.py``, ``layers.py``) unify the symbols of dimensions
+that must stay aligned (a conv's input channels and its weight's axis 1, the two operands of an
+add, ...) in a union-find, so grouping is near-linear in graph size. A concat lays atoms end
+to end; a split or slice whose boundary falls inside an atom *cuts* the weight dimensions that
+created it, and the analysis reruns with those cuts (a few rounds at most).
 
 Invariant: a group is prunable only if every tensor dimension in it is one whose channels can be
 removed without changing any other value: it never reaches a model input or output, an op with

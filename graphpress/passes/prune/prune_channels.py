@@ -1,10 +1,10 @@
 """Structural channel pruning over the channel dependency groups of the IR.
 
-For every prunable group of ``channel_groups`` (see ``graphpress/ir/channels.py``) the pass
-scores the channels (``prune_importance.py``), keeps the most important
+For every prunable group of ``channel_groups`` (see ``graphpress/analysis/channels/``) the pass
+scores the channels (``importance.py``), keeps the most important
 ``ceil((1 - ratio) * n / m) * m`` of them (``m`` = ``round_to``; at least ``m``, at most ``n``),
-and removes the others from every weight slice of the group at once; constant shape arguments
-in the graph follow (``prune_plan.py``). ``global_ranking=True`` ranks the
+and removes the others from every weight slice of the group at once; the shape arguments
+in the graph follow (``plan.py``). ``global_ranking=True`` ranks the
 channels of all groups together (scores normalised by their group mean) instead of cutting each
 group by the same ratio; ``ratios={"module.path": r}`` overrides the ratio per module.
 
