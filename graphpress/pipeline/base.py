@@ -7,13 +7,12 @@ sample inputs::
     after(x) == reference(x)   elementwise, |a - r| <= atol + rtol * |r|
 
 where ``reference`` is the program before the pass for an ``exact`` contract, or what
-:meth:`Pass.reference` builds from it otherwise (the masked original for pruning, the
-quantize-dequantize original for fake-quant). Absolute tolerances are relative to each output's
-magnitude (``atol * rms(reference)``, see :mod:`graphpress.numerics`). A ``statistical``
-contract checks agreement metrics instead of elements (``sqnr_db``, ``cosine``,
-``top1_agreement`` against :meth:`Pass.reference`, each with its minimum), for rewrites that
-change values on purpose. A pass with no checkable contract says so with
-``Contract.unchecked(...)`` and the report shows it.
+:meth:`Pass.reference` builds from it otherwise (the masked original for pruning). Absolute
+tolerances are relative to each output's magnitude (``atol * rms(reference)``, see
+:mod:`graphpress.numerics`). A ``statistical`` contract checks agreement metrics instead of
+elements (``sqnr_db``, ``cosine``, ``top1_agreement`` against :meth:`Pass.reference`, each with
+its minimum), for rewrites that change values on purpose. A pass with no checkable contract
+says so with ``Contract.unchecked(...)`` and the report shows it.
 
 The four kinds, by the names used everywhere (``Contract.kind``, the report, the docs):
 ``exact``, ``reference``, ``statistical``, ``unchecked``.

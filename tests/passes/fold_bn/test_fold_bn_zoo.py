@@ -24,8 +24,10 @@ from graphpress.testing.zoo import ZooModel, get_model, zoo_models
 # re-rounding of their weights. Measured by perturbing every weight of the unfolded model by at
 # most one ulp: hf_resnet50's logits (|max| ~120; its BatchNorms are calibrated on 2 images at
 # 224x224) move by 1.2e-4; folding moves them by 1.8e-4 (1.5e-6 of the output scale); the bound
-# is ~3x that. In fp64 it meets 1e-12.
-_FP32_ATOL = {"hf_resnet50": 5e-4}
+# is ~3x that. hf_mobilenet_v2 folds within 6.7e-6 on its example input but 1.61e-5 on one of
+# the three samples verification generates (a logit of -0.019; 52 folded BatchNorms); the bound
+# is ~3x that. In fp64 both meet 1e-12.
+_FP32_ATOL = {"hf_resnet50": 5e-4, "hf_mobilenet_v2": 5e-5}
 _BN = (torch.ops.aten.batch_norm.default,
        torch.ops.aten._native_batch_norm_legit_no_training.default)
 
