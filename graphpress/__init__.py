@@ -9,15 +9,17 @@ verified passes, and lower it with a backend::
     print(compiled.report())
 """
 
-from graphpress import analysis, passes
+from graphpress import analysis, ops, passes, pipeline
 from graphpress._version import __version__
 from graphpress.api import CompiledModel, compile, load
 from graphpress.errors import (
+    ArtifactError,
     BackendError,
     ContractViolation,
     GraphpressError,
     InputError,
     MetadataError,
+    MissingArtifactError,
     PassError,
     PipelineError,
     TraceError,
@@ -26,12 +28,14 @@ from graphpress.ir.program import Program
 from graphpress.passes import PassManager, register_pass
 
 __all__ = [
+    "ArtifactError",
     "BackendError",
     "CompiledModel",
     "ContractViolation",
     "GraphpressError",
     "InputError",
     "MetadataError",
+    "MissingArtifactError",
     "PassError",
     "PassManager",
     "PipelineError",
@@ -41,6 +45,8 @@ __all__ = [
     "analysis",
     "compile",
     "load",
+    "ops",
     "passes",
+    "pipeline",
     "register_pass",
 ]
