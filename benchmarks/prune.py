@@ -3,11 +3,13 @@ side by side; digits CNN accuracy after pruning 50% and a brief fine-tune.
 
 Usage::
 
-    python benchmarks/prune.py [--sections latency,depth,tp,digits] [--repeats 10] [--threads N]
+    python benchmarks/prune.py [--sections latency,depth,tp,digits,scale] [--repeats 10]
+                               [--threads N]
 
 * latency: ``hf_resnet50`` and ``hf_vit_base`` (zoo, batch 1), dense vs pruned at ratios 0.3
-  and 0.5 (L2, per-group ratio), timed interleaved in one process (median of ``--repeats``
-  rounds after warm-up, ``torch.no_grad()``); parameters and MACs from the ``costs`` analysis.
+  and 0.5 (L2, per-group ratio), timed round-robin in one process (one warm-up call each, then
+  ``--repeats`` rounds calling dense, 0.3, 0.5 in that order; the median of the rounds,
+  ``torch.no_grad()``); parameters and MACs from the ``costs`` analysis.
 * depth: ``channel_groups`` time on a Llama configuration (hidden 64, 4/2 heads) at 2, 8 and 32
   layers, next to its export time.
 * tp: the zoo models Torch-Pruning handles, same L2 criterion and ratio 0.5: parameter counts
@@ -15,6 +17,8 @@ Usage::
   analysis+pruning time as a ratio (graphpress / Torch-Pruning), same run.
 * digits: the zoo's trained digits CNN, pruned 50% then fine-tuned 3 epochs (Adam, lr 1e-3);
   test accuracy dense, pruned, and fine-tuned.
+* scale: a Llama-3-70B-shaped model on the ``meta`` device: export time, ``channel_groups``
+  time, a structure-only plan (``importance="random"``), peak RSS.
 """
 
 from __future__ import annotations
