@@ -274,7 +274,7 @@ class EagerAttention(nn.Module):
 
 def test_matmul_attention_couples_the_heads_of_q_k_and_v() -> None:
     heads = _group_of(_groups(EagerAttention(), torch.randn(2, 3, 8)), "q.weight", 0)
-    assert heads.prunable and heads.size == 4
+    assert heads.prunable and heads.heads and heads.size == 4
     assert {(s.weight, s.axis, s.rep) for s in heads.slices} >= {
         ("q.weight", 0, 2), ("k.weight", 0, 2), ("v.weight", 0, 2), ("o.weight", 1, 2)}
     # head_dim mode: q k^T contracts head_dim, so q's and k's positions couple; v's reach o

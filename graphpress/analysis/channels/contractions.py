@@ -6,7 +6,8 @@ invariant).
 - batch dimensions: every batch element is a product of its own, so a batch dimension of ``A``,
   of ``B`` and of ``C`` is one dimension and their channels are unified. In eager attention
   (``s = q @ k.transpose(-2, -1)``, ``softmax(s) @ v``) this couples the heads of q, k and v, and
-  under grouped-query attention the query heads that read one repeated KV head. A batch dimension
+  under grouped-query attention the query heads that read one repeated KV head; such groups are
+  marked as heads. A batch dimension
   that only one operand carries (the other broadcasts it from size 1, or lacks it) is not
   matched: its channels are blocked, naming the node.
 - the contracted dimension ``k``: the channels of ``A``'s last and ``B``'s second-to-last
@@ -53,6 +54,8 @@ def _batch(t: Tracer, a: tuple[list[Layout], tuple[int, ...]],
         present = [(layouts[i], sizes[i]) for layouts, sizes in (a, b) if -i <= len(layouts)]
         if len(present) == 2 and present[0][1] == present[1][1]:
             out.append(t.unify(present[0][0], present[1][0], where))
+            if not t.head_dim:          # channels that batch a product are attention heads
+                t.heads.update(s for s, _ in out[-1])
             continue
         full = [layout for layout, n in present if n != 1] or [present[0][0]]
         t.block(full, f"{where} broadcasts this batch dimension (not matched in both operands)")
