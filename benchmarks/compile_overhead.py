@@ -13,13 +13,16 @@ of the manager are timed in the same rounds, their order alternating from round 
 * ``full``: ``PassManager.shape_check = "full"``, the checks as before issue 8: every node is
   re-propagated before the first pass and after each pass that changed the program;
 * ``incremental`` (the default): shapes re-propagated from the nodes each pass touched; before
-  the first pass the full propagation runs unless the program's ``shapes`` analysis is current
-  (a copy's is not, so every timed run here pays it, as ``gp.compile`` does today).
+  the first pass the full propagation runs unless the program's ``shapes`` analysis is current.
+  A traced program's is (the frontend re-checks only the nodes its functionalization created,
+  since torch.export's metadata is its own fake propagation) and a copy keeps it, so in (a),
+  on traced zoo models, this is what ``gp.compile`` does. The chains of (b) are built by hand
+  (see below), so there this path pays the first full propagation.
 
 (b) also times ``incremental, shapes current``: the same, on a copy whose ``shapes`` analysis
-was computed before the clock starts (what a frontend that records its trace-time check, or a
-second pipeline on the same program, would get). "propagation s" is the time spent in
-``propagate_shapes`` (the first check included), measured by wrapping it.
+was computed before the clock starts: what a program straight from the frontend gets.
+"propagation s" is the time spent in ``propagate_shapes`` (the first check included), measured
+by wrapping it.
 
 (a) For each zoo model (the default set; ``--large`` adds the large ones): the ``torch.export``
 trace time, the pipeline time of both paths, and the node counts before and after. Medians

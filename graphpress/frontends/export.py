@@ -1,7 +1,9 @@
 """Export frontend: ``torch.export`` (non-strict, training IR) into a Program.
 
 The training IR is then functionalized (:mod:`graphpress.frontends.functionalize`): no
-in-place op is left, and state changes are the signature's mutation outputs.
+in-place op is left, and state changes are the signature's mutation outputs. The shapes
+analysis starts current: torch.export's metadata is its own fake propagation, and the nodes the
+functionalization created are re-checked.
 
 The exported state dict aliases the user's parameters, so the frontend clones every weight
 (unless ``inplace=True``): passes can never change the user's ``nn.Module``. Outputs of any
@@ -25,6 +27,7 @@ from graphpress.errors import InputError, TraceError
 from graphpress.frontends.functionalize import functionalize
 from graphpress.frontends.inputs import normalize_inputs
 from graphpress.ir.program import Program
+from graphpress.ir.shapes import propagate_shapes
 
 __all__ = ["batch_dynamic_shapes", "export_program", "program_from_exported"]
 
@@ -53,10 +56,17 @@ def _clone_weights(ep: ExportedProgram) -> None:
 
 def program_from_exported(ep: ExportedProgram, *, frontend: str = "export",
                           inplace: bool = False) -> Program:
-    ep = functionalize(ep)
+    ep, rewritten = functionalize(ep)
     if not inplace:
         _clone_weights(ep)
-    return Program(ep, frontend=frontend)
+    program = Program(ep, frontend=frontend)
+    # torch.export computed every node's meta["val"] by fake propagation; only the nodes the
+    # functionalization created carry a value it did not compute, so only they are re-checked
+    touched = [*rewritten, program.output_node()]  # the output node's value is the tuple
+    previous = {node: node.meta.get("val") for node in touched}
+    program.set_analysis("shapes", propagate_shapes(
+        program, who="functionalization", touched=touched, previous=previous))
+    return program
 
 
 def _diagnose(exc: Exception) -> str:

@@ -100,8 +100,10 @@ def _plan(ep: ExportedProgram) -> list[tuple[Node, torch._ops.OpOverload]] | Non
     return plans
 
 
-def _rewrite(ep: ExportedProgram, plans: list[tuple[Node, torch._ops.OpOverload]]) -> None:
+def _rewrite(ep: ExportedProgram, plans: list[tuple[Node, torch._ops.OpOverload]]
+             ) -> list[Node]:
     graph = ep.graph
+    created: list[Node] = []
     order = {node: i for i, node in enumerate(graph.nodes)}
     root_of: dict[Node, Node] = {}   # a rewritten value -> the tensor it was written into
     final: dict[Node, Node] = {}     # mutated placeholder -> its value at the end of the graph
@@ -111,6 +113,7 @@ def _rewrite(ep: ExportedProgram, plans: list[tuple[Node, torch._ops.OpOverload]
         with graph.inserting_after(node):
             new = graph.call_function(twin, tuple(node.args), dict(node.kwargs))
         new.meta.update(node.meta)
+        created.append(new)
         position = order[node]
         for user in list(base.users):
             if user is not node and order.get(user, -1) > position:
@@ -145,14 +148,15 @@ def _rewrite(ep: ExportedProgram, plans: list[tuple[Node, torch._ops.OpOverload]
             spec.arg = TensorArgument(name=value.name)  # a returned in-place op was replaced
     graph.lint()
     ep.graph_module.recompile()
+    return created
 
 
-def functionalize(ep: ExportedProgram) -> ExportedProgram:
-    """``ep`` without in-place ops (see the module docstring); may return a new program."""
+def functionalize(ep: ExportedProgram) -> tuple[ExportedProgram, list[Node]]:
+    """``ep`` without in-place ops (see the module docstring; may be a new program), and the
+    nodes the direct rewrite created (their ``meta["val"]`` is the in-place op's, to check)."""
     if not any(is_mutating(n) for n in ep.graph.nodes):
-        return ep
+        return ep, []
     plans = _plan(ep)
     if plans is None:
-        return ep.run_decompositions({})
-    _rewrite(ep, plans)
-    return ep
+        return ep.run_decompositions({}), []
+    return ep, _rewrite(ep, plans)

@@ -393,6 +393,9 @@ class Program:
         clone = Program(ep, frontend=self.frontend)
         clone.version = self.version
         clone.passes_applied = list(self.passes_applied)
+        shapes = self._analyses.get("shapes")
+        if shapes is not None and shapes[0] == self.version:  # the copy shares the meta objects
+            clone._analyses["shapes"] = shapes
         return clone
 
     # ------------------------------------------------------------- validation
