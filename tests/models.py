@@ -34,6 +34,18 @@ class Redundant(nn.Module):
         return {"out": self.fc(a) + a @ w * s, "a": a}
 
 
+class Counter(nn.Module):
+    """A step counter: the buffer is written on every call (state, never a constant)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("count", torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.count.add_(1)
+        return x + self.count
+
+
 def conv_inputs() -> tuple[torch.Tensor]:
     return (torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)),)
 

@@ -10,6 +10,7 @@ from torch.export.graph_signature import OutputKind
 import graphpress as gp
 from graphpress.frontends import trace
 from graphpress.frontends.functionalize import is_mutating
+from tests.models import Counter
 
 
 class CloneMutations(nn.Module):
@@ -30,16 +31,6 @@ class MutatedClonedBuffer(nn.Module):
         t = self.buf.clone()
         t.mul_(2)
         return x * t
-
-
-class Counter(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("count", torch.zeros(1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.count.add_(1)
-        return x + self.count
 
 
 class ReadsStateBeforeWrite(nn.Module):

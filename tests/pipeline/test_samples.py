@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from graphpress.frontends import trace
 from graphpress.pipeline.samples import generate_samples, preserved_state, run_samples
+from tests.models import Counter
 
 
 def test_generated_samples_follow_the_example() -> None:
@@ -25,16 +25,6 @@ def test_generated_samples_follow_the_example() -> None:
     assert not torch.equal(samples[0][0][2], samples[1][0][2]), "each sample is new"
     again = generate_samples(((ids, mask, x, 0.5), {"flag": torch.tensor([True])}), 3)
     assert torch.equal(again[2][0][2], samples[2][0][2]), "seeded: reproducible"
-
-
-class Counter(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("count", torch.zeros(1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.count.add_(1)
-        return x + self.count
 
 
 def test_runs_start_from_the_same_state_and_leave_none() -> None:
