@@ -23,6 +23,10 @@ shape or dtype under ``changed=False`` is an edit the pass did not report
 or with a replaced ``meta["val"]``, and the placeholders of replaced weights. Every other node
 has the same op, target and argument nodes as before, which is what lets the manager
 re-propagate shapes from the touched nodes only (:func:`graphpress.ir.shapes.propagate_shapes`).
+A rewired node whose only change is argument nodes replaced by nodes with the same fake value
+(what cse does to the users of a merged node) is not touched either: a fake value is a function
+of the op, the target and the arguments' fake values, which are all unchanged. If one of those
+new argument nodes is itself re-run and its value changes, the propagation re-runs its users.
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ class Diff:
     added: list[Node] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     rewired: list[Node] = field(default_factory=list)    # name, op, target, args or kwargs
+    substituted: list[Node] = field(default_factory=list)  # rewired to equal-valued nodes
     reordered: bool = False
     weights: list[str] = field(default_factory=list)     # replaced, added or removed tensors
     specs: bool = False
@@ -134,10 +139,29 @@ def _same(a: Any, b: Any) -> bool:
         return False
 
 
+def _same_values(before: Any, after: Any, previous: dict[Node, Any]) -> bool:
+    """Arguments that differ only by nodes replaced with nodes of the same fake value (shape,
+    stride, dtype, device, layout): cse's rewiring. Such a node's fake value cannot change."""
+    if isinstance(before, Node) and isinstance(after, Node):
+        if before is after:
+            return True
+        was, now = previous.get(before), after.meta.get("val")
+        return was is not None and now is not None and (
+            value_signature(was) == value_signature(now))
+    if isinstance(before, tuple | list) and isinstance(after, tuple | list):
+        return (type(before) is type(after) and len(before) == len(after)
+                and all(_same_values(a, b, previous) for a, b in zip(before, after)))
+    if isinstance(before, dict) and isinstance(after, dict):
+        return before.keys() == after.keys() and all(
+            _same_values(before[k], after[k], previous) for k in before)
+    return _same(before, after)
+
+
 def diff(before: Fingerprint, after: Fingerprint) -> Diff:
     """What changed from ``before`` to ``after`` (two fingerprints of the same Program)."""
     out = Diff()
     old = {entry[0]: entry for entry in before.nodes}
+    previous = {entry[0]: entry[6] for entry in before.nodes}
     kept = set()
     for entry in after.nodes:
         node, name, op, target, args, kwargs, val = entry
@@ -161,6 +185,9 @@ def diff(before: Fingerprint, after: Fingerprint) -> Diff:
         if what:
             out.rewired.append(node)
             out.changes.append(f"node %{name} " + ", ".join(what))
+            if prior[1:4] == (name, op, target) and _same_values(
+                    (prior[4], prior[5]), (args, kwargs), previous):
+                out.substituted.append(node)
         if prior[6] is not val:
             out.meta.append(node)
             out._meta_pairs.append((name, prior[6], val))
@@ -188,8 +215,9 @@ def diff(before: Fingerprint, after: Fingerprint) -> Diff:
     changed_weights = set(out.weights)
     weight_placeholders = [by_name[arg] for _, arg, target, _ in after.input_specs
                            if target in changed_weights and arg in by_name]
-    out.touched = list(dict.fromkeys([*out.added, *out.rewired, *out.meta,
-                                      *weight_placeholders]))
+    substituted = set(out.substituted)
+    rewired = [n for n in out.rewired if n not in substituted or n in out.meta]
+    out.touched = list(dict.fromkeys([*out.added, *rewired, *out.meta, *weight_placeholders]))
     return out
 
 

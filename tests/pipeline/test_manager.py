@@ -356,3 +356,26 @@ def test_first_propagation_runs_only_when_shapes_are_not_current(conv_program: P
     conv_program.touch()                     # a change outside the manager: check again
     _manager(["cse"], verify=False).run(conv_program)
     assert not any(vals()[k] is v for k, v in checked.items() if k != "output")
+
+
+def test_users_rewired_to_an_equal_valued_node_are_not_touched() -> None:
+    from graphpress.pipeline.fingerprint import diff, fingerprint
+    from tests.models import Redundant, vec_inputs
+
+    program = gp.frontends.trace(Redundant().eval(), vec_inputs())
+    before = fingerprint(program)
+    gp.passes.CommonSubexpressionElimination().run(program, PassContext())
+    found = diff(before, fingerprint(program))
+    assert found.substituted, "cse rewired the users of the merged relu"
+    assert not set(found.substituted) & set(found.touched)
+    assert found.edited  # still an edit: changed=False would be refused
+
+    # a rewiring to a node of another shape is touched
+    program = gp.frontends.trace(Redundant().eval(), vec_inputs())
+    before = fingerprint(program)
+    relu = next(n for n in program.graph.nodes if n.target == torch.ops.aten.relu.default)
+    fc = next(n for n in program.graph.nodes if n.target == torch.ops.aten.t.default)
+    user = next(iter(relu.users))
+    user.replace_input_with(relu, fc)
+    found = diff(before, fingerprint(program))
+    assert user in found.touched and user not in found.substituted
