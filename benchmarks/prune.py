@@ -7,9 +7,10 @@ Usage::
                                [--threads N]
 
 * latency: ``hf_resnet50`` and ``hf_vit_base`` (zoo, batch 1), dense vs pruned at ratios 0.3
-  and 0.5 (L2, per-group ratio), timed round-robin in one process (one warm-up call each, then
-  ``--repeats`` rounds calling dense, 0.3, 0.5 in that order; the median of the rounds,
-  ``torch.no_grad()``); parameters and MACs from the ``costs`` analysis.
+  and 0.5 (L2, per-group ratio), timed in one process on ``--threads`` threads (default 1: on a
+  shared 2-core machine a 2-thread run measures the neighbours): one warm-up call each, then
+  ``--repeats`` rounds calling dense, 0.3, 0.5 in an order rotated by one each round; the
+  median of the rounds, ``torch.no_grad()``; parameters and MACs from the ``costs`` analysis.
 * depth: ``channel_groups`` time on a Llama configuration (hidden 64, 4/2 heads) at 2, 8 and 32
   layers, next to its export time.
 * tp: the zoo models Torch-Pruning handles, same L2 criterion and ratio 0.5: parameter counts
@@ -39,14 +40,18 @@ from graphpress.testing.zoo import accuracy, digits_data, get_model
 
 
 def _time(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median seconds per call; each round calls every function once, in an order rotated by
+    one from round to round, so a slow drift of the machine hits all of them alike."""
     samples: dict[str, list[float]] = {k: [] for k in fns}
+    keys = list(fns)
     with torch.no_grad():
         for fn in fns.values():
             fn()
-        for _ in range(repeats):
-            for key, fn in fns.items():
+        for round_ in range(repeats):
+            shift = round_ % len(keys)
+            for key in keys[shift:] + keys[:shift]:
                 start = time.perf_counter()
-                fn()
+                fns[key]()
                 samples[key].append(time.perf_counter() - start)
     return {k: statistics.median(v) for k, v in samples.items()}
 
@@ -203,10 +208,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", default="latency,depth,tp,digits,scale")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     sections = args.sections.split(",")
     if "digits" in sections:
         digits()
