@@ -62,9 +62,19 @@ def _schema_index(node: Node, key: str | int) -> tuple[int, Any]:
     raise KeyError(f"{node.target} has no argument {key!r} (its arguments: {names})")
 
 
-def get_arg(node: Node, key: str | int) -> Any:
+_REQUIRED = object()
+
+
+def get_arg(node: Node, key: str | int, *, missing: Any = _REQUIRED) -> Any:
     """Argument ``key`` (schema name or position) of an op call: positional, keyword, or its
-    schema default (None when it has none)."""
+    schema default (None when it has none). An overload without that argument (``aten.max``
+    without ``dim``) is an error, or ``missing`` when given."""
+    if missing is not _REQUIRED:
+        schema = getattr(node.target, "_schema", None)
+        names = {a.name for a in schema.arguments} if schema is not None else set()
+        if (key not in names) if isinstance(key, str) else (
+                schema is None or key >= len(schema.arguments)):
+            return missing
     index, argument = _schema_index(node, key)
     if index < len(node.args):
         return node.args[index]

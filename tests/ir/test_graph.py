@@ -157,3 +157,15 @@ def test_erase_unused_keeps_used_and_impure_nodes(program: Program) -> None:
         effect = graph.call_function(aten._assert_scalar.default, (True, "never"))
     assert erase_unused(program, [effect]) == set()
     assert effect in graph.nodes
+
+
+def test_get_arg_missing_is_for_overloads_without_the_argument() -> None:
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    whole = graph.call_function(torch.ops.aten.max.default, (x,))
+    along = graph.call_function(torch.ops.aten.max.dim, (x, 1))
+    assert get_arg(whole, "dim", missing=None) is None
+    assert get_arg(along, "dim", missing=None) == 1
+    assert get_arg(along, "keepdim", missing=None) is False  # the schema default
+    with pytest.raises(KeyError, match="no argument 'dim'"):
+        get_arg(whole, "dim")

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 from torch.fx import Node
 
 from graphpress.analysis.channels.rules import (
-    arg,
     dim,
     dims,
     fixed_like,
@@ -22,6 +21,7 @@ from graphpress.analysis.channels.rules import (
     rule,
     shape,
 )
+from graphpress.ir.graph import get_arg
 
 if TYPE_CHECKING:
     from graphpress.analysis.channels.solver import Layout, Tracer
@@ -32,7 +32,7 @@ __all__ = ["same_in_every_group"]
 
 @rule("linear")
 def _linear(t: Tracer, node: Node, program: Program) -> Any:
-    x, w, b = node.args[0], node.args[1], arg(node, 2, "bias")
+    x, w, b = node.args[0], node.args[1], get_arg(node, "bias")
     where = f"linear (node {node.name})"
     link(t, w, 1, dims(t, x)[-1], where)
     out = dim(t, w, 0, program)
@@ -45,12 +45,12 @@ def _linear(t: Tracer, node: Node, program: Program) -> Any:
       "conv_transpose3d")
 def _conv(t: Tracer, node: Node, program: Program) -> Any:
     name = op_name(node)
-    x, w, b = node.args[0], node.args[1], arg(node, 2, "bias")
+    x, w, b = node.args[0], node.args[1], get_arg(node, "bias")
     if name == "convolution":
         transposed, groups = node.args[6], node.args[8]
     else:
         transposed = name.startswith("conv_transpose")
-        groups = arg(node, 6, "groups", 1)
+        groups = get_arg(node, "groups")
     where = f"{name} (node {node.name})"
     out_axis, in_axis = (1, 0) if transposed else (0, 1)
     xin = dims(t, x)[1]
@@ -95,7 +95,7 @@ def _batch_norm(t: Tracer, node: Node, program: Program) -> Any:
     where = f"{op_name(node)} (node {node.name})"
     channel = dims(t, x)[1]
     if op_name(node) == "instance_norm" or (op_name(node) == "batch_norm"
-                                             and arg(node, 5, "training", False)):
+                                             and get_arg(node, "training")):
         t.block([channel], f"{where} in training mode")
     for p in node.args[1:5]:
         if isinstance(p, Node):
@@ -110,11 +110,11 @@ def _norm(t: Tracer, node: Node, program: Program) -> Any:
     where = f"{op_name(node)} (node {node.name})"
     layouts = list(dims(t, x))
     if op_name(node) == "group_norm":
-        normalized, params = [layouts[1]], [arg(node, 2, "weight"), arg(node, 3, "bias")]
+        normalized, params = [layouts[1]], [get_arg(node, "weight"), get_arg(node, "bias")]
         axis = 1
     else:
         k = len(node.args[1])
-        normalized, params = layouts[-k:], [arg(node, 2, "weight"), arg(node, 3, "bias")]
+        normalized, params = layouts[-k:], [get_arg(node, "weight"), get_arg(node, "bias")]
         axis = len(layouts) - k
     t.block(normalized, f"{where} normalises over this dimension")
     for p in params:
@@ -154,7 +154,7 @@ def _sdpa(t: Tracer, node: Node, program: Program) -> Any:
     t.unify(dq[-3], heads, where)
     if not t.head_dim:
         t.heads.update(s for s, _ in dq[-3])
-    mask = arg(node, 3, "attn_mask")
+    mask = get_arg(node, "attn_mask")
     if isinstance(mask, Node):
         dm = [dim(t, mask, i, program) for i in range(mask.meta["val"].dim())]
         if len(dm) >= 3 and shape(mask)[-3] == hq:

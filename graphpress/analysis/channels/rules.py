@@ -24,6 +24,7 @@ from torch.fx.experimental.symbolic_shapes import optimization_hint
 from torch.utils import _pytree as pytree
 
 from graphpress.analysis.channels.views import view_rule
+from graphpress.ir.graph import get_arg
 from graphpress.ir.purity import qualified_name
 
 if TYPE_CHECKING:
@@ -91,12 +92,6 @@ def size(n: Any) -> int:
 
 def shape(node: Any) -> tuple[int, ...]:
     return tuple(size(s) for s in node.meta["val"].shape)
-
-
-def arg(node: Node, i: int, name: str, default: Any = None) -> Any:
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
 
 
 def dims(t: Tracer, node: Node) -> list[Layout | None]:
@@ -212,19 +207,16 @@ def _pool(t: Tracer, node: Node, program: Program) -> Any:
     return keep + [t.fixed(n, f"spatial dim of {where}") for n in shape(node)[k - spatial:]]
 
 
-# where the reduced dimensions are: the p-norms take the order ``p`` first
-_DIM_INDEX = {"norm": 2, "linalg_vector_norm": 2, "linalg_norm": 2}
-
-
 @rule("mean", "sum", "amax", "amin", "max", "min", "softmax", "_softmax", "log_softmax",
-      "_log_softmax", "var", "std", "cumsum", "argmax", "argmin", *_DIM_INDEX)
+      "_log_softmax", "var", "std", "cumsum", "argmax", "argmin", "norm", "linalg_vector_norm",
+      "linalg_norm")
 def _reduce(t: Tracer, node: Node, program: Program) -> Any:
     x = node.args[0]
     name = op_name(node)
     where = f"{name} (node {node.name})"
     rank = x.meta["val"].dim()
     layouts = list(dims(t, x))
-    axes = arg(node, _DIM_INDEX.get(name, 1), "dim", None)
+    axes = get_arg(node, "dim", missing=None)  # overloads without dim reduce over everything
     if axes is None or axes == [] or not isinstance(node.meta["val"], torch.Tensor):
         axes = list(range(rank))
     axes = {a % rank for a in ([axes] if isinstance(axes, int) else axes)}
@@ -275,7 +267,7 @@ def _sym_size(t: Tracer, node: Node, program: Program) -> Any:
 @rule("repeat_interleave")
 def _repeat_interleave(t: Tracer, node: Node, program: Program) -> Any:
     """``repeat_interleave(x, g, dim)`` repeats each element g times: channels span g times more."""
-    x, repeats, d = node.args[0], node.args[1], arg(node, 2, "dim")
+    x, repeats, d = node.args[0], node.args[1], get_arg(node, "dim", missing=None)
     where = f"repeat_interleave (node {node.name})"
     if not isinstance(x, Node) or not isinstance(repeats, int) or d is None:
         block_all(t, node, f"{where} with tensor repeats or no dim", program)

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch.fx import Node
 
+from graphpress.ir.graph import get_arg
+
 if TYPE_CHECKING:
     from graphpress.analysis.channels.solver import Layout, Tracer
     from graphpress.ir.program import Program
@@ -28,7 +30,7 @@ __all__ = ["new_size", "slice_layout", "view_rule"]
 
 
 def view_rule(t: Tracer, node: Node, program: Program) -> Any:
-    from graphpress.analysis.channels.rules import arg, dim, fixed_like, op_name, shape, size
+    from graphpress.analysis.channels.rules import dim, fixed_like, op_name, shape, size
 
     name = op_name(node)
     where = f"{name} (node {node.name})"
@@ -56,21 +58,21 @@ def view_rule(t: Tracer, node: Node, program: Program) -> Any:
             layouts[i] if shape(x)[i] == out[lead + i] else t.fixed(out[lead + i], where)
             for i in range(rank)]
     if name in ("select", "unbind"):
-        d = arg(node, 1, "dim", 0) % rank
+        d = get_arg(node, "dim") % rank
         t.block([layouts[d]], f"{where} picks single channels")
         rest = layouts[:d] + layouts[d + 1:]
         return rest if name == "select" else tuple(list(rest) for _ in node.meta["val"])
     if name in ("slice", "narrow"):
-        d = arg(node, 1, "dim", 0) % rank
+        d = get_arg(node, "dim") % rank
         n = shape(x)[d]
-        start = arg(node, 2, "start", 0) or 0
+        start = get_arg(node, "start") or 0
         if name == "narrow":
             length = node.args[3]
             end = start + length if isinstance(start, int) and isinstance(length, int) else None
         else:
-            end = arg(node, 3, "end", n)
+            end = get_arg(node, "end")
             end = n if end is None else end
-        why = ("takes strided channels" if name == "slice" and arg(node, 4, "step", 1) != 1
+        why = ("takes strided channels" if name == "slice" and get_arg(node, "step") != 1
                else "has a symbolic bound" if not (isinstance(start, int)
                                                    and isinstance(end, int)) else "")
         if why:
@@ -79,7 +81,7 @@ def view_rule(t: Tracer, node: Node, program: Program) -> Any:
         start, end = _clamp(start, n), _clamp(end, n)
         return [*layouts[:d], slice_layout(t, layouts[d], start, end, where), *layouts[d + 1:]]
     if name in ("split", "split_with_sizes", "chunk"):
-        d = arg(node, 2, "dim", 0) % rank
+        d = get_arg(node, "dim") % rank
         pieces, start = [], 0
         for v in node.meta["val"]:
             end = start + size(v.shape[d])
@@ -104,11 +106,11 @@ def slice_layout(t: Tracer, layout: Layout, start: int, end: int, where: str) ->
 
 
 def _cat(t: Tracer, node: Node, program: Program, where: str) -> Any:
-    from graphpress.analysis.channels.rules import arg, dim, shape
+    from graphpress.analysis.channels.rules import dim, shape
 
     inputs = [a for a in node.args[0] if math.prod(shape(a)) > 0]
     rank = node.meta["val"].dim()
-    d = arg(node, 1, "dim", 0) % rank
+    d = get_arg(node, "dim") % rank
     per = [[dim(t, a, i, program) for i in range(rank)] for a in inputs]
     out = []
     for i in range(rank):
