@@ -32,6 +32,7 @@ from torch.fx import Node
 from graphpress.analysis.channels.rules import op_name, size
 from graphpress.analysis.channels.solver import ChannelAnalysis, ChannelGroup
 from graphpress.analysis.channels.views import new_size
+from graphpress.ir.builder import GraphBuilder
 from graphpress.ir.program import Program
 
 __all__ = ["GroupPlan", "PrunePlan", "apply_plan", "masked_copy"]
@@ -135,23 +136,25 @@ def apply_plan(program: Program, plan: PrunePlan, analysis: ChannelAnalysis) -> 
         before -= new.numel()
     for node in program.graph.nodes:
         if node.op == "call_function":
-            _rewrite_args(node, analysis.layouts, kept)
+            _rewrite_args(program, node, analysis.layouts, kept)
     program.refresh_shapes()
     return before
 
 
-def _rewrite_args(node: Node, layouts: dict[str, Any], kept: dict[int, int]) -> None:
+def _rewrite_args(program: Program, node: Node, layouts: dict[str, Any],
+                  kept: dict[int, int]) -> None:
     name = op_name(node)
     out = layouts.get(node.name)
     if out is None or (isinstance(out, list) and any(o is None for o in out)):
         return
     if name in ("view", "reshape", "_unsafe_view", "expand"):
         old = node.meta["val"].shape
-        _set(node, 1, [_resized(node, s, old[i], out[i], kept) for i, s in enumerate(node.args[1])])
+        _set(node, 1, [_resized(program, node, s, old[i], out[i], kept)
+                       for i, s in enumerate(node.args[1])])
     elif name == "unflatten":
         d = node.args[1] % node.args[0].meta["val"].dim()
         old = node.meta["val"].shape
-        _set(node, 2, [_resized(node, s, old[d + i], out[d + i], kept)
+        _set(node, 2, [_resized(program, node, s, old[d + i], out[d + i], kept)
                        for i, s in enumerate(node.args[2])])
     elif name in ("split", "split_with_sizes", "chunk"):
         rank = node.args[0].meta["val"].dim()
@@ -177,7 +180,8 @@ def _rewrite_args(node: Node, layouts: dict[str, Any], kept: dict[int, int]) -> 
             _set(node, index, new_size(layouts[node.args[0].name][1], kept))
 
 
-def _resized(node: Node, arg: Any, old: Any, layout: Any, kept: dict[int, int]) -> Any:
+def _resized(program: Program, node: Node, arg: Any, old: Any, layout: Any,
+             kept: dict[int, int]) -> Any:
     """A size argument once pruned: unchanged unless pruning changes it, symbolic if it was."""
     before, after = size(old), new_size(layout, kept)
     if after == before or (isinstance(arg, int) and arg == -1):
@@ -186,9 +190,9 @@ def _resized(node: Node, arg: Any, old: Any, layout: Any, kept: dict[int, int]) 
         return after
     g = math.gcd(before, after)
     q, p = before // g, after // g
-    with node.graph.inserting_before(node):
-        whole = node.graph.call_function(operator.floordiv, (arg, q)) if q != 1 else arg
-        return node.graph.call_function(operator.mul, (whole, p)) if p != 1 else whole
+    with GraphBuilder(program, anchor=node, pass_name="prune_channels") as build:
+        whole = build.call(operator.floordiv, arg, q) if q != 1 else arg
+        return build.call(operator.mul, whole, p) if p != 1 else whole
 
 
 def _rewrite_slice(node: Node, name: str, layouts: dict[str, Any], kept: dict[int, int]) -> None:
