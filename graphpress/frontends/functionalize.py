@@ -15,11 +15,13 @@ the end of the graph returned as a ``BUFFER_MUTATION`` / ``USER_INPUT_MUTATION``
 torch.export's inference IR does; eager, ONNX and saved programs apply those mutations.
 
 This direct rewrite keeps every other op as it is (``batch_norm``, ``reshape``, ``flatten``
-stay what the passes match). Where it cannot be proven right, the whole program is
-functionalized by torch itself (``run_decompositions({})``, which also rewrites composite ops
-into their ATen parts): a write through a view (``x[0].add_(1)``) or into a tensor that has
-views, ops that write more than one argument or into ``out=``, and ops without a functional
-twin of the same dtype and shape.
+stay what the passes match). A write into a view, or into a tensor that has views, is
+rewritten the same way when no other alias is read after it (``flatten(x).dropout_()`` with
+``x`` dead afterwards). Where it cannot be proven right, the whole program is functionalized
+by torch itself (``run_decompositions({})``, which also rewrites composite ops into their ATen
+parts): a write that another alias observes later (``a[0].add_(1); return a``), a write into a
+view of a graph input or into a parameter, ops that write more than one argument or into
+``out=``, and ops without a functional twin of the same dtype and shape.
 """
 
 from __future__ import annotations
@@ -77,23 +79,50 @@ def _is_view(node: Node) -> bool:
     return _returns_alias(node) and not is_mutating(node)
 
 
+def _root(node: Node) -> Node:
+    """The tensor whose storage a chain of views reads."""
+    while _is_view(node) and node.args and isinstance(node.args[0], Node):
+        node = node.args[0]
+    return node
+
+
+def _aliases(root: Node) -> set[Node]:
+    """``root`` and every view of it (views of views included)."""
+    found, stack = {root}, [root]
+    while stack:
+        for user in stack.pop().users:
+            if _is_view(user) and user not in found:
+                found.add(user)
+                stack.append(user)
+    return found
+
+
 def _plan(ep: ExportedProgram) -> list[tuple[Node, torch._ops.OpOverload]] | None:
     """The in-place ops to rewrite with their functional twins, or None if some case needs
-    torch's functionalization instead."""
+    torch's functionalization instead.
+
+    A write is rewritten when no other alias of the written tensor (its base, the views of
+    either) is read after it: then only later readers of the written tensor itself can see the
+    write, and those read the new node. A write into a view of a graph input needs the input's
+    mutation output, so it is left to torch."""
     writable = {s.arg.name for s in ep.graph_signature.input_specs
                 if s.kind in (InputKind.BUFFER, InputKind.USER_INPUT)}
+    order = {node: i for i, node in enumerate(ep.graph.nodes)}
     plans = []
     for node in ep.graph.nodes:
         if not is_mutating(node):
             continue
         base = _written_argument(node)
         twin = _functional_twin(node.target)
-        if base is None or twin is None or _is_view(base):
+        if base is None or twin is None:
             return None
-        if base.op == "placeholder" and base.name not in writable:
-            return None  # a write into a parameter or constant
-        if any(_is_view(user) for user in base.users):
-            return None  # the tensor has views that would see the write
+        root = _root(base)
+        if root.op == "placeholder" and (root is not base or root.name not in writable):
+            return None  # a write into a parameter or constant, or into a view of an input
+        others = _aliases(root) - {base}
+        if any(order[user] > order[node] for alias in others for user in alias.users
+               if user is not node and not _is_view(user)):
+            return None  # another alias is read after the write and would see it
         if not _same_meta(node.meta.get("val"), base.meta.get("val")):
             return None  # in-place ops keep their input's dtype and shape; the twin may not
         plans.append((node, twin))

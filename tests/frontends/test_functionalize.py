@@ -147,3 +147,28 @@ def test_inplace_activations_keep_the_ops_passes_match() -> None:
     assert targets == ["aten.linear.default", "aten.relu.default", "aten.add.Tensor",
                        "aten.clamp.default"]
     _assert_same_calls(InplaceActivations, torch.randn(2, 4), "fixpoint(dce, cse)")
+
+
+class WriteIntoADeadBasesView(nn.Module):
+    """``flatten(x).dropout_()`` (MobileNetV2's classifier): x is not read after the write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+        self.dropout = nn.Dropout(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = self.bn(x).mean(-1, keepdim=True)
+        flat = torch.flatten(pooled, 1)
+        return self.dropout(flat) * 2
+
+
+def test_a_write_into_a_view_of_a_dead_base_is_rewritten_directly() -> None:
+    program = trace(WriteIntoADeadBasesView().eval(), (torch.randn(2, 4, 3),))
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert "aten.batch_norm.default" in targets, "no fallback to torch's decomposition"
+    assert "aten.dropout.default" in targets and not any(t.endswith("_.default") for t in targets)
+    model, x = WriteIntoADeadBasesView().eval(), torch.randn(2, 4, 3)
+    compiled = gp.compile(model, (x,), passes="fixpoint(dce, cse)", verify=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=0)
