@@ -22,11 +22,14 @@ ALLOWED: dict[str, set[str]] = {
     "analysis": {"ir", "ops"},
     "frontends": {"ir", "ops"},
     "pipeline": {"ir", "ops", "analysis"},
-    "passes": {"ir", "ops", "analysis", "pipeline"},
+    "quant": {"ir", "ops", "analysis", "pipeline"},
+    "passes": {"ir", "ops", "analysis", "pipeline", "quant"},
     "backends": {"ir", "ops"},
-    "testing": {"ir", "ops", "analysis", "pipeline", "passes", "frontends", "backends"},
+    "testing": {"ir", "ops", "analysis", "pipeline", "quant", "passes", "frontends",
+                "backends"},
     # on top: they drive the whole flow
-    "integrations": {"ir", "ops", "analysis", "pipeline", "passes", "frontends", "backends"},
+    "integrations": {"ir", "ops", "analysis", "pipeline", "quant", "passes", "frontends",
+                     "backends"},
 }
 TOP = {"api", "cli", "__init__", "__main__"}
 

@@ -1,0 +1,157 @@
+"""Quantization schemes: a :class:`QuantConfig` is a weight spec, an activation spec and
+per-module overrides; presets build the common ones.
+
+Overrides are matched in order against a layer: a glob on its module path (``"lm_head"``,
+``"*.classifier"``, ``"encoder.layer.0.*"``), an op type (``"op:conv2d"``), or a predicate
+``(module_path, op_name) -> bool``. The first match wins; its value is a QuantConfig for that
+layer, or None (keep the layer in float). ``skip=[...]`` is shorthand for overrides to None.
+``keep_first_last=True`` keeps the first and the last quantizable layer in float, a common
+recipe for CNNs.
+
+Presets (``scheme`` names in pipeline strings):
+
+| scheme | weights | activations |
+|---|---|---|
+| ``int8_weight_only`` | int8 per channel, symmetric | float |
+| ``int8_dynamic`` | int8 per channel, symmetric | int8 per token, dynamic, asymmetric |
+| ``int8_static`` | int8 per channel, symmetric | int8 per tensor, calibrated, asymmetric |
+| ``int4_weight_only(group_size)`` | int4 per group along K, asymmetric | float |
+| ``fp8(dynamic)`` | float8_e4m3fn per channel | float8_e4m3fn per token (dynamic) or tensor |
+| ``w4a8(group_size)`` | int4 per group along K, symmetric | int8 per token, dynamic |
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from graphpress.quant.spec import QuantSpec
+
+__all__ = ["PRESETS", "QuantConfig", "fp8", "int4_weight_only", "int8_dynamic",
+           "int8_static", "int8_weight_only", "scheme", "w4a8"]
+
+Matcher = str | Callable[[str, str], bool]
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to quantize and how; see the module docstring."""
+
+    weight: QuantSpec | None = None
+    activation: QuantSpec | None = None
+    overrides: tuple[tuple[Matcher, QuantConfig | None], ...] = ()
+    keep_first_last: bool = False
+    embeddings: bool = False       # quantize embedding tables (weights only)
+    attention: bool = False        # quantize the inputs of bmm / matmul / SDPA between activations
+    name: str = "custom"
+    options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.weight is None and self.activation is None and not self.overrides:
+            raise ValueError("a QuantConfig needs a weight spec, an activation spec or overrides")
+        if self.weight is not None and self.weight.dynamic:
+            raise ValueError("weights are constants: their spec cannot be dynamic")
+        if self.weight is not None and self.weight.granularity == "per_token":
+            raise ValueError("per_token is for activations; weights use per_channel/per_group")
+
+    def with_overrides(self, *items: tuple[Matcher, QuantConfig | None],
+                       skip: Sequence[str] = ()) -> QuantConfig:
+        extra = tuple(items) + tuple((pattern, None) for pattern in skip)
+        return replace(self, overrides=self.overrides + extra)
+
+    def for_layer(self, module_path: str, op_name: str) -> QuantConfig | None:
+        """The config of one layer (an override's, this one, or None to keep it float)."""
+        for matcher, config in self.overrides:
+            if _matches(matcher, module_path, op_name):
+                return config
+        return self
+
+    def describe(self) -> str:
+        w = self.weight.describe() if self.weight else "float"
+        a = self.activation.describe() if self.activation else "float"
+        return f"{self.name} (weights {w}; activations {a})"
+
+
+def _matches(matcher: Matcher, module_path: str, op_name: str) -> bool:
+    if callable(matcher):
+        return bool(matcher(module_path, op_name))
+    if matcher.startswith("op:"):
+        return op_name == matcher[3:]
+    return fnmatch.fnmatchcase(module_path, matcher)
+
+
+def _finish(config: QuantConfig, skip: Sequence[str], keep_first_last: bool) -> QuantConfig:
+    config = replace(config, keep_first_last=keep_first_last)
+    return config.with_overrides(skip=skip) if skip else config
+
+
+def int8_weight_only(*, skip: Sequence[str] = (), keep_first_last: bool = False) -> QuantConfig:
+    return _finish(QuantConfig(weight=QuantSpec("int8", "per_channel"),
+                               name="int8_weight_only"), skip, keep_first_last)
+
+
+def int8_dynamic(*, skip: Sequence[str] = (), keep_first_last: bool = False) -> QuantConfig:
+    return _finish(QuantConfig(
+        weight=QuantSpec("int8", "per_channel"),
+        activation=QuantSpec("int8", "per_token", symmetric=False, dynamic=True),
+        name="int8_dynamic"), skip, keep_first_last)
+
+
+def int8_static(*, observer: str = "minmax", per_channel_weights: bool = True,
+                skip: Sequence[str] = (), keep_first_last: bool = False,
+                **observer_args: Any) -> QuantConfig:
+    weight = QuantSpec("int8", "per_channel" if per_channel_weights else "per_tensor")
+    activation = QuantSpec("int8", "per_tensor", symmetric=False, observer=observer,
+                           observer_args=observer_args)
+    return _finish(QuantConfig(weight=weight, activation=activation, name="int8_static"),
+                   skip, keep_first_last)
+
+
+def int4_weight_only(group_size: int = 128, *, symmetric: bool = False,
+                     skip: Sequence[str] = (), keep_first_last: bool = False) -> QuantConfig:
+    return _finish(QuantConfig(
+        weight=QuantSpec("int4", "per_group", group_size=group_size, symmetric=symmetric),
+        name=f"int4_weight_only(group_size={group_size})"), skip, keep_first_last)
+
+
+def fp8(*, dynamic: bool = True, dtype: str = "float8_e4m3fn", observer: str = "minmax",
+        skip: Sequence[str] = (), keep_first_last: bool = False) -> QuantConfig:
+    activation = (QuantSpec(dtype, "per_token", dynamic=True) if dynamic
+                  else QuantSpec(dtype, "per_tensor", observer=observer))
+    return _finish(QuantConfig(weight=QuantSpec(dtype, "per_channel"), activation=activation,
+                               name=f"fp8({'dynamic' if dynamic else 'static'})"),
+                   skip, keep_first_last)
+
+
+def w4a8(group_size: int = 128, *, skip: Sequence[str] = (),
+         keep_first_last: bool = False) -> QuantConfig:
+    return _finish(QuantConfig(
+        weight=QuantSpec("int4", "per_group", group_size=group_size, symmetric=True),
+        activation=QuantSpec("int8", "per_token", symmetric=False, dynamic=True),
+        name=f"w4a8(group_size={group_size})"), skip, keep_first_last)
+
+
+PRESETS: dict[str, Callable[..., QuantConfig]] = {
+    "int8_weight_only": int8_weight_only,
+    "int8_dynamic": int8_dynamic,
+    "int8_static": int8_static,
+    "int4_weight_only": int4_weight_only,
+    "fp8": fp8,
+    "w4a8": w4a8,
+}
+
+
+def scheme(name: str, **kwargs: Any) -> QuantConfig:
+    """A preset by name (``scheme("int4_weight_only", group_size=64)``)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown quantization scheme {name!r}; known: {', '.join(PRESETS)}")
+    try:
+        return PRESETS[name](**kwargs)
+    except TypeError as exc:
+        import inspect
+
+        accepted = ", ".join(inspect.signature(PRESETS[name]).parameters)
+        raise ValueError(f"scheme {name!r} does not take {sorted(kwargs)}: {exc}; it accepts: "
+                         f"{accepted}") from exc
