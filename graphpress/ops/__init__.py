@@ -1,10 +1,13 @@
 """The ``graphpress::`` op library: ops that passes introduce, one registry entry per op.
 
-Today the package holds the registry only (:mod:`graphpress.ops.registry`); the first product
-ops (quantize / dequantize) come with the quantization passes. Plugins define their own ops
-through the same registry (:func:`define_op`), in their own namespace.
+:mod:`graphpress.ops.registry` defines ops (:func:`define_op`) and keeps their entries;
+:mod:`graphpress.ops.quant` holds the affine quantization family (``quantize_affine``,
+``dequantize_affine``, ``fake_quantize_affine``, ``choose_qparams_affine``; docs/ops/quant.md).
+Importing this package defines them. Plugins define their own ops through the same registry, in
+their own namespace.
 """
 
+from graphpress.ops import quant
 from graphpress.ops.registry import OpEntry, check_op, define_op, entries, lookup
 
-__all__ = ["OpEntry", "check_op", "define_op", "entries", "lookup"]
+__all__ = ["OpEntry", "check_op", "define_op", "entries", "lookup", "quant"]
