@@ -1,12 +1,14 @@
 """Built-in passes, one folder a family: ``cleanup/`` (dce, cse, fold_constants),
-``fold_bn/``, ``prune/``. Importing this package registers them; the Pass base, the manager and
-the registry live in :mod:`graphpress.pipeline` and are re-exported here for convenience."""
+``fold_bn/``, ``prune/``, ``quant/`` (insert_fake_quant). Importing this package registers them;
+the Pass base, the manager and the registry live in :mod:`graphpress.pipeline` and are
+re-exported here for convenience."""
 
 from graphpress.passes.cleanup.cse import CommonSubexpressionElimination
 from graphpress.passes.cleanup.dce import DeadCodeElimination
 from graphpress.passes.cleanup.fold_constants import FoldConstants
 from graphpress.passes.fold_bn.fold_bn import FoldBatchNorm
 from graphpress.passes.prune.prune_channels import PruneChannels
+from graphpress.passes.quant.insert_fake_quant import InsertFakeQuant
 from graphpress.pipeline import (
     Contract,
     Fixpoint,
@@ -30,6 +32,7 @@ __all__ = [
     "Fixpoint",
     "FoldBatchNorm",
     "FoldConstants",
+    "InsertFakeQuant",
     "Pass",
     "PassContext",
     "PassManager",

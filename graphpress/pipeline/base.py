@@ -42,15 +42,18 @@ class Contract:
     atol: float = 1e-5
     description: str = ""
     minimums: tuple[tuple[str, float], ...] = ()  # statistical: (metric, smallest allowed)
+    # metrics of the output against the *input* program, reported but not judged (a reference
+    # contract that changes values on purpose shows how far it moved from float)
+    report_vs_input: tuple[str, ...] = ()
 
     @classmethod
     def exact(cls, rtol: float = 1e-5, atol: float = 1e-5) -> Contract:
         return cls("exact", rtol, atol, "same outputs as the input program")
 
     @classmethod
-    def against_reference(cls, description: str, rtol: float = 1e-5,
-                          atol: float = 1e-5) -> Contract:
-        return cls("reference", rtol, atol, description)
+    def against_reference(cls, description: str, rtol: float = 1e-5, atol: float = 1e-5,
+                          report_vs_input: tuple[str, ...] = ()) -> Contract:
+        return cls("reference", rtol, atol, description, report_vs_input=report_vs_input)
 
     @classmethod
     def statistical(cls, description: str, **minimums: float) -> Contract:

@@ -151,4 +151,8 @@ def check_contract(pass_: Pass, contract: Contract, before: Program, after: Prog
         raise ContractViolation(
             f"pass {pass_.describe()!r} broke its contract {contract}: {worst.describe()} "
             f"(sample {worst_sample} of {len(samples)}). {where}\npasses run before it: {ran}")
-    return Verdict(worst.max_abs_error, actual)
+    metrics = {}
+    if contract.report_vs_input and expected is not None:
+        metrics = {f"{name} vs input": value for name, value in
+                   output_metrics(actual, expected, contract.report_vs_input).items()}
+    return Verdict(worst.max_abs_error, actual, metrics)

@@ -1,0 +1,215 @@
+"""insert_fake_quant: quantize-dequantize the weights and activations of a Program's layers.
+
+For every layer :mod:`placement <graphpress.passes.quant.placement>` finds, each selected operand
+``v`` of the layer is replaced by
+
+    fake_quantize_affine(v, block_size, scale, zero_point, quant_min, quant_max, dtype)
+
+(the ``graphpress::`` op; see ``docs/ops/quant.md``), so the layer computes on the values the
+quantized model will see. Where the qparams come from:
+
+* weights: the min and max of each block of the stored weight (``qparams_from_minmax``: the
+  grid includes 0; symmetric grids use ``max(|min|, |max|)``), stored as buffers next to it;
+* static activations: an observer per quantized value (min-max, moving average, percentile,
+  MSE, entropy: ``spec.observer``) run over ``calibration_data`` with the calibration runner,
+  before any fake-quant is inserted; the qparams are stored as buffers;
+* dynamic activations: ``choose_qparams_affine`` in the graph, on every call.
+
+Contract (``reference``): the output equals the input program run with each quantized operand
+passed through the independent reference ``graphpress.testing.quant_reference`` (plain
+PyTorch, not the pass's ops) with the same qparams, at fp32 tolerance. The report also shows
+the deviation from the float program (SQNR, cosine, top-1 agreement), and per layer the scheme,
+the range and the weight's SQNR. It must run after ``fold_bn`` and ``prune_channels``
+(quantizing weights that are folded or pruned afterwards would quantize the wrong values).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.fx import Node
+
+from graphpress.errors import InputError
+from graphpress.ir.builder import GraphBuilder
+from graphpress.ir.program import Program
+from graphpress.pipeline.base import Contract, Pass, PassContext, PassResult
+from graphpress.pipeline.registry import register_pass
+from graphpress.quant.config import QuantConfig, scheme
+from graphpress.quant.spec import QuantSpec
+
+__all__ = ["InsertFakeQuant"]
+
+_SCHEME_ARGS = {"group_size": ("int4_weight_only", "w4a8"),
+                "observer": ("int8_static", "fp8")}
+
+
+def block_minmax(tensor: torch.Tensor, block_size: list[int]) -> tuple[torch.Tensor, ...]:
+    """Per-block min and max, shaped ``[s // b for s, b in zip(shape, block_size)]``."""
+    split: list[int] = []
+    for size, block in zip(tensor.shape, block_size, strict=True):
+        split += [size // block, block]
+    blocks = tensor.detach().reshape(split)
+    inner = tuple(range(1, 2 * tensor.dim(), 2))
+    return blocks.amin(dim=inner), blocks.amax(dim=inner)
+
+
+def _sqnr_db(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    x64 = x.detach().double()
+    noise = x_hat.detach().double() - x64
+    signal, error = float(x64.square().sum()), float(noise.square().sum())
+    return math.inf if error == 0 else 10 * math.log10(signal / error) if signal else -math.inf
+
+
+@dataclass(frozen=True)
+class _Quantized:
+    """What the reference needs to know of one inserted fake-quant."""
+
+    layer: str
+    index: int
+    role: str
+    value: str
+    block_size: tuple[int, ...]
+    spec: QuantSpec
+    scale: torch.Tensor | None      # None when dynamic
+    zero_point: torch.Tensor | None
+
+
+@register_pass("insert_fake_quant")
+@dataclass
+class InsertFakeQuant(Pass):
+    """Replaces the weights and activations of conv / linear / matmul layers with their
+    quantize-dequantize (fake-quant)."""
+
+    config: QuantConfig | None = None
+    scheme: str = "int8_static"
+    group_size: int | None = None
+    observer: str | None = None
+    skip: tuple[str, ...] = ()
+    calibration_batches: int | None = None
+
+    contract = Contract.against_reference(
+        "equal to the input program with each quantized tensor passed through the independent "
+        "quantize-dequantize reference (graphpress.testing.quant_reference), same qparams",
+        report_vs_input=("sqnr_db", "cosine", "top1_agreement"))
+    rewrites_weights = True
+    runs_after = ("fold_bn", "prune_channels")
+
+    def __post_init__(self) -> None:
+        if self.config is not None:
+            if not isinstance(self.config, QuantConfig):
+                raise InputError(f"config must be a gp.quant.QuantConfig, got "
+                                 f"{type(self.config).__name__}; or pass scheme='int8_static'")
+            self._config = self.config.with_overrides(skip=self.skip)
+            return
+        kwargs: dict[str, Any] = {}
+        for name, schemes in _SCHEME_ARGS.items():
+            value = getattr(self, name)
+            if value is not None:
+                if self.scheme not in schemes:
+                    raise ValueError(f"{name}= applies to the schemes {', '.join(schemes)}, "
+                                     f"not {self.scheme!r}")
+                kwargs[name] = value
+        self._config = scheme(self.scheme, skip=list(self.skip), **kwargs)
+
+    def describe(self) -> str:
+        if self.config is not None:
+            return f"{self.name}({self._config.describe()})"
+        return super().describe()
+
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        from graphpress.passes.quant.calibrate import activation_qparams
+        from graphpress.passes.quant.placement import find_layers
+
+        layers, skipped = find_layers(program, self._config)
+        batches = ctx.calibration_data[: self.calibration_batches]
+        static = [op for layer in layers for op in layer.operands
+                  if op.role == "activation" and not op.spec.dynamic]
+        activation_qp = activation_qparams(program, static, batches) if static else {}
+        inserted: dict[tuple[Any, ...], tuple[Node, _Quantized]] = {}
+        records: list[_Quantized] = []
+        summary: list[str] = []
+        for layer in layers:
+            for operand in layer.operands:
+                key = (operand.value, operand.spec, tuple(operand.block_size))
+                if key not in inserted:  # one fake-quant per value and spec, shared by layers
+                    fq, record, line = self._insert(program, layer, operand, activation_qp)
+                    inserted[key] = (fq, record)
+                    summary.append(line)
+                fq, record = inserted[key]
+                layer.node.update_arg(operand.index, fq)
+                records.append(_Quantized(layer.node.name, operand.index, operand.role,
+                                          operand.value.name, tuple(operand.block_size),
+                                          operand.spec, record.scale, record.zero_point))
+        stats = {"layers": len(layers), "weights": sum(r.role == "weight" for r in records),
+                 "activations": sum(r.role == "activation" for r in records),
+                 "calibration_batches": len(batches) if static else 0,
+                 "not_quantized": len(skipped)}
+        details = {"quantized": records, "summary": summary, "config": self._config.describe()}
+        return PassResult(bool(records), stats, skipped, details)
+
+    def _insert(self, program: Program, layer: Any, operand: Any,
+                activation_qp: dict[tuple[str, QuantSpec], tuple[torch.Tensor, Any]]
+                ) -> tuple[Node, _Quantized, str]:
+        from graphpress.ops.quant import qparams_from_minmax
+
+        spec: QuantSpec = operand.spec
+        qmin, qmax = spec.qrange()
+        value: Node = operand.value
+        where = layer.module or layer.node.name
+        with GraphBuilder(program, anchor=layer.node, pass_name=self.name) as build:
+            if spec.dynamic:
+                qparams = build.call(torch.ops.graphpress.choose_qparams_affine.default, value,
+                                     list(operand.block_size), float(qmin), float(qmax),
+                                     spec.symmetric, spec.dtype)
+                scale_node = build.call(operator.getitem, qparams, 0)
+                zp_node = (None if spec.symmetric
+                           else build.call(operator.getitem, qparams, 1))
+                scale = zero_point = None
+                line = f"{where} ({layer.op}) {operand.role}: {spec.describe()}"
+            else:
+                if operand.role == "weight":
+                    tensor = program.weight(value).detach()
+                    low, high = block_minmax(tensor, operand.block_size)
+                    scale, zero_point = qparams_from_minmax(
+                        low, high, qmin, qmax, spec.symmetric, spec.dtype)
+                else:
+                    scale, zero_point = activation_qp[(value.name, spec)]
+                    low, high = None, None
+                zero_point = None if spec.symmetric or spec.is_float else zero_point
+                base = f"{where}.{value.name}_{operand.role}" if where else value.name
+                scale_node = build.weight(_free(program, f"{base}_scale"), scale, kind="buffer")
+                zp_node = (None if zero_point is None else
+                           build.weight(_free(program, f"{base}_zero_point"), zero_point,
+                                        kind="buffer"))
+                line = f"{where} ({layer.op}) {operand.role}: {spec.describe()}"
+                if operand.role == "weight":
+                    fq_value = torch.ops.graphpress.fake_quantize_affine(
+                        tensor, list(operand.block_size), scale, zero_point, float(qmin),
+                        float(qmax), spec.dtype)
+                    line += (f", range [{float(low.min()):.4g}, {float(high.max()):.4g}], "
+                             f"SQNR {_sqnr_db(tensor, fq_value):.1f} dB")
+                else:
+                    line += f", scale {float(scale.min()):.4g}..{float(scale.max()):.4g}"
+            fq = build.call(torch.ops.graphpress.fake_quantize_affine.default, value,
+                            list(operand.block_size), scale_node, zp_node, float(qmin),
+                            float(qmax), spec.dtype)
+        record = _Quantized(layer.node.name, operand.index, operand.role, value.name,
+                            tuple(operand.block_size), spec, scale, zero_point)
+        return fq, record, line
+
+    def reference(self, before: Program, result: PassResult) -> Any:
+        from graphpress.passes.quant.reference import QuantizedReference
+
+        return QuantizedReference(before, result.details["quantized"])
+
+
+def _free(program: Program, name: str) -> str:
+    candidate, i = name, 1
+    while candidate in program.state_dict or candidate in program.constants:
+        i += 1
+        candidate = f"{name}{i}"
+    return candidate

@@ -1,0 +1,193 @@
+"""Where insert_fake_quant puts fake-quant: the layers, their weight and activation operands.
+
+A *layer* is a call of ``linear``, ``conv*`` / ``conv_transpose*`` / ``convolution``,
+``matmul`` / ``mm`` / ``addmm`` / ``bmm`` whose right operand is a constant weight (directly or
+through one transpose), or ``embedding`` (only with ``config.embeddings``). For each layer:
+
+* the **weight** operand, a constant weight placeholder, quantized with the layer's weight
+  spec. Its block shape depends on the layer: the output-channel axis (per channel) and the
+  contracted axis K (per group) are, for a weight of shape ``W``:
+
+  | layer | out axis | K axis |
+  |---|---|---|
+  | linear ``[N, K]``, matmul with ``W.t()`` | 0 | 1 |
+  | matmul / mm / addmm with ``W`` as ``[K, N]`` | 1 | 0 |
+  | conv ``[Cout, Cin/g, *k]`` | 0 | 1 (groups of input channels) |
+  | conv_transpose ``[Cin, Cout/g, *k]`` | 1 | 0 |
+  | embedding ``[V, D]`` | 0 (rows) | 1 |
+
+* the **activation** operand (the layer's input), quantized with the activation spec, once
+  per (value, spec) even when several layers read it (q, k and v share their input).
+
+A layer the config keeps in float (an override to None, ``keep_first_last``), a weight that is
+computed in the graph, or a group size that does not divide K becomes a refusal with its
+reason, never a silent omission.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.fx import Node
+
+from graphpress.analysis.channels.rules import op_name
+from graphpress.ir.program import Program
+from graphpress.pipeline.base import Skip
+from graphpress.quant.config import QuantConfig
+from graphpress.quant.spec import QuantSpec
+
+__all__ = ["Layer", "Operand", "find_layers", "weight_block_size"]
+
+_CONV = ("conv1d", "conv2d", "conv3d", "convolution")
+_CONV_T = ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
+_MATMUL = ("matmul", "mm", "bmm")
+_TRANSPOSES = (torch.ops.aten.t.default, torch.ops.aten.transpose.int,
+               torch.ops.aten.permute.default)
+
+
+@dataclass
+class Operand:
+    """One tensor to fake-quantize: ``value`` as read by ``layer`` at argument ``index``."""
+
+    role: str                  # "weight" or "activation"
+    layer: Node
+    index: int                 # position in layer.args
+    value: Node                # the node whose value is quantized (a placeholder for weights)
+    spec: QuantSpec
+    block_size: list[int]
+
+
+@dataclass
+class Layer:
+    node: Node
+    op: str
+    module: str
+    config: QuantConfig
+    operands: list[Operand]
+
+
+def weight_block_size(spec: QuantSpec, shape: tuple[int, ...], out_axis: int, k_axis: int,
+                      where: str) -> list[int]:
+    """The block shape of a weight (see the module docstring's table)."""
+    shape = tuple(int(s) for s in shape)
+    if spec.granularity == "per_tensor":
+        return list(shape)
+    if spec.granularity == "per_channel":
+        return [1 if i == out_axis % len(shape) else s for i, s in enumerate(shape)]
+    if spec.granularity == "per_group":
+        assert spec.group_size is not None
+        k = shape[k_axis]
+        if k % spec.group_size:
+            raise ValueError(f"group_size={spec.group_size} does not divide K={k} of {where} "
+                             f"(weight shape {shape}); pick a group size that divides {k}, or "
+                             "skip this layer")
+        block = [1] * len(shape)
+        block[k_axis] = spec.group_size
+        return block
+    raise ValueError(f"{spec.granularity} is not a weight granularity ({where})")
+
+
+def _weight_operand(program: Program, node: Node, op: str) -> tuple[int, Node, int, int] | str:
+    """(argument index, weight placeholder, out axis, K axis), or why there is none."""
+    if op == "linear":
+        index, out_axis, k_axis = 1, 0, 1
+    elif op in _CONV:
+        transposed = op == "convolution" and bool(node.args[6])
+        index, out_axis, k_axis = (1, 1, 0) if transposed else (1, 0, 1)
+    elif op in _CONV_T:
+        index, out_axis, k_axis = 1, 1, 0
+    elif op == "embedding":
+        index, out_axis, k_axis = 0, 0, 1
+    elif op in (*_MATMUL, "addmm"):
+        index = 2 if op == "addmm" else 1
+        operand = node.args[index]
+        if (isinstance(operand, Node) and operand.target in _TRANSPOSES
+                and operand.meta["val"].dim() == 2 and program.is_weight(operand.args[0])):
+            return index, operand.args[0], 0, 1          # x @ W.t(): W is [N, K]
+        index, out_axis, k_axis = index, -1, -2          # x @ W: W is [..., K, N]
+    else:
+        return "not a quantizable layer"
+    weight = node.args[index]
+    if not isinstance(weight, Node) or not program.is_weight(weight):
+        return "its weight operand is computed in the graph, not a stored weight"
+    if not program.is_constant(weight):
+        return "its weight is a buffer the program writes"
+    return index, weight, out_axis, k_axis
+
+
+def _quantizable(node: Node) -> str:
+    if node.op != "call_function":
+        return ""
+    op = op_name(node)
+    if op in ("linear", "embedding", "addmm", *_CONV, *_CONV_T, *_MATMUL):
+        return op
+    return ""
+
+
+def find_layers(program: Program, config: QuantConfig) -> tuple[list[Layer], list[Skip]]:
+    """The layers to quantize and their operands, and the refusals with their reasons."""
+    layers, skipped = [], []
+    candidates = [(n, op) for n in program.graph.nodes if (op := _quantizable(n))]
+    if config.keep_first_last and candidates:
+        ends = {candidates[0][0], candidates[-1][0]}
+        for node in ends:
+            skipped.append(Skip(node.name, "first/last layer kept in float (keep_first_last)"))
+        candidates = [(n, op) for n, op in candidates if n not in ends]
+    for node, op in candidates:
+        module = program.source_module(node)
+        where = f"{op} {node.name}" + (f" in {module!r}" if module else "")
+        if op == "embedding" and not config.embeddings:
+            skipped.append(Skip(node.name, "embedding tables are kept in float "
+                                           "(QuantConfig(embeddings=True) quantizes them)"))
+            continue
+        layer_config = config.for_layer(module, op)
+        if layer_config is None:
+            skipped.append(Skip(node.name, f"kept in float by an override ({where})"))
+            continue
+        found = _weight_operand(program, node, op)
+        if isinstance(found, str):
+            if op in _MATMUL:
+                continue  # a matmul between activations (attention): not a layer
+            skipped.append(Skip(node.name, f"{where}: {found}"))
+            continue
+        index, weight, out_axis, k_axis = found
+        operands = []
+        if layer_config.weight is not None:
+            shape = tuple(weight.meta["val"].shape)
+            block = weight_block_size(layer_config.weight, shape, out_axis, k_axis, where)
+            operands.append(Operand("weight", node, index, weight, layer_config.weight, block))
+        activation = _activation_operand(node, op)
+        spec = layer_config.activation
+        if spec is not None and activation is not None:
+            reason = _activation_refusal(activation, spec)
+            if reason:
+                skipped.append(Skip(node.name, f"{where}: activation kept in float: {reason}"))
+            else:
+                block = spec.block_size(tuple(activation[1].meta["val"].shape))
+                operands.append(Operand("activation", node, activation[0], activation[1], spec,
+                                        block))
+        if operands:
+            layers.append(Layer(node, op, module, layer_config, operands))
+    return layers, skipped
+
+
+def _activation_operand(node: Node, op: str) -> tuple[int, Node] | None:
+    if op == "embedding":
+        return None  # its input is indices
+    index = 1 if op == "addmm" else 0
+    value = node.args[index]
+    return (index, value) if isinstance(value, Node) else None
+
+
+def _activation_refusal(value: Node, spec: QuantSpec) -> str:
+    val = value.meta.get("val")
+    if not isinstance(val, torch.Tensor) or not val.is_floating_point():
+        return "it is not a floating-point tensor"
+    symbolic = any(not isinstance(s, int) for s in val.shape)
+    if symbolic and not (spec.dynamic and spec.granularity == "per_token"):
+        return ("it has a symbolic (dynamic) shape, which fixed block sizes cannot cover; "
+                "trace without dynamic_batch, or use a dynamic per-token scheme")
+    if spec.granularity == "per_group":
+        return "per_group is a weight granularity"
+    return ""
