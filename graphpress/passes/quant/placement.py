@@ -160,7 +160,7 @@ def find_layers(program: Program, config: QuantConfig) -> tuple[list[Layer], lis
         activation = _activation_operand(node, op)
         spec = layer_config.activation
         if spec is not None and activation is not None:
-            reason = _activation_refusal(activation, spec)
+            reason = _activation_refusal(activation[1], spec)
             if reason:
                 skipped.append(Skip(node.name, f"{where}: activation kept in float: {reason}"))
             else:
