@@ -16,6 +16,25 @@ quantization also produces narrow ranges: int4 (-8, 7), uint4 (0, 15), symmetric
 translation unchanged, any range that fits an 8-bit type is stored in that type and clipped
 between QuantizeLinear and DequantizeLinear, ``Clip(Q(x), qmin, qmax)``, which equals torch's
 clamp because the rounding happens before both.
+
+The ``graphpress::*_affine`` ops (:mod:`graphpress.ops.quant`, docs/ops/quant.md) become
+opset-21 QuantizeLinear / DequantizeLinear. Their ``block_size`` picks the ONNX layout: one
+block is per-tensor (scalar scale), blocks of length 1 along one axis are per-axis (``axis``,
+1-D scale), and blocks along one axis of length ``b > 1`` are ONNX blocked quantization
+(``axis`` and ``block_size=b``, a scale of the input's rank; dimensions that are one whole
+block are expanded to the input's size, as the ONNX layout requires one scale per index there).
+The storage type is the ONNX type of the quantized dtype (INT8, UINT8, INT4, UINT4,
+FLOAT8E4M3FN, FLOAT8E5M2) when the range is that type's full range, so saturation is the clamp;
+any narrower integer range is stored in 8 bits and clipped, as above (onnxruntime 1.32 runs
+Q/DQ, per-axis and blocked, for all six types). The nodes use the oldest opset that has them:
+19 (float8 types) for per-tensor and per-axis 8-bit layouts, which the exporter's default
+opset takes; 21 for INT4 / UINT4 and blocked layouts, so those need
+``backend_options={"opset": 21}`` (with an older target the exporter's version converter refuses
+the model). QuantizeLinear computes ``x / scale`` where
+torch's kernels compute ``x * (1 / scale)``: the two differ in the last bit, so a value within
+one ulp of a .5 tie can land on the neighbouring grid point (one quantization step, rare).
+``choose_qparams_affine`` is ReduceMin / ReduceMax over each block and the elementwise formula
+of :func:`graphpress.ops.quant.qparams_from_minmax`.
 """
 
 from __future__ import annotations
@@ -26,8 +45,12 @@ from typing import Any
 import torch
 from onnxscript import ir
 from onnxscript import opset18 as op
+from onnxscript import opset19 as op19
+from onnxscript import opset21 as op21
 from onnxscript.function_libs.torch_lib.ops import core as torchlib
 from onnxscript.onnx_types import TensorType
+
+from graphpress.ops.quant import FLOAT8
 
 __all__ = ["BUILTIN_TRANSLATIONS", "storage_type"]
 
@@ -95,7 +118,185 @@ def fake_quantize_per_channel(x: TensorType, scale: TensorType, zero_point: Tens
     return _clipped_qdq(x, scale, zero_point, quant_min, quant_max, axis=axis)
 
 
+# quantized dtype -> (ONNX type, the type's full range)
+_AFFINE_TYPES: dict[str, tuple[ir.DataType, float, float]] = {
+    "int8": (ir.DataType.INT8, -128, 127),
+    "uint8": (ir.DataType.UINT8, 0, 255),
+    "int4": (ir.DataType.INT4, -8, 7),
+    "uint4": (ir.DataType.UINT4, 0, 15),
+    "float8_e4m3fn": (ir.DataType.FLOAT8E4M3FN, -448.0, 448.0),
+    "float8_e5m2": (ir.DataType.FLOAT8E5M2, -57344.0, 57344.0),
+}
+
+_FLOAT_TYPES = {torch.float32: ir.DataType.FLOAT, torch.float16: ir.DataType.FLOAT16,
+                torch.bfloat16: ir.DataType.BFLOAT16, torch.float64: ir.DataType.DOUBLE}
+
+
+def _static_dims(x: TensorType, what: str) -> list[int]:
+    dims = list(x.shape)
+    if not all(isinstance(d, int) for d in dims):
+        raise NotImplementedError(
+            f"{what}: the ONNX translation needs a static size on every dimension that is split "
+            f"into blocks, got shape {x.shape}; keep those dimensions static in the export")
+    return dims
+
+
+def _affine_layout(x: TensorType, block_size: list[int], scale: TensorType
+                   ) -> tuple[TensorType, Callable[[TensorType], TensorType], dict[str, int]]:
+    """(scale in the ONNX layout, the same reshaping for the zero point, Q/DQ attributes)."""
+    rank = len(block_size)
+    counts = [scale.shape[i] for i in range(rank)]
+    split = [i for i in range(rank) if counts[i] != 1]
+    if not split:  # one block: per-tensor
+        scalar = op.Constant(value=ir.tensor([], dtype=ir.DataType.INT64))
+        return op.Reshape(scale, scalar), lambda t: op.Reshape(t, scalar), {}
+    if len(split) == 1 and block_size[split[0]] == 1:  # per-axis
+        axis = split[0]
+        vector = op.Constant(value=ir.tensor([-1], dtype=ir.DataType.INT64))
+        return op.Reshape(scale, vector), lambda t: op.Reshape(t, vector), {"axis": axis}
+    # blocked: along the last dimension whose blocks are longer than 1 and more than one
+    inner = [i for i in split if block_size[i] != 1]
+    if len(inner) > 1:
+        raise NotImplementedError(
+            f"graphpress::*_affine with block_size {block_size}: ONNX blocked quantization "
+            "splits one axis into blocks, this layout splits several; use blocks along one "
+            "dimension (per-group along the last)")
+    whole = [i for i in range(rank) if i not in split and block_size[i] != 1]
+    if inner:
+        axis = inner[0]
+    else:  # per-token style: every split dimension has blocks of 1; block along a whole one
+        if not whole:
+            raise NotImplementedError(
+                f"graphpress::*_affine with block_size {block_size}: one scale per element has "
+                "no ONNX blocked layout; use a coarser block_size")
+        axis = whole.pop()
+    target = None
+    if whole:  # dimensions that are one block: the ONNX layout has one scale per index there
+        dims = _static_dims(x, f"graphpress::*_affine with block_size {block_size}")
+        target = op.Constant(value=ir.tensor([dims[i] if i in whole else 1 for i in range(rank)],
+                                             dtype=ir.DataType.INT64))
+
+    def layout(t: TensorType) -> TensorType:
+        return t if target is None else op.Expand(t, target)
+
+    return layout(scale), layout, {"axis": axis, "block_size": block_size[axis]}
+
+
+def _qdq_opset(storage: ir.DataType, attrs: dict[str, int]) -> Any:
+    """The oldest opset with these Q/DQ: 21 for 4-bit types and blocks, else 19 (float8)."""
+    return op21 if storage in (ir.DataType.INT4, ir.DataType.UINT4) or "block_size" in attrs \
+        else op19
+
+
+def _affine_q(x: TensorType, block_size: list[int], scale: TensorType,
+              zero_point: TensorType | None, quant_min: float, quant_max: float,
+              dtype: str) -> tuple[TensorType, TensorType, TensorType, dict[str, int], Any]:
+    """QuantizeLinear of the ``graphpress::*_affine`` convention: (q, scale and zero point in
+    the ONNX layout, Q/DQ attributes, the opset module of the matching DequantizeLinear)."""
+    onnx_type, low, high = _AFFINE_TYPES[dtype]
+    if dtype in FLOAT8 and (quant_min, quant_max) != (low, high):
+        raise NotImplementedError(
+            f"{dtype} with range ({quant_min}, {quant_max}): ONNX float8 quantization saturates "
+            f"to the type's range ({low}, {high}) only; use that range")
+    clip = (quant_min, quant_max) != (low, high)
+    if clip:
+        onnx_type = storage_type(int(quant_min), int(quant_max))
+    onnx_scale, layout, attrs = _affine_layout(x, block_size, scale)
+    onnx_scale = op.Cast(onnx_scale, to=ir.DataType.FLOAT)
+    if zero_point is None:
+        onnx_zero = op.Cast(op.Mul(onnx_scale, op.Constant(value_float=0.0)), to=onnx_type)
+    else:
+        onnx_zero = op.Cast(layout(zero_point), to=onnx_type)
+    if x.type.dtype != ir.DataType.FLOAT:
+        x = op.Cast(x, to=ir.DataType.FLOAT)
+    opset = _qdq_opset(onnx_type, attrs)
+    q = opset.QuantizeLinear(x, onnx_scale, onnx_zero, **attrs)
+    if clip:
+        q = op.Clip(q, op.Cast(int(quant_min), to=onnx_type), op.Cast(int(quant_max), to=onnx_type))
+    return q, onnx_scale, onnx_zero, attrs, opset
+
+
+def fake_quantize_affine(x: TensorType, block_size: list[int], scale: TensorType,
+                         zero_point: TensorType | None, quant_min: float, quant_max: float,
+                         dtype: str) -> TensorType:
+    """graphpress::fake_quantize_affine: DequantizeLinear(QuantizeLinear(x))."""
+    source = x.type.dtype
+    q, onnx_scale, onnx_zero, attrs, opset = _affine_q(x, block_size, scale, zero_point,
+                                                       quant_min, quant_max, dtype)
+    output = opset.DequantizeLinear(q, onnx_scale, onnx_zero, **attrs)
+    return output if source == ir.DataType.FLOAT else op.Cast(output, to=source)
+
+
+def quantize_affine(x: TensorType, block_size: list[int], scale: TensorType,
+                    zero_point: TensorType | None, quant_min: float, quant_max: float,
+                    dtype: str) -> TensorType:
+    """graphpress::quantize_affine: QuantizeLinear; int4 / uint4 come out in 8-bit storage
+    (the op's storage dtype)."""
+    q, _, _, _, _ = _affine_q(x, block_size, scale, zero_point, quant_min, quant_max, dtype)
+    storage = {"int4": ir.DataType.INT8, "uint4": ir.DataType.UINT8}.get(dtype)
+    return q if storage is None else op.Cast(q, to=storage)
+
+
+def dequantize_affine(q: TensorType, block_size: list[int], scale: TensorType,
+                      zero_point: TensorType | None, quant_min: float, quant_max: float,
+                      dtype: str, output_dtype: torch.dtype = torch.float32) -> TensorType:
+    """graphpress::dequantize_affine: DequantizeLinear of the 8-bit (or float8) storage."""
+    onnx_scale, layout, attrs = _affine_layout(q, block_size, scale)
+    onnx_scale = op.Cast(onnx_scale, to=ir.DataType.FLOAT)
+    args = [q, onnx_scale]
+    if zero_point is not None:
+        args.append(op.Cast(layout(zero_point), to=q.type.dtype))
+    output = _qdq_opset(q.type.dtype, attrs).DequantizeLinear(*args, **attrs)
+    target = _FLOAT_TYPES[output_dtype]
+    return output if target == ir.DataType.FLOAT else op.Cast(output, to=target)
+
+
+def choose_qparams_affine(x: TensorType, block_size: list[int], quant_min: float,
+                          quant_max: float, symmetric: bool, dtype: str,
+                          eps: float = float(torch.finfo(torch.float32).eps)
+                          ) -> tuple[TensorType, TensorType]:
+    """graphpress::choose_qparams_affine: ReduceMin / ReduceMax over each block, then the
+    formula of qparams_from_minmax."""
+    rank = len(block_size)
+    split: list[Any] = []
+    for i, block in enumerate(block_size):
+        size = x.shape[i]
+        if block == 1:
+            split.append(op.Shape(x, start=i, end=i + 1))
+            split.append(op.Constant(value=ir.tensor([1], dtype=ir.DataType.INT64)))
+        else:
+            if not isinstance(size, int):
+                raise NotImplementedError(
+                    f"graphpress::choose_qparams_affine: dimension {i} is dynamic and split into "
+                    f"blocks of {block}; only dimensions with blocks of 1 may be dynamic in ONNX")
+            split.append(op.Constant(value=ir.tensor([size // block], dtype=ir.DataType.INT64)))
+            split.append(op.Constant(value=ir.tensor([block], dtype=ir.DataType.INT64)))
+    values = op.Cast(x, to=ir.DataType.FLOAT) if x.type.dtype != ir.DataType.FLOAT else x
+    blocks = op.Reshape(values, op.Concat(*split, axis=0))
+    offsets = op.Constant(value=ir.tensor([2 * i + 1 for i in range(rank)],
+                                          dtype=ir.DataType.INT64))
+    zero = op.Constant(value_float=0.0)
+    min_neg = op.Min(op.ReduceMin(blocks, offsets, keepdims=0), zero)
+    max_pos = op.Max(op.ReduceMax(blocks, offsets, keepdims=0), zero)
+    floor = op.Constant(value_float=eps)
+    zeros = op.Cast(op.Mul(min_neg, zero), to=ir.DataType.INT32)
+    if dtype in FLOAT8 or symmetric:
+        amax = op.Max(op.Neg(min_neg), max_pos)
+        levels = quant_max if dtype in FLOAT8 else (quant_max - quant_min) / 2
+        return op.Max(op.Div(amax, op.Constant(value_float=levels)), floor), zeros
+    scale = op.Max(op.Div(op.Sub(max_pos, min_neg),
+                          op.Constant(value_float=quant_max - quant_min)), floor)
+    shifted = op.Sub(op.Constant(value_float=quant_min), op.Round(op.Div(min_neg, scale)))
+    zero_point = op.Clip(shifted, op.Constant(value_float=quant_min),
+                         op.Constant(value_float=quant_max))
+    return scale, op.Cast(zero_point, to=ir.DataType.INT32)
+
+
 BUILTIN_TRANSLATIONS: dict[torch._ops.OpOverload, Callable[..., Any]] = {
+    torch.ops.graphpress.quantize_affine.default: quantize_affine,
+    torch.ops.graphpress.dequantize_affine.default: dequantize_affine,
+    torch.ops.graphpress.fake_quantize_affine.default: fake_quantize_affine,
+    torch.ops.graphpress.choose_qparams_affine.default: choose_qparams_affine,
     torch.ops.aten.fake_quantize_per_tensor_affine.default: fake_quantize_per_tensor,
     torch.ops.aten.fake_quantize_per_tensor_affine.tensor_qparams:
         fake_quantize_per_tensor_qparams,
