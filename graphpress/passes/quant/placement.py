@@ -12,16 +12,18 @@ through one transpose), or ``embedding`` (only with ``config.embeddings``). For 
   |---|---|---|
   | linear ``[N, K]``, matmul with ``W.t()`` | 0 | 1 |
   | matmul / mm / addmm with ``W`` as ``[K, N]`` | 1 | 0 |
-  | conv ``[Cout, Cin/g, *k]`` | 0 | 1 (groups of input channels) |
+  | conv ``[Cout, Cin/g, *k]`` | 0 | 1 |
   | conv_transpose ``[Cin, Cout/g, *k]`` | 1 | 0 |
   | embedding ``[V, D]`` | 0 (rows) | 1 |
 
 * the **activation** operand (the layer's input), quantized with the activation spec, once
   per (value, spec) even when several layers read it (q, k and v share their input).
 
-A layer the config keeps in float (an override to None, ``keep_first_last``), a weight that is
-computed in the graph, or a group size that does not divide K becomes a refusal with its
-reason, never a silent omission.
+Per-group weight specs (``int4_weight_only``, ``w4a8``) apply to linear and matmul layers, as
+in the LLM recipes they come from; convolutions stay float under them, reported. A layer the
+config keeps in float (an override to None, ``keep_first_last``) or a weight that is computed
+in the graph becomes a refusal with its reason, never a silent omission; a group size that does
+not divide a linear layer's K is an error naming the layer and K.
 """
 
 from __future__ import annotations
@@ -152,6 +154,13 @@ def find_layers(program: Program, config: QuantConfig) -> tuple[list[Layer], lis
             skipped.append(Skip(node.name, f"{where}: {found}"))
             continue
         index, weight, out_axis, k_axis = found
+        if (layer_config.weight is not None and layer_config.weight.granularity == "per_group"
+                and op in (*_CONV, *_CONV_T)):
+            skipped.append(Skip(node.name, f"{where}: per_group weights are for linear and "
+                                           "matmul layers; convolutions stay float under this "
+                                           "scheme (override 'op:" + op + "' with a per-channel "
+                                           "config to quantize them)"))
+            continue
         operands = []
         if layer_config.weight is not None:
             shape = tuple(weight.meta["val"].shape)
