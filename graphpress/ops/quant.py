@@ -19,9 +19,10 @@ is the formula of torch's CPU fake-quant kernels (``inv_scale = 1.0f / scale``,
 ``nearbyint(x * inv_scale)``), so ``fake_quantize_affine`` is bit-identical to
 ``torch.fake_quantize_per_tensor_affine`` / ``torch.fake_quantize_per_channel_affine`` for
 finite inputs: ``x / scale`` differs from ``x * (1 / scale)`` in the last bit, which moves
-values that sit next to a .5 tie to the other grid point, and so does a float64 product. (For
-non-finite inputs torch casts to int64 first, which is undefined; these ops keep ``inf`` at the
-clamp limit and ``nan`` as nan.)
+values that sit next to a .5 tie to the other grid point, and so does a float64 product. One
+exception: torch's per-channel kernel casts to int64 before clamping, so where
+``|x / scale| >= 2**63`` (and for inf) it lands on quant_min; these ops saturate to the nearer
+limit there, as torch's per-tensor kernel does. nan stays nan.
 
 Float8 types (``float8_e4m3fn``, ``float8_e5m2``; scale-only, no zero point)::
 
