@@ -1,5 +1,6 @@
 """``gp.quant``: quantization schemes (QuantSpec, QuantConfig and presets), observers and
-calibration, used by the ``insert_fake_quant`` pass."""
+calibration, used by the ``insert_fake_quant`` pass; quantization-aware training
+(``prepare_qat``, ``convert``: :mod:`graphpress.quant.qat`)."""
 
 from graphpress.quant.config import (
     PRESETS,
@@ -12,17 +13,29 @@ from graphpress.quant.config import (
     scheme,
     w4a8,
 )
+from graphpress.quant.qat import (
+    convert,
+    enable_fake_quant,
+    enable_observers,
+    freeze_bn_stats,
+    prepare_qat,
+)
 from graphpress.quant.spec import QuantSpec
 
 __all__ = [
     "PRESETS",
     "QuantConfig",
     "QuantSpec",
+    "convert",
+    "enable_fake_quant",
+    "enable_observers",
     "fp8",
+    "freeze_bn_stats",
     "int4_weight_only",
     "int8_dynamic",
     "int8_static",
     "int8_weight_only",
+    "prepare_qat",
     "scheme",
     "w4a8",
 ]
