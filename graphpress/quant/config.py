@@ -44,7 +44,6 @@ class QuantConfig:
     overrides: tuple[tuple[Matcher, QuantConfig | None], ...] = ()
     keep_first_last: bool = False
     embeddings: bool = False       # quantize embedding tables (weights only)
-    attention: bool = False        # quantize the inputs of bmm / matmul / SDPA between activations
     name: str = "custom"
     options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
