@@ -5,7 +5,8 @@ How a Program becomes ONNX::
     Program.exported_program
       -> torch.onnx.export(ep, dynamo=True, custom_translation_table=translation_table())
            ATen ops: the exporter's own onnxscript translations (torchlib)
-           ops in the table: graphpress's translations (fake-quant today) and the
+           ops in the table: graphpress's translations (aten fake-quant, the
+           graphpress::*_affine quantization ops: docs/ops/quant.md) and the
            ``onnx_translation`` of every op defined through ``graphpress.ops.define_op``
       -> onnx.checker (with shape inference)   -> onnxruntime.InferenceSession
 
