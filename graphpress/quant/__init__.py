@@ -2,6 +2,7 @@
 calibration, used by the ``insert_fake_quant`` pass; quantization-aware training
 (``prepare_qat``, ``convert``: :mod:`graphpress.quant.qat`)."""
 
+from graphpress.quant.calibration import calibrate
 from graphpress.quant.config import (
     PRESETS,
     QuantConfig,
@@ -13,6 +14,7 @@ from graphpress.quant.config import (
     scheme,
     w4a8,
 )
+from graphpress.quant.observers import Observer, make_observer
 from graphpress.quant.qat import (
     convert,
     enable_fake_quant,
@@ -24,8 +26,10 @@ from graphpress.quant.spec import QuantSpec
 
 __all__ = [
     "PRESETS",
+    "Observer",
     "QuantConfig",
     "QuantSpec",
+    "calibrate",
     "convert",
     "enable_fake_quant",
     "enable_observers",
@@ -35,6 +39,7 @@ __all__ = [
     "int8_dynamic",
     "int8_static",
     "int8_weight_only",
+    "make_observer",
     "prepare_qat",
     "scheme",
     "w4a8",
