@@ -246,8 +246,13 @@ class FakeQuantize(nn.Module):
         qmin, qmax = self.spec.qrange()
         scale, zero_point = qparams_from_minmax(self.min_val, self.max_val, qmin, qmax,
                                                 self.spec.symmetric, self.spec.dtype)
-        self.scale.copy_(scale)
-        self.zero_point.copy_(zero_point)
+        if self.learn_scale:
+            self.scale.copy_(scale)   # first observation, before any forward used the scale
+        else:
+            # new tensors, not in-place writes: a module called twice in one step (shared
+            # weights) has saved the previous qparams for its backward
+            self.scale = scale
+        self.zero_point = zero_point
         self.observed.fill_(True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -213,6 +213,25 @@ def test_conv_output_read_elsewhere_keeps_the_batch_norm() -> None:
     assert isinstance(qat.bn, nn.BatchNorm2d) and qat.conv.bn is None
 
 
+def test_layer_called_twice_in_a_step_trains() -> None:
+    """The observer replaces its qparams (the first call saved them for its backward)."""
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.relu(self.fc(x)))
+
+    qat = gp.quant.prepare_qat(Twice(), gp.quant.int8_static(), (torch.randn(2, 4),))
+    x = torch.randn(8, 4)
+    qat(x).sum().backward()
+    assert qat.fc.layer.weight.grad is not None
+    qat.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(gp.quant.convert(qat)(x[:2]), qat(x[:2]), rtol=0, atol=0)
+
+
 def test_errors_name_the_fix() -> None:
     example = (torch.randn(2, 3, 6, 6),)
     with pytest.raises(TypeError, match="prepare_qat"):
@@ -252,9 +271,10 @@ def one_thread():
 
 
 def test_digits_cnn_int4_qat_recovers_float_accuracy(one_thread: None) -> None:
-    """int4 per-channel weights (groups of 32 on the classifier) + int8 activations: PTQ, then
-    three epochs of QAT (the last with observers and BN statistics frozen) lower the training loss and keep test accuracy within a point of float;
-    the converted program scores as the QAT module does."""
+    """int4 per-channel weights (groups of 32 on the classifier) + int8 activations: PTQ,
+    then three epochs of QAT (the last with observers and BN statistics frozen) lower the
+    training loss and keep test accuracy within a point of float; the converted program
+    scores as the QAT module does."""
     x_train, y_train, x_test, y_test = digits_data()
     model = get_model("digits_cnn").build()
     config = QuantConfig(weight=QuantSpec("int4", "per_channel"), activation=INT8_ASYM)
