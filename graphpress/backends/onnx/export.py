@@ -26,18 +26,45 @@ from torch.export.graph_signature import ConstantArgument, OutputKind
 
 from graphpress.errors import BackendError
 from graphpress.ir.program import Program
+from graphpress.ir.purity import qualified_name
 
 __all__ = ["GRAPH_OPTIMIZATION_LEVELS", "OnnxOptions", "check_onnx_model", "export_onnx"]
 
 GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 _DOCS = "docs/backends/onnx.md"
 
+_AFFINE_QUANT_OPS = {"graphpress::quantize_affine", "graphpress::dequantize_affine",
+                     "graphpress::fake_quantize_affine", "graphpress::choose_qparams_affine"}
+_Q_DQ_OPS = _AFFINE_QUANT_OPS - {"graphpress::choose_qparams_affine"}
+
+
+def _needs_opset21(program: Program) -> bool:
+    """Whether an affine quant op lowers to opset-21 Q/DQ: a 4-bit type, or a blocked layout
+    (neither one scale for the tensor nor one per index of a single axis), except integer
+    fake-quant with a scale computed in the graph, which lowers to plain float ops. The other
+    layouts use opset-19 nodes, which the exporter's default opset takes (and opset 21 makes its
+    optimizer rewrite 8-bit Q/DQ around Gemm into nodes onnxruntime refuses)."""
+    for node in program.graph.nodes:
+        if qualified_name(node.target) not in _Q_DQ_OPS:
+            continue
+        block_size, scale, dtype = node.args[1], node.args[2], node.args[6]
+        if dtype in ("int4", "uint4"):
+            return True
+        shape = node.args[0].meta["val"].shape
+        counts = [s // b for s, b in zip(shape, block_size, strict=True)]
+        split = [i for i, c in enumerate(counts) if c != 1]
+        per_axis = len(split) == 1 and block_size[split[0]] == 1
+        dynamic_integer = not program.is_weight(scale) and not str(dtype).startswith("float8")
+        if split and not per_axis and not dynamic_integer:
+            return True
+    return False
+
 
 @dataclass(frozen=True)
 class OnnxOptions:
     """Options of the ONNX backend (``gp.compile(..., backend="onnx")``); all have defaults."""
 
-    opset: int | None = None  # ONNX opset; None: torch.onnx's default
+    opset: int | None = None  # ONNX opset; None: torch.onnx's default, 21 where Q/DQ need it
     optimize: bool = True  # the exporter's onnxscript optimizer (constant folding, fusions)
     providers: tuple[str, ...] = ("CPUExecutionProvider",)  # onnxruntime, in priority order
     graph_optimization_level: str = "all"  # onnxruntime: disable | basic | extended | all
@@ -125,13 +152,22 @@ def export_onnx(program: Program, options: OnnxOptions,
                 ) -> torch.onnx.ONNXProgram:
     """``torch.onnx.export`` the program; raise a BackendError that names the cause."""
     _refuse_constant_outputs(program)
+    quantized = any(qualified_name(n.target) in _AFFINE_QUANT_OPS for n in program.graph.nodes)
+    opset = options.opset if options.opset is not None else (
+        21 if _needs_opset21(program) else None)
     try:
         with _quiet_exporter():
             onnx_program = torch.onnx.export(
                 program.exported_program, (), dynamo=True, verbose=False,
-                opset_version=options.opset, optimize=options.optimize,
+                opset_version=opset, optimize=options.optimize,
                 custom_translation_table=dict(translations))
     except Exception as exc:  # the exporter raises many types; all are described the same way
+        if quantized and "node version: 21" in str(exc):
+            raise BackendError(
+                f"the program uses 4-bit or blocked quantization, which needs ONNX opset 21 "
+                f"(QuantizeLinear/DequantizeLinear with block_size and INT4 types), but "
+                f"opset={options.opset} was asked for: pass backend_options={{'opset': 21}} or "
+                "leave opset unset") from exc
         raise BackendError(_describe_export_failure(exc, program)) from exc
     assert onnx_program is not None  # dynamo=True always returns the program
     _refuse_state(onnx_program)

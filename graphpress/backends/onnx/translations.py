@@ -216,11 +216,42 @@ def _affine_q(x: TensorType, block_size: list[int], scale: TensorType,
     return q, onnx_scale, onnx_zero, attrs, opset
 
 
+def _computed_broadcastable(x: TensorType, block_size: list[int], scale: TensorType) -> bool:
+    """A scale computed in the graph (dynamic quantization) whose blocks are whole dims or
+    single elements, so that it broadcasts against ``x`` as it is."""
+    producer = getattr(scale, "producer", None)
+    if not callable(producer) or producer() is None:
+        return False
+    return all(b == 1 or b == s for b, s in zip(block_size, x.shape, strict=True))
+
+
+def _exact_integer_fake_quant(x: TensorType, scale: TensorType, zero_point: TensorType | None,
+                              quant_min: float, quant_max: float) -> TensorType:
+    """``(clamp(round(x * (1 / scale)) + zp) - zp) * scale``, the ops' own formula, in float
+    ONNX ops (scale and zero point broadcast against ``x``). QuantizeLinear divides by the scale
+    instead, which rounds some values the other way; for a scale computed in the graph nothing
+    is lost by spelling the formula out (onnxruntime fuses Q/DQ only with constant scales)."""
+    values = op.Cast(x, to=ir.DataType.FLOAT) if x.type.dtype != ir.DataType.FLOAT else x
+    scale = op.Cast(scale, to=ir.DataType.FLOAT)
+    grid = op.Round(op.Mul(values, op.Reciprocal(scale)))
+    zero = None if zero_point is None else op.Cast(zero_point, to=ir.DataType.FLOAT)
+    if zero is not None:
+        grid = op.Add(grid, zero)
+    grid = op.Clip(grid, op.Constant(value_float=quant_min), op.Constant(value_float=quant_max))
+    if zero is not None:
+        grid = op.Sub(grid, zero)
+    return op.Mul(grid, scale)
+
+
 def fake_quantize_affine(x: TensorType, block_size: list[int], scale: TensorType,
                          zero_point: TensorType | None, quant_min: float, quant_max: float,
                          dtype: str) -> TensorType:
-    """graphpress::fake_quantize_affine: DequantizeLinear(QuantizeLinear(x))."""
+    """graphpress::fake_quantize_affine: DequantizeLinear(QuantizeLinear(x)); with a computed
+    (dynamic) integer scale, the ops' exact formula (see :func:`_exact_integer_fake_quant`)."""
     source = x.type.dtype
+    if dtype not in FLOAT8 and _computed_broadcastable(x, block_size, scale):
+        output = _exact_integer_fake_quant(x, scale, zero_point, quant_min, quant_max)
+        return output if source == ir.DataType.FLOAT else op.Cast(output, to=source)
     q, onnx_scale, onnx_zero, attrs, opset = _affine_q(x, block_size, scale, zero_point,
                                                        quant_min, quant_max, dtype)
     output = opset.DequantizeLinear(q, onnx_scale, onnx_zero, **attrs)
