@@ -7,10 +7,11 @@
                        [--frontend export] [--verify] [--seed N] [-o DIR]
     graphpress passes
 
-``demo`` compiles a model of the zoo through :data:`DEMO_PIPELINE` with verification. ``compile``
-imports ``MODULE`` (the current directory is on the import path), calls ``FACTORY()`` for the
-model, or for ``(model, example_inputs)``, and compiles it. ``passes`` lists every registered
-pass, plugins included.
+``demo`` compiles a model of the zoo through :data:`DEMO_PIPELINE` (cleanup, BatchNorm folding
+and int8 quantization calibrated on generated batches) with verification. ``compile`` (default
+pipeline :data:`COMPILE_PIPELINE`) imports ``MODULE`` (the current directory is on the import
+path), calls ``FACTORY()`` for the model, or for ``(model, example_inputs)``, and compiles it.
+``passes`` lists every registered pass, plugins included.
 
 Errors graphpress raises on purpose (:class:`~graphpress.errors.GraphpressError`) and bad
 command-line input print one line ``graphpress: error: ...`` to stderr and exit with status 2;
@@ -36,11 +37,15 @@ from graphpress.errors import GraphpressError
 from graphpress.frontends import FRONTENDS
 from graphpress.numerics import compare_outputs
 from graphpress.pipeline.registry import available_passes
+from graphpress.pipeline.samples import generate_samples
 
-__all__ = ["DEMO_MODEL", "DEMO_PIPELINE", "UsageError", "main", "parse_inputs"]
+__all__ = ["COMPILE_PIPELINE", "DEMO_MODEL", "DEMO_PIPELINE", "UsageError", "main",
+           "parse_inputs"]
 
 # Every built-in pass that applies to any model; a new generic pass is added here.
-DEMO_PIPELINE = "fold_bn, fixpoint(dce, cse, fold_constants)"
+COMPILE_PIPELINE = "fold_bn, fixpoint(dce, cse, fold_constants)"
+DEMO_PIPELINE = COMPILE_PIPELINE + ", insert_fake_quant(scheme='int8_static')"
+DEMO_CALIBRATION_BATCHES = 8
 # A zoo model with batch norm, residual connections and a linear head: work for most passes.
 DEMO_MODEL = "residual_chain"
 _INT_HIGH = 100  # integer example inputs are drawn from [0, _INT_HIGH)
@@ -162,8 +167,12 @@ def _run_demo(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     model, inputs = entry.make()
     print(f"graphpress demo: {entry.name}: {entry.description}")
-    print(f"pipeline: {DEMO_PIPELINE} (verify={args.verify})")
-    compiled = gp.compile(model, inputs, passes=DEMO_PIPELINE, verify=args.verify)
+    print(f"pipeline: {DEMO_PIPELINE} (verify={args.verify}; calibrated on "
+          f"{DEMO_CALIBRATION_BATCHES} generated batches)")
+    batches = [args_ for args_, _ in generate_samples((inputs, {}), DEMO_CALIBRATION_BATCHES,
+                                                       seed=1)]
+    compiled = gp.compile(model, inputs, passes=DEMO_PIPELINE, verify=args.verify,
+                          calibration_data=batches)
     print(compiled.report())
     print(_summary(compiled, model, inputs))
     return 0
@@ -228,8 +237,8 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("--inputs", metavar="SPEC",
                           help=_INPUTS_HELP + "; overrides inputs the factory returns")
     compile_.add_argument("--seed", type=int, default=0, help="seed of the --inputs tensors")
-    compile_.add_argument("--passes", default=DEMO_PIPELINE, metavar="PIPELINE",
-                          help=f"pass pipeline (default: {DEMO_PIPELINE!r})")
+    compile_.add_argument("--passes", default=COMPILE_PIPELINE, metavar="PIPELINE",
+                          help=f"pass pipeline (default: {COMPILE_PIPELINE!r})")
     compile_.add_argument("--backend", default="eager")
     compile_.add_argument("--frontend", default="export", choices=FRONTENDS)
     compile_.add_argument("--verify", action=argparse.BooleanOptionalAction, default=False,

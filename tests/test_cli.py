@@ -99,11 +99,13 @@ def test_demo_compiles_with_verification(capsys: pytest.CaptureFixture[str]) -> 
     assert main(["demo"]) == 0
     out = capsys.readouterr().out
     assert DEMO_PIPELINE in out and "verify=True" in out
-    for name in ("dce", "cse", "fold_constants"):
+    for name in ("fold_bn", "dce", "cse", "fold_constants", "insert_fake_quant"):
         assert f"\n{name} " in out
+    assert "end-to-end vs model: max abs error" in out and "SQNR" in out
     last = out.strip().splitlines()[-1]
     assert last.startswith("compiled vs original output: max abs error")
-    assert float(last.split("max abs error ")[1].split(";")[0]) <= 1e-5
+    # int8: within a few percent of the outputs' scale, not bit-exact
+    assert 0 < float(last.split("max abs error ")[1].split(";")[0]) <= 0.1
 
 
 def test_demo_unknown_model_lists_zoo(capsys: pytest.CaptureFixture[str]) -> None:
