@@ -38,7 +38,7 @@ import torch
 
 from graphpress.backends.onnx.artifact import OnnxArtifact
 from graphpress.backends.onnx.export import OnnxOptions, export_onnx
-from graphpress.backends.onnx.translations import BUILTIN_TRANSLATIONS
+from graphpress.backends.onnx.translations import BUILTIN_TRANSLATIONS, fake_quantize_affine_exact
 from graphpress.ir.program import Program
 from graphpress.ops.registry import entries
 
@@ -95,5 +95,8 @@ def onnx_backend(program: Program, **options: Any) -> OnnxArtifact:
     """
     settings = OnnxOptions.from_kwargs(options)
     start = time.perf_counter()
-    onnx_program = export_onnx(program, settings, translation_table())
+    table = translation_table()
+    if settings.quantization == "exact":
+        table[torch.ops.graphpress.fake_quantize_affine.default] = fake_quantize_affine_exact
+    onnx_program = export_onnx(program, settings, table)
     return OnnxArtifact(program, onnx_program, settings, time.perf_counter() - start)

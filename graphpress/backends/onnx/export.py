@@ -28,9 +28,11 @@ from graphpress.errors import BackendError
 from graphpress.ir.program import Program
 from graphpress.ir.purity import qualified_name
 
-__all__ = ["GRAPH_OPTIMIZATION_LEVELS", "OnnxOptions", "check_onnx_model", "export_onnx"]
+__all__ = ["GRAPH_OPTIMIZATION_LEVELS", "QUANTIZATION_MODES", "OnnxOptions", "check_onnx_model",
+           "export_onnx"]
 
 GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+QUANTIZATION_MODES = ("qdq", "exact")
 _DOCS = "docs/backends/onnx.md"
 
 _AFFINE_QUANT_OPS = {"graphpress::quantize_affine", "graphpress::dequantize_affine",
@@ -68,6 +70,9 @@ class OnnxOptions:
     optimize: bool = True  # the exporter's onnxscript optimizer (constant folding, fusions)
     providers: tuple[str, ...] = ("CPUExecutionProvider",)  # onnxruntime, in priority order
     graph_optimization_level: str = "all"  # onnxruntime: disable | basic | extended | all
+    # fake-quant: "qdq" (QuantizeLinear/DequantizeLinear, which onnxruntime may run with its int8
+    # kernels, rounding some values differently) or "exact" (the ops' formula in float ops)
+    quantization: str = "qdq"
     intra_op_threads: int = 0  # onnxruntime threads; 0: its default (one per physical core)
     session_config: Mapping[str, str] = field(default_factory=dict)  # onnxruntime config entries
     external_data_threshold: int = 1 << 30  # more weight bytes: model.onnx.data (max 1 GiB)
@@ -93,6 +98,9 @@ class OnnxOptions:
         for name in ("metadata", "session_config"):
             values[name] = {str(k): str(v) for k, v in values.get(name, {}).items()}
         result = cls(**values)
+        if result.quantization not in QUANTIZATION_MODES:
+            raise BackendError(f"quantization must be one of {QUANTIZATION_MODES}, got "
+                               f"{result.quantization!r}")
         if result.graph_optimization_level not in GRAPH_OPTIMIZATION_LEVELS:
             raise BackendError(
                 f"graph_optimization_level must be one of {GRAPH_OPTIMIZATION_LEVELS}, got "

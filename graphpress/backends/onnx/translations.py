@@ -231,7 +231,7 @@ def _exact_integer_fake_quant(x: TensorType, scale: TensorType, zero_point: Tens
     ONNX ops (scale and zero point broadcast against ``x``). QuantizeLinear divides by the scale
     instead, which rounds some values the other way; for a scale computed in the graph nothing
     is lost by spelling the formula out (onnxruntime fuses Q/DQ only with constant scales)."""
-    values = op.Cast(x, to=ir.DataType.FLOAT) if x.type.dtype != ir.DataType.FLOAT else x
+    values = op.Cast(x, to=ir.DataType.FLOAT)  # a no-op for float32 inputs
     scale = op.Cast(scale, to=ir.DataType.FLOAT)
     grid = op.Round(op.Mul(values, op.Reciprocal(scale)))
     zero = None if zero_point is None else op.Cast(zero_point, to=ir.DataType.FLOAT)
@@ -241,6 +241,45 @@ def _exact_integer_fake_quant(x: TensorType, scale: TensorType, zero_point: Tens
     if zero is not None:
         grid = op.Sub(grid, zero)
     return op.Mul(grid, scale)
+
+
+def _blockwise(x: TensorType, block_size: list[int], scale: TensorType,
+               zero_point: TensorType | None, quant_min: float, quant_max: float) -> TensorType:
+    """The exact formula on ``x`` viewed as blocks ``[n0, b0, n1, b1, ...]`` with the qparams
+    as ``[n0, 1, n1, 1, ...]`` (so any block layout broadcasts), viewed back."""
+    dims = _static_dims(x, f"graphpress::fake_quantize_affine with block_size {block_size}")
+    blocks, params = [], []
+    for size, block in zip(dims, block_size, strict=True):
+        blocks += [size // block, block]
+        params += [size // block, 1]
+
+    def shaped(t: TensorType, shape: list[int]) -> TensorType:
+        return op.Reshape(t, op.Constant(value=ir.tensor(shape, dtype=ir.DataType.INT64)))
+
+    out = _exact_integer_fake_quant(
+        shaped(x, blocks), shaped(scale, params),
+        None if zero_point is None else shaped(zero_point, params), quant_min, quant_max)
+    return shaped(out, dims)
+
+
+def fake_quantize_affine_exact(x: TensorType, block_size: list[int], scale: TensorType,
+                               zero_point: TensorType | None, quant_min: float,
+                               quant_max: float, dtype: str) -> TensorType:
+    """graphpress::fake_quantize_affine as the ops' exact formula in float ONNX ops, for every
+    integer layout (the ONNX backend's ``quantization="exact"``): the exported model computes
+    what eager computes, bit for bit up to float kernels, at the cost of onnxruntime's int8
+    kernels (no QuantizeLinear/DequantizeLinear to fuse). float8 keeps its Q/DQ, which
+    onnxruntime already computes exactly."""
+    if dtype in FLOAT8:
+        return fake_quantize_affine(x, block_size, scale, zero_point, quant_min, quant_max,
+                                    dtype)
+    source = x.type.dtype
+    if _computed_broadcastable(x, block_size, scale) or all(
+            b == 1 or b == d for b, d in zip(block_size, x.shape, strict=True)):
+        output = _exact_integer_fake_quant(x, scale, zero_point, quant_min, quant_max)
+    else:
+        output = _blockwise(x, block_size, scale, zero_point, quant_min, quant_max)
+    return output if source == ir.DataType.FLOAT else op.Cast(output, to=source)
 
 
 def fake_quantize_affine(x: TensorType, block_size: list[int], scale: TensorType,
