@@ -142,12 +142,11 @@ _QUANTIZING_OPS = {"graphpress::fake_quantize_affine", "graphpress::quantize_aff
                    "aten::fake_quantize_per_channel_affine"}
 
 
-def _output_step(program: Program, value: Any) -> float:
-    """One int8 quantization step of an output leaf, ``(max - min) / 255``, for quantized
-    programs (0 otherwise): a backend whose quantize kernel rounds a tie or a boundary value the
+def _output_step(value: Any) -> float:
+    """One int8 quantization step of an output leaf of a quantized program,
+    ``(max - min) / 255``: a backend whose quantize kernel rounds a tie or a boundary value the
     other way moves an output by about that much, and no further."""
-    quantized = any(qualified_name(n.target) in _QUANTIZING_OPS for n in program.graph.nodes)
-    if not quantized or not isinstance(value, torch.Tensor) or not value.is_floating_point():
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
         return 0.0
     finite = value.detach()[torch.isfinite(value.detach())]
     return float(finite.max() - finite.min()) / 255 if finite.numel() else 0.0
@@ -160,6 +159,7 @@ def _check_backend(artifact: Artifact, program: Program,
     The tolerance is the artifact's, or for a quantized program one int8 step of each output
     (see :func:`_output_step`), whichever is larger; the report shows the deviation."""
     rtol, atol = getattr(artifact, "tolerance", (1e-4, 1e-4))
+    quantized = any(qualified_name(n.target) in _QUANTIZING_OPS for n in program.graph.nodes)
     worst, allowed = 0.0, atol
     for args, kwargs in samples:
         with torch.no_grad():
@@ -169,7 +169,7 @@ def _check_backend(artifact: Artifact, program: Program,
             raise BackendError(f"backend {artifact.name!r} returns {len(got_leaves)} outputs, "
                                f"eager {len(want_leaves)}")
         for i, (a, b) in enumerate(zip(got_leaves, want_leaves)):
-            leaf_atol = max(atol, _output_step(program, b))
+            leaf_atol = max(atol, _output_step(b)) if quantized else atol
             found = compare_outputs(a, b, rtol=rtol, atol=leaf_atol)
             if not found.ok:
                 hint = (" The program is quantized: backend_options={'quantization': 'exact'} "

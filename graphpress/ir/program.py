@@ -246,6 +246,14 @@ class Program:
         self.touch()
         return node
 
+    def free_weight_name(self, base: str) -> str:
+        """``base``, or ``base2``, ``base3``, ... : the first name no weight has yet."""
+        name, i = base, 1
+        while name in self.state_dict or name in self.constants:
+            i += 1
+            name = f"{base}{i}"
+        return name
+
     def replace_weight(self, node_or_name: Node | str, tensor: torch.Tensor) -> None:
         """Store a new tensor for a weight (shape may change); updates the placeholder's meta."""
         name = self._resolve_name(node_or_name)
@@ -347,16 +355,16 @@ class Program:
             self.graph_module.recompile()
             self._compiled_version = self.version
         flat = self.flat_inputs(args, kwargs)
-        weights = len(flat) - len(self.user_inputs())
+        user_positions = [i for i, spec in enumerate(self.signature.input_specs)
+                          if spec.kind == InputKind.USER_INPUT]
         if not torch.is_grad_enabled():
             # a weight computed from parameters (a folded one) must look like it did when the
             # graph computed it: not requiring grad; some kernels (SDPA's attn_mask) pick
             # another algorithm for tensors that require grad, even under no_grad
-            flat[:weights] = [w.detach() if isinstance(w, torch.Tensor) else w
-                              for w in flat[:weights]]
+            users = set(user_positions)
+            flat = [v.detach() if i not in users and isinstance(v, torch.Tensor) else v
+                    for i, v in enumerate(flat)]
         outputs = self.graph_module(*flat)
-        user_positions = [i for i, spec in enumerate(self.signature.input_specs)
-                          if spec.kind == InputKind.USER_INPUT]
         user_names = {self.signature.input_specs[i].arg.name: i for i in user_positions}
         results = []
         for spec, value in zip(self.signature.output_specs, outputs):

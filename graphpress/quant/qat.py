@@ -67,7 +67,7 @@ from torch.utils import _pytree as pytree
 import graphpress.ops.quant  # noqa: F401  (defines the torch.ops.graphpress quant ops)
 from graphpress.ops.quant import fake_quantize_affine, qparams_from_minmax
 from graphpress.quant.config import QuantConfig
-from graphpress.quant.spec import QuantSpec
+from graphpress.quant.spec import QuantSpec, block_minmax, weight_block_size
 
 __all__ = ["FakeQuantize", "FrozenLayer", "QATInfo", "QATLayer", "convert", "enable_fake_quant",
            "enable_observers", "freeze", "freeze_bn_stats", "prepare_qat", "qat_info"]
@@ -79,33 +79,6 @@ _STATIC_ACTIVATIONS = ("per_tensor", "per_channel")
 
 
 # ------------------------------------------------------------------------------------ blocks
-def _weight_block_size(spec: QuantSpec, shape: Sequence[int], where: str) -> list[int]:
-    """Block shape of a linear / conv weight: out axis 0, K axis 1 (insert_fake_quant's table)."""
-    shape = [int(s) for s in shape]
-    if spec.granularity == "per_tensor":
-        return shape
-    if spec.granularity == "per_channel":
-        return [1, *shape[1:]]
-    if spec.granularity == "per_group":
-        assert spec.group_size is not None
-        if shape[1] % spec.group_size:
-            raise ValueError(f"group_size={spec.group_size} does not divide K={shape[1]} of "
-                             f"{where} (weight shape {tuple(shape)}); pick a group size that "
-                             f"divides {shape[1]}, or skip this layer")
-        return [1, spec.group_size] + [1] * (len(shape) - 2)
-    raise ValueError(f"{spec.granularity} is not a weight granularity ({where}); use "
-                     "per_tensor, per_channel or per_group")
-
-
-def _block_minmax(x: torch.Tensor, block_size: Sequence[int]) -> tuple[torch.Tensor, ...]:
-    split: list[int] = []
-    for size, block in zip(x.shape, block_size, strict=True):
-        split += [size // block, block]
-    blocks = x.detach().to(torch.float32).reshape(split)
-    inner = tuple(range(1, 2 * x.dim(), 2))
-    return blocks.amin(dim=inner), blocks.amax(dim=inner)
-
-
 def _zero_point(spec: QuantSpec, zero_point: torch.Tensor) -> torch.Tensor | None:
     """The op's zero point argument: None for symmetric and float8 grids (zero point 0)."""
     return None if spec.symmetric or spec.is_float else zero_point
@@ -197,7 +170,7 @@ class FakeQuantize(nn.Module):
 
     def block_size(self, shape: Sequence[int]) -> list[int]:
         if self.role == "weight":
-            return _weight_block_size(self.spec, shape, "this weight")
+            return weight_block_size(self.spec, shape, 0, 1, "this weight")
         return self.spec.block_size(tuple(shape))
 
     def qparams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -220,7 +193,7 @@ class FakeQuantize(nn.Module):
     @torch.no_grad()
     def _initialize(self, x: torch.Tensor) -> None:
         qmin, qmax = self.spec.qrange()
-        low, high = _block_minmax(x, self.block_size(x.shape))
+        low, high = block_minmax(x, self.block_size(x.shape))
         scale, zero_point = qparams_from_minmax(low, high, qmin, qmax, self.spec.symmetric,
                                                 self.spec.dtype)
         self.scale.copy_(scale.reshape(self.scale.shape))
@@ -232,7 +205,7 @@ class FakeQuantize(nn.Module):
         """Update the range of a static activation with ``x`` (and the qparams from it)."""
         if self.learn_scale and bool(self.observed):
             return  # LSQ: the observer only initialises the learned scale
-        low, high = _block_minmax(x, self.block_size(x.shape))
+        low, high = block_minmax(x, self.block_size(x.shape))
         low, high = low.reshape(self.min_val.shape), high.reshape(self.max_val.shape)
         if not bool(self.observed):
             self.min_val.copy_(low)
@@ -386,8 +359,8 @@ class FrozenLayer(nn.Module):
         self.layer = layer
         self.weight_spec = weight_q.spec if weight_q else None
         self.input_spec = input_q.spec if input_q else None
-        self.weight_block = (_weight_block_size(weight_q.spec, layer.weight.shape, "this weight")
-                             if weight_q else None)
+        self.weight_block = (weight_block_size(weight_q.spec, layer.weight.shape, 0, 1,
+                                               "this weight") if weight_q else None)
         for prefix, q in (("weight", weight_q), ("input", input_q)):
             if q is not None and q.scale is not None:
                 self.register_buffer(f"{prefix}_scale", q.scale)
@@ -596,7 +569,7 @@ def prepare_qat(model: nn.Module, config: QuantConfig, example_inputs: Any, *,
         weight_quant = input_quant = None
         where = f"{path or 'the model'} ({op})"
         if layer_config.weight is not None:
-            block = _weight_block_size(layer_config.weight, layer.weight.shape, where)
+            block = weight_block_size(layer_config.weight, layer.weight.shape, 0, 1, where)
             shape = [s // b for s, b in zip(layer.weight.shape, block, strict=True)]
             weight_quant = FakeQuantize(layer_config.weight, "weight", shape,
                                         learn_scale=learn_scales)

@@ -30,7 +30,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["DTYPES", "GRANULARITIES", "OBSERVERS", "QuantSpec"]
+__all__ = ["DTYPES", "GRANULARITIES", "OBSERVERS", "QuantSpec", "block_minmax",
+           "weight_block_size"]
 
 # name -> (quant_min, quant_max, storage dtype)
 DTYPES: dict[str, tuple[float, float, torch.dtype]] = {
@@ -120,3 +121,38 @@ class QuantSpec:
         parts.append("sym" if self.symmetric else "asym")
         parts.append("dynamic" if self.dynamic else self.observer)
         return " ".join(parts)
+
+
+def weight_block_size(spec: QuantSpec, shape: tuple[int, ...] | torch.Size, out_axis: int,
+                      k_axis: int, where: str) -> list[int]:
+    """The block shape of a layer's weight: one block per index of the output-channel axis
+    ``out_axis`` (per channel), groups along the contracted axis ``k_axis`` (per group)."""
+    shape = tuple(int(s) for s in shape)
+    if spec.granularity == "per_tensor":
+        return list(shape)
+    if spec.granularity == "per_channel":
+        return [1 if i == out_axis % len(shape) else s for i, s in enumerate(shape)]
+    if spec.granularity == "per_group":
+        assert spec.group_size is not None
+        k = shape[k_axis]
+        if k % spec.group_size:
+            raise ValueError(f"group_size={spec.group_size} does not divide K={k} of {where} "
+                             f"(weight shape {shape}); pick a group size that divides {k}, or "
+                             "skip this layer")
+        block = [1] * len(shape)
+        block[k_axis] = spec.group_size
+        return block
+    raise ValueError(f"{spec.granularity} is not a weight granularity ({where}); use "
+                     "per_tensor, per_channel or per_group")
+
+
+def block_minmax(x: torch.Tensor, block_size: list[int] | tuple[int, ...]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block min and max in float32, shaped ``[s // b for s, b in zip(shape, block_size)]``
+    (the qparam shape)."""
+    split: list[int] = []
+    for size, block in zip(x.shape, block_size, strict=True):
+        split += [size // block, block]
+    blocks = x.detach().to(torch.float32).reshape(split)
+    inner = tuple(range(1, 2 * x.dim(), 2))
+    return blocks.amin(dim=inner), blocks.amax(dim=inner)

@@ -111,9 +111,5 @@ class FoldConstants(Pass):
     @staticmethod
     def _new_name(program: Program, node: Node) -> str:
         module = program.source_module(node)
-        base = f"{module}.{node.name}_folded" if module else f"{node.name}_folded"
-        name, i = base, 1
-        while name in program.state_dict or name in program.constants:
-            i += 1
-            name = f"{base}{i}"
-        return name
+        return program.free_weight_name(
+            f"{module}.{node.name}_folded" if module else f"{node.name}_folded")

@@ -25,7 +25,6 @@ the range and the weight's SQNR. It must run after ``fold_bn`` and ``prune_chann
 
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass
 from typing import Any
@@ -36,32 +35,20 @@ from torch.fx import Node
 from graphpress.errors import InputError
 from graphpress.ir.builder import GraphBuilder
 from graphpress.ir.program import Program
+from graphpress.numerics import output_metrics
 from graphpress.pipeline.base import Contract, Pass, PassContext, PassResult
 from graphpress.pipeline.registry import register_pass
 from graphpress.quant.config import QuantConfig, scheme
-from graphpress.quant.spec import QuantSpec
+from graphpress.quant.spec import QuantSpec, block_minmax
 
 __all__ = ["InsertFakeQuant"]
 
+
+def _sqnr_db(quantized: torch.Tensor, reference: torch.Tensor) -> float:
+    return output_metrics(quantized, reference, ("sqnr_db",))["sqnr_db"]
+
 _SCHEME_ARGS = {"group_size": ("int4_weight_only", "w4a8"),
                 "observer": ("int8_static", "fp8")}
-
-
-def block_minmax(tensor: torch.Tensor, block_size: list[int]) -> tuple[torch.Tensor, ...]:
-    """Per-block min and max, shaped ``[s // b for s, b in zip(shape, block_size)]``."""
-    split: list[int] = []
-    for size, block in zip(tensor.shape, block_size, strict=True):
-        split += [size // block, block]
-    blocks = tensor.detach().reshape(split)
-    inner = tuple(range(1, 2 * tensor.dim(), 2))
-    return blocks.amin(dim=inner), blocks.amax(dim=inner)
-
-
-def _sqnr_db(x: torch.Tensor, x_hat: torch.Tensor) -> float:
-    x64 = x.detach().double()
-    noise = x_hat.detach().double() - x64
-    signal, error = float(x64.square().sum()), float(noise.square().sum())
-    return math.inf if error == 0 else 10 * math.log10(signal / error) if signal else -math.inf
 
 
 @dataclass(frozen=True)
@@ -181,17 +168,18 @@ class InsertFakeQuant(Pass):
                     low, high = None, None
                 zero_point = None if spec.symmetric or spec.is_float else zero_point
                 base = f"{where}.{value.name}_{operand.role}" if where else value.name
-                scale_node = build.weight(_free(program, f"{base}_scale"), scale, kind="buffer")
+                scale_node = build.weight(program.free_weight_name(f"{base}_scale"), scale,
+                                          kind="buffer")
                 zp_node = (None if zero_point is None else
-                           build.weight(_free(program, f"{base}_zero_point"), zero_point,
-                                        kind="buffer"))
+                           build.weight(program.free_weight_name(f"{base}_zero_point"),
+                                        zero_point, kind="buffer"))
                 line = f"{where} ({layer.op}) {operand.role}: {spec.describe()}"
                 if operand.role == "weight":
                     fq_value = torch.ops.graphpress.fake_quantize_affine(
                         tensor, list(operand.block_size), scale, zero_point, float(qmin),
                         float(qmax), spec.dtype)
                     line += (f", range [{float(low.min()):.4g}, {float(high.max()):.4g}], "
-                             f"SQNR {_sqnr_db(tensor, fq_value):.1f} dB")
+                             f"SQNR {_sqnr_db(fq_value, tensor):.1f} dB")
                 else:
                     line += f", scale {float(scale.min()):.4g}..{float(scale.max()):.4g}"
             fq = build.call(torch.ops.graphpress.fake_quantize_affine.default, value,
@@ -206,10 +194,3 @@ class InsertFakeQuant(Pass):
 
         return QuantizedReference(before, result.details["quantized"])
 
-
-def _free(program: Program, name: str) -> str:
-    candidate, i = name, 1
-    while candidate in program.state_dict or candidate in program.constants:
-        i += 1
-        candidate = f"{name}{i}"
-    return candidate

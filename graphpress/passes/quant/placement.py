@@ -37,9 +37,9 @@ from graphpress.analysis.channels.rules import op_name
 from graphpress.ir.program import Program
 from graphpress.pipeline.base import Skip
 from graphpress.quant.config import QuantConfig
-from graphpress.quant.spec import QuantSpec
+from graphpress.quant.spec import QuantSpec, weight_block_size
 
-__all__ = ["Layer", "Operand", "find_layers", "weight_block_size"]
+__all__ = ["Layer", "Operand", "find_layers"]
 
 _CONV = ("conv1d", "conv2d", "conv3d", "convolution")
 _CONV_T = ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
@@ -67,27 +67,6 @@ class Layer:
     module: str
     config: QuantConfig
     operands: list[Operand]
-
-
-def weight_block_size(spec: QuantSpec, shape: tuple[int, ...], out_axis: int, k_axis: int,
-                      where: str) -> list[int]:
-    """The block shape of a weight (see the module docstring's table)."""
-    shape = tuple(int(s) for s in shape)
-    if spec.granularity == "per_tensor":
-        return list(shape)
-    if spec.granularity == "per_channel":
-        return [1 if i == out_axis % len(shape) else s for i, s in enumerate(shape)]
-    if spec.granularity == "per_group":
-        assert spec.group_size is not None
-        k = shape[k_axis]
-        if k % spec.group_size:
-            raise ValueError(f"group_size={spec.group_size} does not divide K={k} of {where} "
-                             f"(weight shape {shape}); pick a group size that divides {k}, or "
-                             "skip this layer")
-        block = [1] * len(shape)
-        block[k_axis] = spec.group_size
-        return block
-    raise ValueError(f"{spec.granularity} is not a weight granularity ({where})")
 
 
 def _weight_operand(program: Program, node: Node, op: str) -> tuple[int, Node, int, int] | str:

@@ -30,10 +30,10 @@ class QuantizedReference(ProgramRunner):
         for record in records:
             self.by_layer.setdefault(record.layer, []).append(record)
 
-    def run_node(self, n: Node) -> Any:
+    def evaluate(self, n: Node) -> Any:
         records = self.by_layer.get(n.name)
         if not records:
-            return super().run_node(n)
+            return super().evaluate(n)
         from graphpress.testing.quant_reference import reference_fake_quantize, reference_qparams
 
         args, kwargs = self.fetch_args_kwargs_from_env(n)
@@ -51,7 +51,4 @@ class QuantizedReference(ProgramRunner):
                 scale, zero_point = record.scale, record.zero_point
             args[record.index] = reference_fake_quantize(x, block, scale, zero_point, qmin,
                                                          qmax, spec.dtype)
-        value = getattr(self, n.op)(n.target, tuple(args), kwargs)
-        if self.hook is not None and (self.selected is None or n.name in self.selected):
-            self.hook(n, value)
-        return value
+        return getattr(self, n.op)(n.target, tuple(args), kwargs)
