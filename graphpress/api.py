@@ -21,16 +21,18 @@ from graphpress.frontends import trace
 from graphpress.frontends.inputs import normalize_batches, normalize_inputs
 from graphpress.ir.printer import format_program
 from graphpress.ir.program import Program
-from graphpress.ir.purity import qualified_name
 from graphpress.numerics import compare_outputs
+from graphpress.ops.quant import QUANTIZING_OPS, has_op
 from graphpress.pipeline.base import PassContext
 from graphpress.pipeline.end_to_end import check_end_to_end
+from graphpress.pipeline.instrumentation import hooks_from_environment
 from graphpress.pipeline.manager import PassManager
 from graphpress.pipeline.registry import PipelineSpec
 from graphpress.pipeline.report import Report
+from graphpress.pipeline.report_graph import ReportCollector
 from graphpress.pipeline.samples import generate_samples
 
-__all__ = ["CompiledModel", "compile", "load"]
+__all__ = ["CompiledModel", "compile", "load", "load_report"]
 
 FORMAT_VERSION = 2
 """manifest.json format: 2 records each file's size and sha256 and the op libraries."""
@@ -59,6 +61,10 @@ class CompiledModel:
     def save(self, folder: str | Path) -> Path:
         """Write the artifact, the IR text, the report and a manifest into ``folder``.
 
+        The report is written three ways: ``report.txt`` (the table), ``report.html`` (the
+        self-contained page of :meth:`Report.save_html`) and ``report.json`` (everything the
+        page draws, from which ``graphpress report FOLDER`` rebuilds it).
+
         The manifest, written last, records each file's size and sha256, the op libraries the
         program calls besides aten/prims (namespace, ops, defining modules) and the graphpress
         and torch versions; ``load`` checks them before reading anything else.
@@ -76,10 +82,13 @@ class CompiledModel:
             files.append("program.pt2")
         (folder / "program.txt").write_text(format_program(self.program))
         (folder / "report.txt").write_text(str(self._report) + "\n")
+        (folder / "report.json").write_text(self._report.to_json())
+        self._report.save_html(folder / "report.html")
         manifest = {"format": FORMAT_VERSION, "graphpress": __version__,
                     "torch": torch.__version__, "backend": self.backend,
                     "pipeline": self.pipeline,
-                    "files": file_records(folder, [*files, "program.txt", "report.txt"]),
+                    "files": file_records(folder, [*files, "program.txt", "report.txt",
+                                                     "report.json", "report.html"]),
                     "op_libraries": op_libraries(self.program.exported_program.graph_module),
                     "report": self._report.to_dict()}
         (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
@@ -125,9 +134,14 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, *,
     context = PassContext(example_inputs=args, example_kwargs=kwargs, frontend=frontend,
                           options=dict(options or {}),
                           calibration_data=normalize_batches(calibration_data))
-    manager = PassManager(passes, verify=verify, samples=samples, context=context)
     report = Report(frontend=frontend, backend=backend, trace_seconds=trace_seconds)
-    manager.run(program, report)
+    collector = ReportCollector(report, (args, kwargs))  # graphs and charts of the HTML report
+    manager = PassManager(passes, verify=verify, samples=samples, context=context,
+                          hooks=[*hooks_from_environment(), collector])
+    try:
+        manager.run(program, report)
+    finally:
+        collector.close()
     if verify:
         check_end_to_end(model, program, samples, report)
     artifact = build_backend(backend, program, **(backend_options or {}))
@@ -135,11 +149,6 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, *,
         _check_backend(artifact, program, samples, report)
     report.extra.update(getattr(artifact, "info", dict)())
     return CompiledModel(program, artifact, report, manager.describe())
-
-
-_QUANTIZING_OPS = {"graphpress::fake_quantize_affine", "graphpress::quantize_affine",
-                   "aten::fake_quantize_per_tensor_affine",
-                   "aten::fake_quantize_per_channel_affine"}
 
 
 def _output_step(value: Any) -> float:
@@ -159,7 +168,7 @@ def _check_backend(artifact: Artifact, program: Program,
     The tolerance is the artifact's, or for a quantized program one int8 step of each output
     (see :func:`_output_step`), whichever is larger; the report shows the deviation."""
     rtol, atol = getattr(artifact, "tolerance", (1e-4, 1e-4))
-    quantized = any(qualified_name(n.target) in _QUANTIZING_OPS for n in program.graph.nodes)
+    quantized = has_op(program.graph, QUANTIZING_OPS)
     worst, allowed = 0.0, atol
     for args, kwargs in samples:
         with torch.no_grad():
@@ -207,7 +216,7 @@ def load(folder: str | Path) -> CompiledModel:
                  required=["program.pt2"])
     try:
         frontend = manifest["report"].get("frontend", "export")
-        report = Report.from_dict(manifest["report"])
+        report = _saved_report(folder, manifest)
         pipeline = str(manifest["pipeline"])
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{folder / 'manifest.json'} lacks a readable report or pipeline "
@@ -219,3 +228,33 @@ def load(folder: str | Path) -> CompiledModel:
     program = Program(load_exported_program(program_file, manifest.get("torch")),
                       frontend=frontend)
     return CompiledModel(program, build_backend("eager", program), report, pipeline)
+
+
+def _saved_report(folder: Path, manifest: dict[str, Any]) -> Report:
+    """The full report (``report.json``) of a checked folder, or the manifest's summary for a
+    folder saved before report.json existed (then without graphs and charts)."""
+    if "report.json" in manifest["files"]:
+        return Report.from_json((folder / "report.json").read_text())
+    report = Report.from_dict(manifest["report"])
+    report.extra["graph view"] = "not in this folder (saved before report.json existed)"
+    return report
+
+
+def load_report(folder: str | Path) -> Report:
+    """The report of a folder written by ``CompiledModel.save``, without loading the model.
+
+    The folder is checked as ``load`` checks it (manifest, each file's size and sha256);
+    ``load_report(folder).save_html(path)`` rebuilds the HTML page (``graphpress report``).
+    """
+    from graphpress.errors import ArtifactError
+    from graphpress.ir.artifacts import read_manifest, verify_files
+
+    folder = Path(folder)
+    manifest = read_manifest(folder, "manifest.json", format_version=FORMAT_VERSION,
+                             resave="CompiledModel.save")
+    verify_files(folder, manifest, "manifest.json", resave="CompiledModel.save")
+    try:
+        return _saved_report(folder, manifest)
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{folder} holds no readable report ({type(exc).__name__}: {exc}). "
+                            "Fix: save the model again with CompiledModel.save") from None

@@ -1,12 +1,24 @@
-"""The pipeline report: one record per pass run, printed as a table.
+"""The pipeline report: one record per pass run, printed as a table or saved as HTML.
 
 Each record has the pass's time, nodes / parameters / MACs before and after, the worst error
 its contract check measured (when verified), its statistics and where it did not apply and why.
+
+Beside the records a report holds what its HTML page draws (:meth:`Report.save_html`, see
+:mod:`graphpress.pipeline.report_html`): ``graphs``, the graph before the first pass and after
+every pass that changed it, with the nodes each pass added, removed and changed
+(:mod:`graphpress.pipeline.report_graph` records them while the pipeline runs); ``charts``,
+per-pass chart data (channels kept per pruning group, per-operand quantization SQNR and
+ranges, tokens per block); and ``measurements``, rows of measured figures per stage
+(accuracy, parameters, bytes, latency) that a caller adds with :meth:`Report.measure`.
+``to_dict`` is the summary that ``manifest.json`` embeds; ``to_json`` / ``from_json`` keep
+everything, which is what ``report.json`` in a saved folder holds.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 __all__ = ["PassRecord", "Report"]
@@ -53,12 +65,73 @@ class Report:
     backend: str = ""
     trace_seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    # what the HTML page draws (see the module docstring); JSON-ready data
+    graphs: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    charts: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    measurements: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    title: str = ""
 
     def to_dict(self) -> dict[str, Any]:
+        """The summary: every record (without ``details``), the extras; no graphs or charts."""
         return {"frontend": self.frontend, "backend": self.backend,
                 "trace_seconds": self.trace_seconds, "extra": self.extra,
                 "records": [{k: v for k, v in asdict(r).items() if k != "details"}
                             for r in self.records]}
+
+    def to_json(self) -> str:
+        """Everything the HTML page needs, as JSON (``report.json`` of a saved folder)."""
+        return json.dumps({**self.to_dict(), "title": self.title, "graphs": self.graphs,
+                           "charts": self.charts, "measurements": self.measurements},
+                          default=str, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> Report:
+        data = json.loads(text)
+        report = cls.from_dict(data)
+        report.title = data.get("title", "")
+        report.graphs = data.get("graphs", [])
+        report.charts = data.get("charts", [])
+        report.measurements = data.get("measurements", [])
+        return report
+
+    def measure(self, stage: str, **figures: float | int | str | None) -> None:
+        """Add a row of measured figures, e.g. ``measure("int8", accuracy=0.97, bytes=1234,
+        latency_ms=0.2)``; the HTML page draws a bar chart per figure. Known keys are
+        formatted (``accuracy``, ``cosine``, ``parameters``, ``bytes``, ``latency_ms``)."""
+        self.measurements.append({"stage": stage, **figures})
+
+    def extend(self, other: Report, stage: str = "") -> Report:
+        """Append ``other``'s records, graphs, charts and extras (a later compile of the same
+        job: e.g. fine-tuning between two pipelines), its records' names prefixed with
+        ``stage/`` when given; returns self."""
+        offset = len(self.records)
+        for record in other.records:
+            name = f"{stage}/{record.name}" if stage else record.name
+            self.records.append(replace(record, name=name))
+        for graph in other.graphs:
+            entry = dict(graph)
+            entry["record"] = (entry["record"] + offset) if entry.get("record") is not None \
+                else None
+            entry["stage"] = stage or entry.get("stage", "")
+            self.graphs.append(entry)
+        for chart in other.charts:
+            self.charts.append({**chart, "record": chart["record"] + offset})
+        self.measurements.extend(other.measurements)
+        for key, value in other.extra.items():
+            self.extra[f"{stage}: {key}" if stage else key] = value
+        self.trace_seconds += other.trace_seconds
+        if other.backend:
+            self.backend = other.backend
+        return self
+
+    def save_html(self, path: str | Path) -> Path:
+        """Write the report as one self-contained HTML file (no network needed to view it)."""
+        from graphpress.pipeline.report_html import render_html
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(render_html(self), encoding="utf-8")
+        return path
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Report:
