@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch.fx import Node
 
-__all__ = ["OpProperties", "is_foldable", "is_pure", "op_properties", "qualified_name",
-           "register_op_properties"]
+__all__ = ["ATEN_QUANT_OPS", "OpProperties", "is_foldable", "is_pure", "op_properties",
+           "qualified_name", "register_op_properties"]
 
 _FOLDABLE_NAMESPACES = ("aten", "prims")
 
@@ -47,8 +47,9 @@ class OpProperties:
 
 _PROPERTIES: dict[str, OpProperties] = {}
 
-# ATen's own fake-quant ops: pure, but kept for the backend (the ONNX backend emits Q/DQ)
-_KEPT_FOR_BACKEND = (
+# ATen's own quant ops: pure, but kept for the backend (the ONNX backend emits Q/DQ); the
+# graphpress:: ones are in graphpress.ops.quant, which also groups both for the other layers
+ATEN_QUANT_OPS = frozenset((
     "aten::fake_quantize_per_tensor_affine",
     "aten::fake_quantize_per_tensor_affine_cachemask",
     "aten::fake_quantize_per_channel_affine",
@@ -59,8 +60,8 @@ _KEPT_FOR_BACKEND = (
     "aten::quantize_per_tensor",
     "aten::quantize_per_channel",
     "aten::dequantize",
-)
-_PROPERTIES.update({name: OpProperties(pure=True, foldable=False) for name in _KEPT_FOR_BACKEND})
+))
+_PROPERTIES.update({name: OpProperties(pure=True, foldable=False) for name in ATEN_QUANT_OPS})
 
 
 def qualified_name(target: Any) -> str:

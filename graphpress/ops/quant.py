@@ -53,10 +53,12 @@ from typing import Any
 
 import torch
 
+from graphpress.ir.purity import ATEN_QUANT_OPS, qualified_name
 from graphpress.ops.registry import define_op
 
-__all__ = ["CHOOSE_QPARAMS_AFFINE", "DEQUANTIZE_AFFINE", "FAKE_QUANTIZE_AFFINE", "FLOAT8",
-           "QUANTIZE_AFFINE", "STORAGE_DTYPES", "qparam_shape", "qparams_from_minmax"]
+__all__ = ["AFFINE_QUANT_OPS", "CHOOSE_QPARAMS_AFFINE", "DEQUANTIZE_AFFINE",
+           "FAKE_QUANTIZE_AFFINE", "FLOAT8", "QUANTIZE_AFFINE", "QUANTIZING_OPS",
+           "STORAGE_DTYPES", "Q_DQ_OPS", "has_op", "qparam_shape", "qparams_from_minmax"]
 
 STORAGE_DTYPES: dict[str, torch.dtype] = {
     "int8": torch.int8,
@@ -303,5 +305,20 @@ CHOOSE_QPARAMS_AFFINE = define_op(
             f"bool symmetric, str dtype, float eps={_EPS!r}) -> (Tensor scale, "
             "Tensor zero_point)"),
     foldable=False)
+# The one table of quant op names the other layers consult (by qualified name: ``ns::name``):
+# the graphpress:: family; those of it that are Q/DQ nodes in ONNX; and every op, graphpress's
+# or ATen's, that rounds values onto a quantization grid (a backend may round a tie otherwise).
+AFFINE_QUANT_OPS = frozenset(op.name for op in (
+    QUANTIZE_AFFINE, DEQUANTIZE_AFFINE, FAKE_QUANTIZE_AFFINE, CHOOSE_QPARAMS_AFFINE))
+Q_DQ_OPS = AFFINE_QUANT_OPS - {CHOOSE_QPARAMS_AFFINE.name}
+QUANTIZING_OPS = frozenset({QUANTIZE_AFFINE.name, FAKE_QUANTIZE_AFFINE.name} | {
+    name for name in ATEN_QUANT_OPS if "dequantize" not in name})
+
+
+def has_op(graph: torch.fx.Graph, names: frozenset[str]) -> bool:
+    """Whether any node of ``graph`` calls an op whose qualified name is in ``names``."""
+    return any(qualified_name(node.target) in names for node in graph.nodes)
+
+
 torch.library.register_autograd(FAKE_QUANTIZE_AFFINE.op, _fake_quantize_backward,
                                 setup_context=_fake_quantize_setup)

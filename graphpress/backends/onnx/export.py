@@ -27,6 +27,7 @@ from torch.export.graph_signature import ConstantArgument, OutputKind
 from graphpress.errors import BackendError
 from graphpress.ir.program import Program
 from graphpress.ir.purity import qualified_name
+from graphpress.ops.quant import AFFINE_QUANT_OPS, Q_DQ_OPS, has_op
 
 __all__ = ["GRAPH_OPTIMIZATION_LEVELS", "QUANTIZATION_MODES", "OnnxOptions", "check_onnx_model",
            "export_onnx"]
@@ -35,9 +36,6 @@ GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 QUANTIZATION_MODES = ("qdq", "exact")
 _DOCS = "docs/backends/onnx.md"
 
-_AFFINE_QUANT_OPS = {"graphpress::quantize_affine", "graphpress::dequantize_affine",
-                     "graphpress::fake_quantize_affine", "graphpress::choose_qparams_affine"}
-_Q_DQ_OPS = _AFFINE_QUANT_OPS - {"graphpress::choose_qparams_affine"}
 
 
 def _needs_opset21(program: Program) -> bool:
@@ -47,7 +45,7 @@ def _needs_opset21(program: Program) -> bool:
     layouts use opset-19 nodes, which the exporter's default opset takes (and opset 21 makes its
     optimizer rewrite 8-bit Q/DQ around Gemm into nodes onnxruntime refuses)."""
     for node in program.graph.nodes:
-        if qualified_name(node.target) not in _Q_DQ_OPS:
+        if qualified_name(node.target) not in Q_DQ_OPS:
             continue
         block_size, scale, dtype = node.args[1], node.args[2], node.args[6]
         if dtype in ("int4", "uint4"):
@@ -160,7 +158,7 @@ def export_onnx(program: Program, options: OnnxOptions,
                 ) -> torch.onnx.ONNXProgram:
     """``torch.onnx.export`` the program; raise a BackendError that names the cause."""
     _refuse_constant_outputs(program)
-    quantized = any(qualified_name(n.target) in _AFFINE_QUANT_OPS for n in program.graph.nodes)
+    quantized = has_op(program.graph, AFFINE_QUANT_OPS)
     opset = options.opset if options.opset is not None else (
         21 if _needs_opset21(program) else None)
     try:

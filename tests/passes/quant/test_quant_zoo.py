@@ -12,8 +12,6 @@ import graphpress as gp
 from graphpress.pipeline.samples import generate_samples
 from graphpress.testing.zoo import ZooModel, zoo_models
 
-# fold_bn's fp32 tolerance for the zoo models that need a looser one (test_fold_bn_zoo.py)
-_FOLD_ATOL = {"hf_mobilenet_v2": 5e-5}
 _SCHEMES = {
     "int8_dynamic": "insert_fake_quant(scheme='int8_dynamic')",
     "int4_weight_only": "insert_fake_quant(scheme='int4_weight_only', group_size=16)",
@@ -31,7 +29,7 @@ def _entries(tag: str | None = None) -> list[pytest.param]:
 def _passes(entry: ZooModel, quant: str) -> list[object]:
     if "batchnorm" not in entry.tags:
         return [quant]
-    return [gp.passes.FoldBatchNorm(atol=_FOLD_ATOL.get(entry.name)), quant]
+    return ["fold_bn", quant]
 
 
 def _calibration(inputs: tuple[object, ...]) -> list[tuple[object, ...]]:
