@@ -330,7 +330,7 @@ class Norms(nn.Module):
         self.c, self.d = nn.Conv1d(3, 6, 1), nn.Conv1d(6, 4, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.a(x)                                    # normalised over channels (dim 1)
+        h = self.a(x).sigmoid()          # normalised over channels (dim 1), nonzero if removed
         h = h / torch.ops.aten.norm(h, 2, [1], True)
         g = self.c(x)                                    # normalised over length (dim 2)
         g = g / torch.linalg.vector_norm(g, 2, dim=2, keepdim=True)

@@ -1,5 +1,5 @@
-"""Channel rules of matrix products: ``matmul``, ``bmm``, ``mm`` (see ``solver.py`` for the
-invariant).
+"""Channel rules of matrix products: ``matmul``, ``bmm``, ``mm``, ``addmm`` (see ``solver.py``
+for the invariant).
 
 ``C[..., i, j] = sum_k A[..., i, k] * B[..., k, j]``:
 
@@ -17,6 +17,11 @@ invariant).
   positions of q and k).
 - the rows ``i`` of ``A`` and the columns ``j`` of ``B`` pass to ``C``. A 1-D operand has no
   rows (``A``) or columns (``B``); ``C`` then has no such dimension.
+- ``addmm(bias, A, W) = bias + A @ W`` (the ``Conv1D`` layer of GPT-2-style decoders, whose
+  weight is stored ``[in, out]``): the product as above, and the bias, broadcast from the right,
+  is added elementwise, so its last dimension joins ``C``'s columns (its row dimension, where it
+  has one of full size, joins ``C``'s rows). ``W``'s axis 1 thus creates the output channels and
+  its axis 0 reads the input channels: a linear layer with its weight transposed.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch.fx import Node
 
-from graphpress.analysis.channels.rules import dim, op_name, rule, shape
+from graphpress.analysis.channels.rules import dim, link, op_name, rule, shape
 
 if TYPE_CHECKING:
     from graphpress.analysis.channels.solver import Layout, Tracer
@@ -44,6 +49,23 @@ def _matmul(t: Tracer, node: Node, program: Program) -> Any:
     rows, cols = da[-2:-1], db[-1:] if len(db) > 1 else []
     batch = _batch(t, (da[:-2], shape(a)[:-2]), (db[:-2], shape(b)[:-2]), where)
     return [*batch, *rows, *cols]
+
+
+@rule("addmm")
+def _addmm(t: Tracer, node: Node, program: Program) -> Any:
+    bias, a, b = node.args[0], node.args[1], node.args[2]
+    where = f"addmm (node {node.name})"
+    rows, inner = dim(t, a, 0, program), dim(t, a, 1, program)
+    link(t, b, 0, inner, where)        # like linear: W's input axis takes A's channels
+    cols = dim(t, b, 1, program)
+    if isinstance(bias, Node):
+        sizes, out = shape(bias), (rows, cols)
+        for i in range(-len(sizes), 0):
+            if sizes[i] == shape(node)[i]:
+                link(t, bias, len(sizes) + i, out[i], where)
+            elif sizes[i] != 1:
+                t.block([dim(t, bias, len(sizes) + i, program)], f"{where}: bias shape")
+    return [rows, cols]
 
 
 def _batch(t: Tracer, a: tuple[list[Layout], tuple[int, ...]],

@@ -8,6 +8,7 @@ group; normalisations block the dimensions they normalise over; attention couple
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from torch.fx import Node
@@ -91,36 +92,66 @@ def same_in_every_group(t: Tracer, layout: Layout, groups: int, where: str) -> L
 
 @rule("batch_norm", "_native_batch_norm_legit_no_training", "instance_norm")
 def _batch_norm(t: Tracer, node: Node, program: Program) -> Any:
+    """Every channel is normalised on its own: eval mode by its running statistics, training
+    mode (and instance norm) by statistics over the *other* dims, which are therefore blocked.
+    A weight-standardized conv (``batch_norm(W.reshape(1, O, -1), training=True)``) keeps its
+    output channels O prunable; its input channels, summarised by the statistics, are not."""
     x = node.args[0]
     where = f"{op_name(node)} (node {node.name})"
-    channel = dims(t, x)[1]
+    layouts = list(dims(t, x))
     if op_name(node) == "instance_norm" or (op_name(node) == "batch_norm"
                                              and get_arg(node, "training")):
-        t.block([channel], f"{where} in training mode")
+        reduced = [0, *range(2, len(layouts))] if op_name(node) == "batch_norm" else \
+            list(range(2, len(layouts)))
+        t.block([layouts[i] for i in reduced],
+                f"{where} in training mode normalises over this dimension")
     for p in node.args[1:5]:
         if isinstance(p, Node):
-            link(t, p, 0, channel, where)
-    out = list(dims(t, x))
-    return (out, None, None) if op_name(node).startswith("_native") else out
+            link(t, p, 0, layouts[1], where)
+    return (layouts, None, None) if op_name(node).startswith("_native") else layouts
 
 
-@rule("layer_norm", "group_norm", "rms_norm")
+@rule("layer_norm", "rms_norm")
 def _norm(t: Tracer, node: Node, program: Program) -> Any:
     x = node.args[0]
     where = f"{op_name(node)} (node {node.name})"
     layouts = list(dims(t, x))
-    if op_name(node) == "group_norm":
-        normalized, params = [layouts[1]], [get_arg(node, "weight"), get_arg(node, "bias")]
-        axis = 1
-    else:
-        k = len(node.args[1])
-        normalized, params = layouts[-k:], [get_arg(node, "weight"), get_arg(node, "bias")]
-        axis = len(layouts) - k
-    t.block(normalized, f"{where} normalises over this dimension")
-    for p in params:
+    k = len(node.args[1])
+    axis = len(layouts) - k
+    t.block(layouts[-k:], f"{where} normalises over this dimension")
+    for p in (get_arg(node, "weight"), get_arg(node, "bias")):
         if isinstance(p, Node):
             for i in range(p.meta["val"].dim()):
                 link(t, p, i, layouts[axis + i], where)
+    return layouts
+
+
+@rule("group_norm")
+def _group_norm(t: Tracer, node: Node, program: Program) -> Any:
+    """``group_norm(x, G)`` normalises each of G groups of ``C / G`` consecutive channels (and
+    the spatial dims) on its own, so whole groups can be removed: a channel of the analysis must
+    span whole norm groups (its elements a multiple of ``C / G``, asked for as a coarser grain,
+    after a rerun). The pass then rewrites ``num_groups``. In the masked original a removed group
+    is normalised alone and multiplied by its zeroed affine weight: it contributes nothing."""
+    x, groups = node.args[0], node.args[1]
+    where = f"group_norm (node {node.name})"
+    layouts = list(dims(t, x))
+    t.block(layouts[2:], f"{where} normalises over this dimension")
+    per = shape(x)[1] // groups
+    channel = layouts[1]
+    if groups == 1:
+        t.block([channel], f"{where} normalises over all channels (num_groups=1)")
+    elif not all(r % per == 0 and b % per == 0 for (_, r), b in zip(channel, t.bounds(channel))):
+        ok = all(t.request_grain(s, per // math.gcd(r, per)) for s, r in channel) and \
+            t.cut_at(channel, set(range(per, shape(x)[1], per)))
+        if not ok:
+            t.block([channel], f"{where} normalises groups of {per} channels: only whole groups "
+                    "can be removed, and these channels do not fall on group boundaries")
+        else:
+            t.refined(ok, [channel], where)
+    for p in (get_arg(node, "weight"), get_arg(node, "bias")):
+        if isinstance(p, Node):
+            link(t, p, 0, channel, where)
     return layouts
 
 

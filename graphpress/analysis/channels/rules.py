@@ -134,6 +134,8 @@ def fixed_like(t: Tracer, node: Node, reason: str) -> Any:
 
 def propagate(program: Program, t: Tracer) -> None:
     """One round: layouts for every node in order; inputs and outputs are fixed."""
+    from graphpress.analysis.channels.zeros import zero_symbols
+
     for node in program.graph.nodes:
         if node.op == "placeholder":
             if program.is_weight(node):
@@ -150,6 +152,7 @@ def propagate(program: Program, t: Tracer) -> None:
                 t.values[node.name] = fixed_like(t, node, reason)
             else:
                 t.values[node.name] = fn(t, node, program)
+                t.zero[node.name] = zero_symbols(t, node, fn is view_rule)
         elif node.op == "output":
             outs = [a for a in pytree.tree_leaves(node.args) if isinstance(a, Node)]
             for out in outs:
@@ -159,8 +162,8 @@ def propagate(program: Program, t: Tracer) -> None:
 
 
 _VIEWS = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze",
-          "expand", "expand_as", "permute", "transpose", "t", "select", "slice", "narrow", "cat",
-          "split", "split_with_sizes", "chunk", "getitem", "unbind"}
+          "expand", "expand_as", "reshape_as", "view_as", "permute", "transpose", "t", "select",
+          "slice", "narrow", "cat", "split", "split_with_sizes", "chunk", "getitem", "unbind"}
 
 
 @rule(*_UNARY)
@@ -220,7 +223,8 @@ def _reduce(t: Tracer, node: Node, program: Program) -> Any:
     if axes is None or axes == [] or not isinstance(node.meta["val"], torch.Tensor):
         axes = list(range(rank))
     axes = {a % rank for a in ([axes] if isinstance(axes, int) else axes)}
-    t.block([layouts[a] for a in axes], f"{where} reduces over this dimension")
+    t.block([layouts[a] for a in axes if not _sums_zeros(t, node, layouts[a])],
+            f"{where} reduces over this dimension")
     if name in ("softmax", "_softmax", "log_softmax", "_log_softmax", "cumsum"):
         return layouts
     out = shape(node)
@@ -229,6 +233,22 @@ def _reduce(t: Tracer, node: Node, program: Program) -> Any:
     if len(out) == rank:
         return [t.fixed(1, where) if a in axes else layouts[a] for a in range(rank)]
     return [layouts[a] for a in range(rank) if a not in axes]
+
+
+def _sums_zeros(t: Tracer, node: Node, layout: Layout) -> bool:
+    """Whether a reduction over ``layout`` adds exactly 0 for removed channels: a sum, mean
+    (rewritten to keep its count) or p-norm (``p > 0``) over channels that are zero in the masked
+    original (``zeros.py``)."""
+    from graphpress.analysis.channels.zeros import is_zero
+
+    name = op_name(node)
+    if name in ("linalg_vector_norm", "norm"):
+        p = get_arg(node, "ord" if name == "linalg_vector_norm" else "p", missing=None)
+        if not isinstance(p, int | float) or p <= 0:
+            return False
+    elif name not in ("sum", "mean") or get_arg(node, "dim", missing=None) in (None, []):
+        return False
+    return any(s not in t.opaque for s, _ in layout) and is_zero(t, node.args[0], layout)
 
 
 @rule("gather", "index_select")
@@ -248,6 +268,37 @@ def _gather(t: Tracer, node: Node, program: Program) -> Any:
         else:
             out.append(t.fixed(n, where))
     return out
+
+
+@rule("index", "_unsafe_index")
+def _index(t: Tracer, node: Node, program: Program) -> Any:
+    """``x[..., idx, ...]`` with index tensors on some dims (``None`` on the others): the indexed
+    dims are blocked (the result mixes their channels), the index tensors' dims are fixed, and
+    every other dim passes. Its channels are then those of the table: a constant index into a
+    learned bias table ``[entries, heads]`` (relative position bias) leaves the head axis free to
+    couple with the attention heads it is added to. The indexed dims are replaced by the index
+    tensors' broadcast shape, in place when they are adjacent and in front otherwise (NumPy's
+    advanced-indexing rule)."""
+    x, indices = node.args[0], list(node.args[1])
+    where = f"{op_name(node)} (node {node.name})"
+    rank = x.meta["val"].dim()
+    layouts = [dim(t, x, i, program) for i in range(rank)]
+    indexed = [i for i, idx in enumerate(indices) if idx is not None]
+    for i in indexed:
+        t.block([layouts[i]], f"{where} indexes along this dimension")
+        idx = indices[i]    # a constant index (a buffer) has no channels; a computed one is fixed
+        if isinstance(idx, Node) and idx.name not in t.weights:
+            t.block([dim(t, idx, j, program) for j in range(idx.meta["val"].dim())],
+                    f"index tensor of {where}")
+    out = shape(node)
+    broadcast = len(out) - (rank - len(indexed))
+    new = [t.fixed(n, where) for n in out[:broadcast]] if broadcast >= 0 else []
+    rest = [layouts[i] for i in range(rank) if i not in indexed]
+    if indexed and indexed == list(range(indexed[0], indexed[-1] + 1)):
+        before = [layouts[i] for i in range(indexed[0])]
+        new = [t.fixed(n, where) for n in out[len(before):len(before) + broadcast]]
+        return [*before, *new, *rest[len(before):]]
+    return [*new, *rest]
 
 
 @rule("_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size")

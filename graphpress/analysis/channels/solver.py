@@ -107,6 +107,7 @@ class Tracer:
         self.opaque: set[int] = set()   # symbols of fixed dimensions (never channels)
         self.dirty = False
         self.values: dict[str, object] = {}
+        self.zero: dict[str, set[int]] = {}     # node -> its symbols zero in the masked original
         self.weights: dict[str, list[Layout | None]] = {}   # by placeholder name
         self.names: dict[str, str] = {}                      # placeholder -> weight name
 

@@ -54,9 +54,9 @@ def view_rule(t: Tracer, node: Node, program: Program) -> Any:
     if name in ("expand", "expand_as"):
         out = shape(node)
         lead = len(out) - rank
-        return [t.fixed(n, where) for n in out[:lead]] + [
-            layouts[i] if shape(x)[i] == out[lead + i] else t.fixed(out[lead + i], where)
-            for i in range(rank)]
+        same = [False] * lead + [shape(x)[i] == out[lead + i] for i in range(rank)]
+        result = [layouts[i - lead] if same[i] else t.fixed(n, where) for i, n in enumerate(out)]
+        return _like(t, node, result, same, program, where) if name == "expand_as" else result
     if name in ("select", "unbind"):
         d = get_arg(node, "dim") % rank
         t.block([layouts[d]], f"{where} picks single channels")
@@ -89,7 +89,23 @@ def view_rule(t: Tracer, node: Node, program: Program) -> Any:
             pieces.append([*layouts[:d], piece, *layouts[d + 1:]])
             start = end
         return tuple(pieces)
-    return _reshape(t, layouts, shape(x), shape(node), where)
+    out = _reshape(t, layouts, shape(x), shape(node), where)
+    if name in ("reshape_as", "view_as"):
+        return _like(t, node, out, [True] * len(out), program, where)
+    return out
+
+
+def _like(t: Tracer, node: Node, out: list[Layout], carried: list[bool], program: Program,
+          where: str) -> list[Layout]:
+    """``reshape_as`` / ``view_as`` / ``expand_as(x, other)`` take ``other``'s shape, so every
+    output dimension is unified with ``other``'s and keeps matching it after pruning. A dimension
+    that ``expand_as`` broadcasts from size 1 (``carried`` False) takes ``other``'s channels: the
+    values do not vary along it."""
+    from graphpress.analysis.channels.rules import dim
+
+    other = node.args[1]
+    return [t.unify(dim(t, other, i, program), layout, where) if keep
+            else dim(t, other, i, program) for i, (layout, keep) in enumerate(zip(out, carried))]
 
 
 def _clamp(i: int, size: int) -> int:

@@ -7,8 +7,9 @@ of the same architecture (a fresh checkpoint): groups are matched by their slice
 
 Applying a plan keeps, in every weight slice of a group, the elements of the kept channels
 (``rep`` consecutive elements per channel), rewrites the shape arguments of
-view/reshape/expand/unflatten/split/slice/narrow nodes and the ``groups`` of depthwise
-convolutions from the channel layouts of the analysis, and refreshes shape metadata.
+view/reshape/expand/unflatten/split/slice/narrow nodes, the ``groups`` of depthwise
+convolutions and the ``num_groups`` of group norms from the channel layouts of the analysis, and
+refreshes shape metadata.
 
 Only the sizes pruning changes are rewritten: every other argument, a symbolic size included,
 stays as it was, so a dynamic batch stays dynamic. A symbolic size that does change (a batch
@@ -33,6 +34,7 @@ from graphpress.analysis.channels.rules import op_name, size
 from graphpress.analysis.channels.solver import ChannelAnalysis, ChannelGroup
 from graphpress.analysis.channels.views import new_size
 from graphpress.ir.builder import GraphBuilder
+from graphpress.ir.graph import get_arg
 from graphpress.ir.program import Program
 
 __all__ = ["GroupPlan", "PrunePlan", "apply_plan", "masked_copy"]
@@ -172,12 +174,35 @@ def _rewrite_args(program: Program, node: Node, layouts: dict[str, Any],
         old = size(q.meta["val"].shape[-1])
         if new_size(layouts[q.name][-1], kept) != old:   # pin the default 1/sqrt(head_dim)
             node.kwargs = {**node.kwargs, "scale": old ** -0.5}
+    elif name == "mean" and isinstance(node.args[0], Node):
+        _rewrite_mean(program, node, layouts[node.args[0].name], kept)
+    elif name == "group_norm":      # whole norm groups were removed: fewer of them
+        channels = size(node.args[0].meta["val"].shape[1])
+        per = channels // node.args[1]
+        _set(node, 1, new_size(layouts[node.args[0].name][1], kept) // per)
     elif name in ("conv1d", "conv2d", "conv3d", "convolution"):
         index = 8 if name == "convolution" else 6
         groups = node.args[index] if len(node.args) > index else 1
         channels = size(node.args[0].meta["val"].shape[1])
         if groups > 1 and groups == channels:       # depthwise: one group per channel
             _set(node, index, new_size(layouts[node.args[0].name][1], kept))
+
+
+def _rewrite_mean(program: Program, node: Node, source: Any, kept: dict[int, int]) -> None:
+    """A mean over pruned channels (zero in the masked original, see ``zeros.py``) keeps its
+    unpruned count: ``sum(x, dims) / n_old``."""
+    if source is None or any(d is None for d in source):
+        return
+    dims = get_arg(node, "dim", missing=None)
+    rank = len(source)
+    axes = [d % rank for d in ([dims] if isinstance(dims, int) else dims or [])]
+    old = math.prod(size(node.args[0].meta["val"].shape[d]) for d in axes)
+    if not axes or math.prod(new_size(source[d], kept) for d in axes) == old:
+        return
+    node.target = torch.ops.aten.sum.dim_IntList
+    with GraphBuilder(program, anchor=node, pass_name="prune_channels", after=True) as build:
+        scaled = build.call(torch.ops.aten.div.Tensor, node, old)
+    node.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
 
 
 def _resized(program: Program, node: Node, arg: Any, old: Any, layout: Any,
