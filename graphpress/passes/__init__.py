@@ -1,5 +1,5 @@
 """Built-in passes, one folder a family: ``cleanup/`` (dce, cse, fold_constants),
-``fold_bn/``, ``prune/``, ``quant/`` (insert_fake_quant). Importing this package registers them;
+``fold_bn/``, ``prune/``, ``quant/`` (insert_fake_quant), ``tokens/`` (merge_tokens). Importing this package registers them;
 the Pass base, the manager and the registry live in :mod:`graphpress.pipeline` and are
 re-exported here for convenience."""
 
@@ -9,6 +9,7 @@ from graphpress.passes.cleanup.fold_constants import FoldConstants
 from graphpress.passes.fold_bn.fold_bn import FoldBatchNorm
 from graphpress.passes.prune.prune_channels import PruneChannels
 from graphpress.passes.quant.insert_fake_quant import InsertFakeQuant
+from graphpress.passes.tokens.merge_tokens import MergeTokens
 from graphpress.pipeline import (
     Contract,
     Fixpoint,
@@ -33,6 +34,7 @@ __all__ = [
     "FoldBatchNorm",
     "FoldConstants",
     "InsertFakeQuant",
+    "MergeTokens",
     "Pass",
     "PassContext",
     "PassManager",

@@ -1,0 +1,235 @@
+"""The graph of one bipartite soft matching step (ToMe), built with the GraphBuilder.
+
+With ``x`` the stream ``[B, N, C]`` after a block's attention, ``k`` its keys ``[B, H, N, D]``
+(or ``[B * H, N, D]``), ``P`` protected tokens and ``r`` merges::
+
+    m      = mean_h k / ||mean_h k||                   similarity metric, one row per token
+    A, B   = tokens P, P+2, ...  |  P+1, P+3, ...      alternating bipartite split
+    S      = m_A m_B^T    (-inf where a pair's key-padding validity differs)
+    best_j = argmax_j S_ij, score_i = max_j S_ij       each A token's best B partner
+    order  = argsort(score, descending, stable)        src = order[:r], kept A = sort(order[r:])
+    t      = [x * s, s]                                 s: token sizes [B, N, 1]
+    t_B   += scatter_add(best_j[src], t_A[src] * same_validity)
+    t'     = cat(t_P, t_A[kept], t_B)                  protected tokens keep positions 0..P-1
+    x', s' = t'[..., :C] / t'[..., C:],  t'[..., C:]
+
+so a merged token is the size-weighted average of what it absorbed (scatter-add then divide:
+``scatter_reduce(mean)`` exports to ONNX but onnxruntime computes it wrongly), and a padding
+token is never averaged into a real one. Beside ``x`` the step carries, per current token, its
+representative's original index (``rep``: to gather the attention mask), its key validity, and,
+for ``unmerge``, the current position of every original token (``source``).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch.fx import Node
+
+from graphpress.ir.builder import GraphBuilder
+
+__all__ = ["TokenState", "initial_state", "key_validity", "merge_step", "attention_bias"]
+
+aten = torch.ops.aten
+_NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class TokenState:
+    """The per-token values carried between merges (None where not needed)."""
+
+    tokens: int
+    stage: int
+    size: Node | None = None      # [B, N, 1], x's dtype
+    rep: Node | None = None       # [B, N] int64
+    valid: Node | None = None     # [B, N] bool
+    source: Node | None = None    # [B, N0] int64
+
+
+def _batch(b: GraphBuilder, x: Node) -> Any:
+    size = x.meta["val"].shape[0]
+    return size if isinstance(size, int) else b.call(aten.sym_size.int, x, 0)
+
+
+def _positions(b: GraphBuilder, like: Node, offset: int) -> Node:
+    """``offset + [0, 1, ..., n-1]`` for every row of the ``[B, n]`` ``like``."""
+    ones = b.call(aten.ones_like.default, like, dtype=torch.int64)
+    return b.call(aten.add.Scalar, b.call(aten.cumsum.default, ones, 1), offset - 1)
+
+
+def _slice(b: GraphBuilder, t: Node, start: int, end: int, step: int = 1) -> Node:
+    return b.call(aten.slice.Tensor, t, 1, start, end, step)
+
+
+def _take(b: GraphBuilder, t: Node, index: Node, batch: Any) -> Node:
+    """``t[b, index[b, i], ...]`` for a ``[B, n]`` index into ``[B, N]`` or ``[B, N, c]``."""
+    shape = t.meta["val"].shape
+    if len(shape) == 2:
+        return b.call(aten.gather.default, t, 1, index)
+    wide = b.call(aten.expand.default, b.call(aten.unsqueeze.default, index, -1),
+                  [batch, index.meta["val"].shape[1], shape[2]])
+    return b.call(aten.gather.default, t, 1, wide)
+
+
+def initial_state(b: GraphBuilder, x: Node, valid: Node | None, unmerge: bool,
+                  proportional: bool, need_rep: bool) -> TokenState:
+    tokens = x.meta["val"].shape[1]
+    first = b.call(aten.select.int, x, -1, 0)
+    size = b.call(aten.ones_like.default, b.call(aten.unsqueeze.default, first, -1))
+    index = _positions(b, first, 0) if (need_rep or unmerge) else None
+    return TokenState(tokens, 0, size, index if need_rep else None, valid,
+                      index if unmerge else None)
+
+
+def key_validity(b: GraphBuilder, mask: Node, x: Node) -> Node | None:
+    """``[B, N]``: whether a key may be attended by any query (padding is not), from a 4-D
+    boolean or additive mask; None when the mask does not vary over keys."""
+    shape = mask.meta["val"].shape
+    if shape[-1] == 1:
+        return None
+    dims = list(range(1, len(shape) - 1))
+    if mask.meta["val"].dtype == torch.bool:
+        valid = b.call(aten.any.dims, mask, dims) if dims else mask
+    else:
+        floor = torch.finfo(mask.meta["val"].dtype).min / 2
+        valid = b.call(aten.gt.Scalar, b.call(aten.amax.default, mask, dims), floor)
+    if valid.meta["val"].shape[0] == 1 and x.meta["val"].shape[0] != 1:
+        valid = b.call(aten.expand.default, valid, [_batch(b, x), shape[-1]])
+    return valid
+
+
+def _metric(b: GraphBuilder, key: Node, batch: Any, tokens: int) -> Node:
+    shape = key.meta["val"].shape
+    if len(shape) == 3:  # [B * H, N, D], batch-major
+        key = b.call(aten.view.default, key, [batch, -1, tokens, shape[-1]])
+    mean = b.call(aten.mean.dim, key, [1])
+    norm = b.call(aten.linalg_vector_norm.default, mean, 2, [-1], True)
+    return b.call(aten.div.Tensor, mean, norm)
+
+
+def merge_step(b: GraphBuilder, x: Node, key: Node, r: int, protected: int,
+               state: TokenState) -> tuple[Node, TokenState]:
+    """Merge ``r`` tokens of ``x``; returns the merged stream and the new state."""
+    batch, tokens, channels = _batch(b, x), state.tokens, x.meta["val"].shape[2]
+    p = protected
+    n_a, n_b = (tokens - p + 1) // 2, (tokens - p) // 2
+    metric = _metric(b, key, batch, tokens)
+    m_a, m_b = _slice(b, metric, p, tokens, 2), _slice(b, metric, p + 1, tokens, 2)
+    scores = b.call(aten.matmul.default, m_a, b.call(aten.transpose.int, m_b, -1, -2))
+    if state.valid is not None:
+        v_a = _slice(b, state.valid, p, tokens, 2)
+        v_b = _slice(b, state.valid, p + 1, tokens, 2)
+        same = b.call(aten.eq.Tensor, b.call(aten.unsqueeze.default, v_a, 2),
+                      b.call(aten.unsqueeze.default, v_b, 1))
+        scores = b.call(aten.where.ScalarOther, same, scores, _NEG_INF)
+    best = b.call(aten.max.dim, scores, -1)
+    score, partner = b.call(operator.getitem, best, 0), b.call(operator.getitem, best, 1)
+    order = b.call(operator.getitem, b.call(aten.sort.stable, score, stable=True, dim=-1,
+                                            descending=True), 1)
+    src = b.call(aten.slice.Tensor, order, 1, 0, r)
+    kept = None
+    if r < n_a:
+        kept = b.call(operator.getitem, b.call(aten.sort.stable, b.call(
+            aten.slice.Tensor, order, 1, r, n_a), stable=True, dim=-1), 0)
+    dst = b.call(aten.gather.default, partner, 1, src)
+
+    def select(t: Node) -> Node:
+        """The kept tokens of a per-token value, in the merged order (dst keeps its own)."""
+        parts = [_slice(b, t, 0, p)] if p else []
+        if kept is not None:
+            parts.append(_take(b, _slice(b, t, p, tokens, 2), kept, batch))
+        parts.append(_slice(b, t, p + 1, tokens, 2))
+        return b.call(aten.cat.default, parts, 1)
+
+    weighted = b.call(aten.cat.default, [b.call(aten.mul.Tensor, x, state.size), state.size],
+                      -1)
+    t_a = _slice(b, weighted, p, tokens, 2)
+    moved = _take(b, t_a, src, batch)
+    if state.valid is not None:
+        same_src = b.call(aten.eq.Tensor, _take(b, _slice(b, state.valid, p, tokens, 2), src,
+                                                batch),
+                          _take(b, _slice(b, state.valid, p + 1, tokens, 2), dst, batch))
+        keep = b.call(aten.unsqueeze.default,
+                      b.call(aten._to_copy.default, same_src, dtype=x.meta["val"].dtype), -1)
+        moved = b.call(aten.mul.Tensor, moved, keep)
+    wide_dst = b.call(aten.expand.default, b.call(aten.unsqueeze.default, dst, -1),
+                      [batch, r, channels + 1])
+    t_b = b.call(aten.scatter_add.default, _slice(b, weighted, p + 1, tokens, 2), 1, wide_dst,
+                 moved)
+    parts = [_slice(b, weighted, 0, p)] if p else []
+    if kept is not None:
+        parts.append(_take(b, t_a, kept, batch))
+    parts.append(t_b)
+    merged = b.call(aten.cat.default, parts, 1)
+    size = b.call(aten.slice.Tensor, merged, -1, channels, channels + 1)
+    out = b.call(aten.div.Tensor, b.call(aten.slice.Tensor, merged, -1, 0, channels), size)
+    new = replace(state, tokens=tokens - r, stage=state.stage + 1, size=size)
+    if state.rep is not None:
+        new = replace(new, rep=select(state.rep))
+    if state.valid is not None:
+        new = replace(new, valid=select(state.valid))
+    if state.source is not None:
+        new = replace(new, source=_moved_sources(b, state.source, src, kept, dst, score, p,
+                                                 n_a, n_b, r, tokens))
+    return out, new
+
+
+def _moved_sources(b: GraphBuilder, source: Node, src: Node, kept: Node | None, dst: Node,
+                   like_a: Node, p: int, n_a: int, n_b: int, r: int, tokens: int) -> Node:
+    """Where every original token is after the step: the merged position of its token."""
+    pos_a = b.call(aten.zeros_like.default, like_a, dtype=torch.int64)
+    if kept is not None:
+        pos_a = b.call(aten.scatter.src, pos_a, 1, kept, _positions(b, kept, p))
+    pos_a = b.call(aten.scatter.src, pos_a, 1, src,
+                   b.call(aten.add.Scalar, dst, p + n_a - r))
+    first = b.call(aten.select.int, source, 1, 0)
+    row = b.call(aten.unsqueeze.default, first, 1)
+    parts = []
+    if p:
+        parts.append(_positions(b, b.call(aten.expand.default, row, [-1, p]), 0))
+    parts.append(pos_a)
+    parts.append(_positions(b, b.call(aten.expand.default, row, [-1, n_b]), p + n_a - r))
+    grouped = b.call(aten.cat.default, parts, 1)
+    order = list(range(p)) + [p + (t // 2 if t % 2 == 0 else n_a + t // 2)
+                              for t in range(tokens - p)]
+    index = b.weight(b.program.free_weight_name("merge_tokens_order"),
+                     torch.tensor(order, dtype=torch.int64), kind="constant")
+    current = b.call(aten.index_select.default, grouped, 1, index)
+    return b.call(aten.gather.default, current, 1, source)
+
+
+def attention_bias(b: GraphBuilder, mask: Node | None, state: TokenState, batch: Any,
+                   proportional: bool) -> Node | None:
+    """The attention mask of a block after merges: the original mask gathered at each token's
+    representative (queries and keys), plus ``log size`` on the keys when proportional."""
+    out = mask
+    if mask is not None and state.rep is not None:
+        shape = list(mask.meta["val"].shape)
+        if shape[0] == 1 and batch != 1:
+            mask = b.call(aten.expand.default, mask, [batch, *shape[1:]])
+            shape[0] = batch
+        tokens = state.tokens
+        if shape[-1] != 1:
+            index = b.call(aten.expand.default, b.call(aten.view.default, state.rep,
+                                                       [batch, 1, 1, tokens]),
+                           [batch, shape[1], shape[2], tokens])
+            mask = b.call(aten.gather.default, mask, 3, index)
+            shape[-1] = tokens
+        if shape[-2] != 1:
+            index = b.call(aten.expand.default, b.call(aten.view.default, state.rep,
+                                                       [batch, 1, tokens, 1]),
+                           [batch, shape[1], tokens, shape[-1]])
+            mask = b.call(aten.gather.default, mask, 2, index)
+        out = mask
+    if not proportional or state.size is None:
+        return out
+    log_size = b.call(aten.view.default, b.call(aten.log.default, state.size),
+                      [batch, 1, 1, state.tokens])
+    if out is None:
+        return log_size
+    if out.meta["val"].dtype == torch.bool:
+        return b.call(aten.where.ScalarOther, out, log_size, _NEG_INF)
+    return b.call(aten.add.Tensor, out, log_size)

@@ -1,0 +1,198 @@
+"""merge_tokens: ToMe's bipartite soft matching inserted after the attention of every block.
+
+The block finder (``transformer_blocks``) gives each block's keys and its merge point ``mid``
+(the stream between attention and MLP). Block ``i`` merges ``r_i`` tokens there
+(:mod:`.matching`: similarity of the keys averaged over heads, alternating bipartite split, top
+``r_i`` edges, size-weighted average by scatter-add and divide), so its MLP and every later
+block run on fewer tokens; the schedule is :mod:`.schedule`'s. Token sizes ``s`` are carried
+through the blocks; with ``proportional=True`` every later attention adds ``log s`` to its
+logits on the keys (through SDPA's ``attn_mask``, or before the softmax), the attention mask is
+gathered at each token's representative, and padding keys are never averaged into real ones.
+Everything downstream is re-specialized to the shorter token axis (:mod:`.respecialize`).
+
+Protected: the special tokens the finder reports (learned CLS / distillation / register tokens,
+positions read after the blocks), kept at positions ``0..P-1``. Refused, with the reason:
+causal attention (``is_causal`` or a mask that varies by query, evaluated on the example
+inputs), per-block rotary / relative-position embeddings, reshapes that split the token axis
+(windowed attention), and outputs with a token axis unless ``unmerge=True`` gathers each
+original token's merged value back (dense heads).
+
+Contract: ``r = 0`` is exact (the program is unchanged). Otherwise statistical against
+:class:`graphpress.passes.tokens.reference.MergedReference`, the program before the pass with
+merging simulated at full length by the independent ``graphpress.testing.token_merging``:
+equal up to float rounding (cosine >= 0.9999, SQNR >= 40 dB), since both implement the same
+algorithm and only the order of float operations differs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.fx import Node
+
+from graphpress.errors import PassError
+from graphpress.ir.builder import GraphBuilder
+from graphpress.ir.program import Program
+from graphpress.pipeline.base import Contract, Pass, PassContext, PassResult
+from graphpress.pipeline.registry import register_pass
+
+__all__ = ["MergeTokens"]
+
+aten = torch.ops.aten
+
+
+@register_pass("merge_tokens")
+@dataclass
+class MergeTokens(Pass):
+    """Replaces the token stream of each transformer block with its ToMe-merged version."""
+
+    r: int | list[int] | tuple[int, ...] | None = None
+    flops: float | None = None
+    inflection: float | None = None
+    proportional: bool = True
+    unmerge: bool = False
+    protect: int | None = None
+
+    contract = Contract.statistical(
+        "equal to the input program with bipartite soft matching simulated at full length "
+        "(graphpress.testing.token_merging), up to float rounding", cosine=0.9999, sqnr_db=40.0)
+    requires = ("shapes",)
+
+    def __post_init__(self) -> None:
+        if (self.r is None) == (self.flops is None):
+            raise PassError("merge_tokens needs exactly one of r= (tokens merged per block, or a "
+                            "list with one per block) and flops= (a fraction of the blocks' "
+                            "cost), e.g. merge_tokens(r=8) or merge_tokens(flops=0.6)")
+        if isinstance(self.r, list):
+            self.r = tuple(self.r)
+
+    def contract_for(self, program: Program) -> Contract:
+        if self.flops is None and not any(self._rates_hint()):
+            return Contract.exact(rtol=0.0, atol=0.0)
+        return self.contract
+
+    def _rates_hint(self) -> list[int]:
+        return [self.r] if isinstance(self.r, int) else list(self.r or ())
+
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        from graphpress.passes.tokens.plan import plan_merges
+
+        plan = plan_merges(self, program, ctx)
+        if not plan.any_merge:
+            return PassResult(False, {"blocks": len(plan.rates), "merged_tokens": 0},
+                              details={"summary": plan.summary, "rates": plan.rates})
+        self._apply(program.copy(), plan)  # a refusal found here leaves the program untouched
+        details = self._apply(program, plan)
+        details["summary"] = plan.summary
+        stats = {"blocks": len(plan.rates), "merged_tokens": sum(plan.rates),
+                 "tokens_in": plan.tokens, "tokens_out": plan.tokens - sum(plan.rates),
+                 "protected": plan.protected}
+        return PassResult(True, stats, details=details)
+
+    def _apply(self, program: Program, plan: Any) -> dict[str, Any]:
+        from graphpress.passes.tokens.matching import (
+            attention_bias,
+            initial_state,
+            key_validity,
+            merge_step,
+        )
+        from graphpress.passes.tokens.respecialize import Refusal, changed_axes, respecialize
+
+        blocks = program.analysis("transformer_blocks").blocks
+        old = {n: n.meta.get("val") for n in program.graph.nodes}
+        merge_at = {blk.mid: (blk, rate) for blk, rate in zip(blocks, plan.rates) if rate}
+        sites: dict[Node, Any] = {}
+        for blk in blocks:
+            att = blk.attention
+            at = att.node if att.kind == "sdpa" else (att.mask_add or att.node)
+            sites[at] = blk
+        masks = {blk.attention.mask for blk in blocks if blk.attention.mask is not None}
+        state, fake_mode, cache = None, program.fake_mode(), {}
+        record: dict[str, Any] = {"merges": [], "attention": [], "protected": plan.protected,
+                                  "proportional": self.proportional, "validity_mask": None}
+        for node in list(program.graph.nodes):
+            if node.op == "output":
+                if state is not None:
+                    self._outputs(program, node, old, state, changed_axes)
+                continue
+            if state is not None and node in sites:
+                self._attention(program, sites[node], node, state, cache, attention_bias,
+                                record)
+            if state is not None and node.op == "call_function":
+                try:
+                    respecialize(node, old, plan.protected, fake_mode)
+                except Refusal as exc:
+                    raise PassError(f"merge_tokens cannot merge tokens in this model: {exc}") \
+                        from None
+            if node in merge_at:
+                blk, rate = merge_at[node]
+                before = set(program.graph.nodes)
+                with GraphBuilder(program, anchor=node, pass_name=self.name, after=True) as b:
+                    if state is None:
+                        mask = blk.attention.mask
+                        valid = key_validity(b, mask, node) if mask is not None else None
+                        record["validity_mask"] = mask.name if valid is not None else None
+                        state = initial_state(b, node, valid, self.unmerge,
+                                              self.proportional, bool(masks))
+                    merged, state = merge_step(b, node, blk.attention.key, rate,
+                                               plan.protected, state)
+                new = set(program.graph.nodes) - before
+                node.replace_all_uses_with(merged, delete_user_cb=lambda u: u not in new)
+                old[merged] = old[node]
+                record["merges"].append({"block": blk.index, "mid": blk.mid.name,
+                                         "key": blk.attention.key.name, "r": rate})
+        return record
+
+    def _attention(self, program: Program, blk: Any, node: Node, state: Any,
+                   cache: dict[Any, Node], attention_bias: Any, record: dict[str, Any]) -> None:
+        att = blk.attention
+        batch = att.query.meta["val"].shape[0]
+        key = (att.mask, state.stage)
+        if key not in cache:
+            with GraphBuilder(program, anchor=node, pass_name=self.name) as b:
+                cache[key] = attention_bias(b, att.mask, state, batch, self.proportional)
+        bias = cache[key]
+        if att.kind == "sdpa":
+            record["attention"].append({"at": node.name, "kind": "sdpa"})
+            if bias is not att.mask:
+                if len(node.args) > 3:
+                    node.update_arg(3, bias)
+                else:
+                    node.update_kwarg("attn_mask", bias)
+        elif att.mask_add is not None:
+            record["attention"].append({"at": node.name, "kind": "mask_add"})
+            index = 1 if node.args[1] is att.mask else 0
+            node.update_arg(index, bias)
+        elif bias is not None:
+            record["attention"].append({"at": node.name, "kind": "softmax"})
+            with GraphBuilder(program, anchor=node, pass_name=self.name) as b:
+                node.update_arg(0, b.call(aten.add.Tensor, node.args[0], bias))
+
+    def _outputs(self, program: Program, output: Node, old: dict[Node, Any], state: Any,
+                 changed_axes: Any) -> None:
+        from graphpress.passes.tokens.matching import _take
+
+        for leaf in output.all_input_nodes:
+            axes = changed_axes(old.get(leaf, leaf.meta["val"]), leaf.meta["val"])
+            if not axes:
+                continue
+            shape = tuple(leaf.meta["val"].shape)
+            if not self.unmerge:
+                raise PassError(
+                    f"merge_tokens: the output %{leaf.name} has a token axis "
+                    f"({old[leaf].shape[axes[0]]} tokens, {shape[axes[0]]} after merging): "
+                    "outputs that are per token need merge_tokens(..., unmerge=True), which "
+                    "copies each merged token back to the positions it absorbed")
+            if axes != [1] or len(shape) != 3:
+                raise PassError(f"merge_tokens: cannot unmerge the output %{leaf.name} of "
+                                f"shape {shape}: only [B, N, C] outputs are unmerged")
+            with GraphBuilder(program, anchor=output, pass_name=self.name) as b:
+                restored = _take(b, leaf, state.source, shape[0])
+            output.replace_input_with(leaf, restored)
+
+    def reference(self, before: Program, result: PassResult) -> Any:
+        from graphpress.passes.tokens.reference import MergedReference
+
+        return MergedReference(before, result.details)

@@ -1,0 +1,120 @@
+"""What merge_tokens will do to a program, decided before any edit: the blocks, the protected
+prefix, the per-block r, or the reason the model cannot be merged.
+
+Refused models (an error naming the block and the reason): no transformer block found; blocks
+that do not form one chain (each block's output is the next one's input); causal attention
+(``is_causal``, or a mask that varies by query on the example inputs: causal or windowed),
+and whatever the block finder refused (rotary keys, head layouts it cannot follow).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from graphpress.errors import PassError
+from graphpress.ir.program import Program
+from graphpress.passes.tokens.schedule import (
+    BlockShape,
+    budget_schedule,
+    check_schedule,
+    rate_schedule,
+)
+from graphpress.pipeline.base import PassContext
+
+__all__ = ["MergePlan", "plan_merges"]
+
+aten = torch.ops.aten
+
+
+@dataclass
+class MergePlan:
+    rates: list[int]
+    tokens: int
+    protected: int
+    summary: list[str] = field(default_factory=list)
+
+    @property
+    def any_merge(self) -> bool:
+        return any(self.rates)
+
+
+def _refuse(why: str) -> PassError:
+    return PassError(f"merge_tokens cannot merge tokens in this model: {why}")
+
+
+def _mlp_width(mid: Any, channels: int) -> int:
+    frontier = list(mid.users)
+    for _ in range(3):
+        following = []
+        for node in frontier:
+            if node.target is aten.linear.default:
+                return int(node.meta["val"].shape[-1])
+            following.extend(node.users)
+        frontier = following
+    return 4 * channels
+
+
+def _query_varying_masks(program: Program, blocks: list[Any], ctx: PassContext) -> list[str]:
+    from graphpress.ir.runner import ProgramRunner
+
+    masks = {b.attention.mask.name: b for b in blocks if b.attention.mask is not None}
+    if not masks or not ctx.example_inputs:
+        return []
+    values: dict[str, torch.Tensor] = {}
+    ProgramRunner(program, lambda n, v: values.__setitem__(n.name, v), nodes=masks)(
+        *ctx.example_inputs, **ctx.example_kwargs)
+    found = []
+    for name, value in values.items():
+        if value.dim() == 4 and value.shape[-2] > 1 and not torch.equal(
+                value, value[..., :1, :].expand_as(value)):
+            found.append(f"{masks[name].describe()}: its attention mask %{name} differs "
+                         "between queries (causal or windowed attention), so a merged token "
+                         "would attend what some of its tokens may not")
+    return found
+
+
+def plan_merges(pass_: Any, program: Program, ctx: PassContext) -> MergePlan:
+    analysis = program.analysis("transformer_blocks")
+    blocks = analysis.blocks
+    if not blocks:
+        reasons = "; ".join(f"%{n}: {why}" for n, why in analysis.refused)
+        raise _refuse("no transformer block (attention, then an MLP, each with a residual add) "
+                      "was found" + (f"; attention seen but not used: {reasons}" if reasons
+                                     else "; the graph has no SDPA or softmax attention"))
+    if analysis.refused:
+        n, why = analysis.refused[0]
+        raise _refuse(f"the attention at %{n} is not a block merge_tokens can use: {why}")
+    causal = [b.describe() for b in blocks if b.attention.causal]
+    if causal:
+        raise _refuse(f"causal attention (a decoder), {causal[0]}: merging would let a token "
+                      "see the future of the tokens it absorbed")
+    for prev, nxt in zip(blocks, blocks[1:]):
+        if nxt.stream_in is not prev.output:
+            raise _refuse(f"the blocks are not one chain: block {nxt.index} reads "
+                          f"%{nxt.stream_in.name}, not block {prev.index}'s output "
+                          f"%{prev.output.name}")
+    varying = _query_varying_masks(program, blocks, ctx)
+    if varying:
+        raise _refuse(varying[0])
+    tokens = blocks[0].tokens
+    if not isinstance(tokens, int):
+        raise _refuse(f"the token count of {blocks[0].describe()} is dynamic ({tokens}); "
+                      "merge_tokens needs a static sequence length")
+    protected = analysis.special_tokens if pass_.protect is None else pass_.protect
+    shapes = [BlockShape(f"block {b.index} ({b.module or b.attention.node.name})", b.channels,
+                         _mlp_width(b.mid, b.channels)) for b in blocks]
+    summary = [f"{len(blocks)} transformer blocks, {tokens} tokens, {protected} protected"
+               + (f" ({'; '.join(analysis.special_reasons)})" if analysis.special_reasons
+                  else "")]
+    if pass_.flops is not None:
+        rates, line = budget_schedule(pass_.flops, tokens, protected, shapes)
+        summary.append(line)
+    else:
+        rates = rate_schedule(pass_.r, len(blocks), pass_.inflection)
+    counts = check_schedule(rates, tokens, protected, shapes)
+    summary.append("r per block: " + ", ".join(map(str, rates)) + "; tokens per block: "
+                   + ", ".join(map(str, counts)) + f" -> {counts[-1] - rates[-1]}")
+    return MergePlan(rates, tokens, protected, summary)
