@@ -482,6 +482,122 @@ class DigitsCNN(nn.Module):
         return self.classifier(self.features(x).flatten(1))
 
 
+def _channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    n, c, h, w = x.shape
+    return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+class _ShuffleUnit(nn.Module):
+    """ShuffleNetV2's unit: half the channels pass, the other half runs a 1x1-dw3x3-1x1 branch;
+    concatenated and shuffled (2 groups)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        half = channels // 2
+        self.branch = nn.Sequential(
+            _conv_bn_relu(half, half, 1),
+            nn.Conv2d(half, half, 3, padding=1, groups=half, bias=False),
+            nn.BatchNorm2d(half),
+            _conv_bn_relu(half, half, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        passed, rest = x.chunk(2, dim=1)
+        return _channel_shuffle(torch.cat([passed, self.branch(rest)], dim=1), 2)
+
+
+class ShuffleNet(nn.Module):
+    """Two ShuffleNetV2 units, then grouped 1x1 convs (4 groups) with GroupNorm and a channel
+    shuffle of 4 groups between them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = _conv_bn_relu(3, 16)
+        self.units = nn.Sequential(_ShuffleUnit(16), _ShuffleUnit(16))
+        self.group_a = nn.Conv2d(16, 32, 1, groups=4)
+        self.norm_a = nn.GroupNorm(16, 32)
+        self.group_b = nn.Conv2d(32, 32, 1, groups=4)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.units(self.stem(x))
+        x = _channel_shuffle(F.relu(self.norm_a(self.group_a(x))), 4)
+        return self.head(F.relu(self.group_b(x)).mean((2, 3)))
+
+
+class _WeightStandardizedConv2d(nn.Conv2d):
+    """A conv whose weight is standardized per output channel (BiT), written as a training-mode
+    ``batch_norm`` over the weight viewed ``[1, out, in * k * k]``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = self.weight.reshape(1, self.out_channels, -1)
+        weight = F.batch_norm(flat, None, None, training=True, momentum=0.0, eps=1e-5)
+        return F.conv2d(x, weight.reshape_as(self.weight), self.bias, self.stride, self.padding)
+
+
+class WeightStandardizedNet(nn.Module):
+    """Weight-standardized convs with GroupNorm (BiT style), each feeding a plain conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ws1, self.norm1 = _WeightStandardizedConv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16)
+        self.conv2, self.norm2 = nn.Conv2d(16, 16, 3, padding=1), nn.GroupNorm(4, 16)
+        self.ws3 = _WeightStandardizedConv2d(16, 32, 3, padding=1, bias=False)
+        self.conv4 = nn.Conv2d(32, 16, 1)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.norm1(self.ws1(x)))
+        x = F.relu(self.norm2(self.conv2(x)))
+        x = F.relu(self.conv4(F.relu(self.ws3(x))))
+        return self.head(x.mean((2, 3)))
+
+
+class _FusedQKVBlock(nn.Module):
+    """Pre-norm attention with one q|k|v projection (4 query, 2 KV heads: unequal parts), then
+    one with a separate q and a fused k|v projection, ``repeat_interleave``d KV heads."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = 4, 2, dim // 4
+        kv = self.kv_heads * self.head_dim
+        self.norm1, self.qkv = nn.LayerNorm(dim), nn.Linear(dim, dim + 2 * kv)
+        self.out1 = nn.Linear(dim, dim)
+        self.norm2, self.q, self.kv = nn.LayerNorm(dim), nn.Linear(dim, dim), nn.Linear(dim, 2 * kv)
+        self.out2 = nn.Linear(dim, dim)
+
+    def _heads(self, t: torch.Tensor, heads: int) -> torch.Tensor:
+        return t.unflatten(-1, (heads, self.head_dim)).transpose(1, 2)
+
+    def _merge(self, t: torch.Tensor) -> torch.Tensor:
+        return t.transpose(1, 2).flatten(-2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kv = self.kv_heads * self.head_dim
+        q, k, v = self.qkv(self.norm1(x)).split([x.shape[-1], kv, kv], dim=-1)
+        q, k, v = self._heads(q, self.heads), self._heads(k, self.kv_heads), self._heads(
+            v, self.kv_heads)
+        x = x + self.out1(self._merge(F.scaled_dot_product_attention(q, k, v, enable_gqa=True)))
+        h = self.norm2(x)
+        k, v = (self._heads(t, self.kv_heads).repeat_interleave(2, dim=1)
+                for t in self.kv(h).split([kv, kv], dim=-1))
+        out = F.scaled_dot_product_attention(self._heads(self.q(h), self.heads), k, v,
+                                             is_causal=True)
+        return x + self.out2(self._merge(out))
+
+
+class FusedQKVNet(nn.Module):
+    """Two blocks of fused-projection grouped-query attention (``_FusedQKVBlock``)."""
+
+    def __init__(self, dim: int = 32) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(_FusedQKVBlock(dim), _FusedQKVBlock(dim))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.blocks(x))
+
+
 # --------------------------------------------------------------------------------------------------
 # Trained digits model
 # --------------------------------------------------------------------------------------------------
@@ -650,6 +766,62 @@ def _hf_mobilenet_v2(*, tiny: bool) -> nn.Module:
         config = MobileNetV2Config(num_labels=1000)
     image = _TINY_IMAGE if tiny else _FULL_IMAGE
     return _instantiate(lambda: MobileNetV2ForImageClassification(config), image)
+
+
+def _hf_gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=100,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        use_cache=False,
+        attn_implementation="sdpa",
+    )
+    return _instantiate(lambda: GPT2LMHeadModel(config))
+
+
+def _hf_swin() -> nn.Module:
+    from transformers import SwinConfig, SwinForImageClassification
+
+    config = SwinConfig(
+        image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4],
+        window_size=4, num_labels=10,
+    )
+    return _instantiate(lambda: SwinForImageClassification(config))
+
+
+def _hf_levit() -> nn.Module:
+    from transformers import LevitConfig, LevitForImageClassification
+
+    config = LevitConfig(
+        image_size=32, hidden_sizes=[16, 32, 48], num_attention_heads=[2, 2, 2], depths=[1, 1, 1],
+        key_dim=[8, 8, 8], num_labels=10,
+    )
+    return _instantiate(lambda: LevitForImageClassification(config), _TINY_IMAGE)
+
+
+def _hf_convnext_v2() -> nn.Module:
+    from transformers import ConvNextV2Config, ConvNextV2ForImageClassification
+
+    config = ConvNextV2Config(
+        num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], image_size=32, num_labels=10
+    )
+    return _instantiate(lambda: ConvNextV2ForImageClassification(config))
+
+
+def _hf_bit() -> nn.Module:
+    from transformers import BitConfig, BitForImageClassification
+
+    config = BitConfig(
+        embedding_size=8, hidden_sizes=[16, 32], depths=[1, 1], num_groups=4, num_labels=10,
+        layer_type="bottleneck",
+    )
+    return _instantiate(lambda: BitForImageClassification(config))
 
 
 @contextmanager
@@ -863,6 +1035,63 @@ _MODELS: tuple[ZooModel, ...] = (
         example_inputs=_digits_inputs,
         tags=frozenset({"handwritten", "conv", "batchnorm", "trained"}),
         description="Small CNN trained on scikit-learn's 8x8 digits (>90% test accuracy).",
+    ),
+    ZooModel(
+        name="hf_gpt2",
+        build=_hf_gpt2,
+        example_inputs=functools.partial(_token_inputs, 100, 2, 8, with_mask=False),
+        tags=frozenset({"hf", "attention", "transformer", "token_inputs"}),
+        description="Tiny GPT2LMHeadModel: Conv1D layers (addmm with an [in, out] weight).",
+    ),
+    ZooModel(
+        name="hf_swin",
+        build=_hf_swin,
+        example_inputs=_inputs(2, _TINY_IMAGE),
+        tags=frozenset({"hf", "attention", "transformer"}),
+        description="Tiny SwinForImageClassification: windows, relative position bias tables.",
+    ),
+    ZooModel(
+        name="hf_levit",
+        build=_hf_levit,
+        example_inputs=_inputs(2, _TINY_IMAGE),
+        tags=frozenset({"hf", "conv", "batchnorm", "attention", "transformer"}),
+        description="Tiny LevitForImageClassification: attention biases indexed by constants, "
+        "split q|k|v inside each head, BatchNorm after linears (reshape_as).",
+    ),
+    ZooModel(
+        name="hf_convnext_v2",
+        build=_hf_convnext_v2,
+        example_inputs=_inputs(2, _TINY_IMAGE),
+        tags=frozenset({"hf", "conv"}),
+        description="Tiny ConvNextV2ForImageClassification: global response normalization.",
+    ),
+    ZooModel(
+        name="hf_bit",
+        build=_hf_bit,
+        example_inputs=_inputs(2, _TINY_IMAGE),
+        tags=frozenset({"hf", "conv"}),
+        description="Tiny BitForImageClassification: weight-standardized convs, GroupNorm.",
+    ),
+    ZooModel(
+        name="shuffle_net",
+        build=_handwritten(ShuffleNet, _SMALL_IMAGE),
+        example_inputs=_inputs(2, _SMALL_IMAGE),
+        tags=frozenset({"handwritten", "conv", "batchnorm"}),
+        description=ShuffleNet.__doc__ or "",
+    ),
+    ZooModel(
+        name="weight_standardized_net",
+        build=_handwritten(WeightStandardizedNet, _SMALL_IMAGE),
+        example_inputs=_inputs(2, _SMALL_IMAGE),
+        tags=frozenset({"handwritten", "conv"}),
+        description=WeightStandardizedNet.__doc__ or "",
+    ),
+    ZooModel(
+        name="fused_qkv_net",
+        build=_handwritten(FusedQKVNet, (8, 32)),
+        example_inputs=_inputs(2, (8, 32)),
+        tags=frozenset({"handwritten", "attention", "gqa", "transformer"}),
+        description=FusedQKVNet.__doc__ or "",
     ),
 )
 

@@ -19,6 +19,7 @@ analysis never cuts wrongly and never crashes on an unknown op.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -95,13 +96,13 @@ class Tracer:
     """Union-find over channel symbols plus the per-node layouts of one propagation round."""
 
     def __init__(self, cuts: dict[tuple[str, int], set[int]],
-                 grain: dict[tuple[str, int], int]) -> None:
+                 grain: dict[tuple[str, int], dict[tuple[int, int], int]]) -> None:
         self.parent: list[int] = []
         self.size: list[int] = []
         self.blocked: dict[int, list[str]] = {}
         self.origin: dict[int, tuple[str, int, int, int]] = {}   # -> (weight, axis, start, rep)
         self.cuts = cuts            # (weight, axis) -> element offsets where channels split
-        self.grain = grain          # (weight, axis) -> elements per channel (heads: head_dim)
+        self.grain = grain          # (weight, axis) -> {(start, end): elements per channel}
         self.heads: set[int] = set()
         self.head_dim = False       # C -> (heads, head_dim): channels are head_dim positions
         self.opaque: set[int] = set()   # symbols of fixed dimensions (never channels)
@@ -152,27 +153,33 @@ class Tracer:
     def created(self, weight: str, axis: int, n: int) -> Layout:
         """Fresh channel symbols for a weight axis that creates channels, split at its cuts and
         grouped by its grain (``rep`` consecutive elements per channel)."""
-        g = self.grain.get((weight, axis), 1)
+        grains = self.grain.get((weight, axis), {})
         bounds = sorted({0, n} | {c for c in self.cuts.get((weight, axis), ()) if 0 < c < n})
         atoms = []
         for start, end in itertools.pairwise(bounds):
+            g = math.lcm(1, *(k for (lo, hi), k in grains.items() if lo <= start < hi))
             rep = g if (end - start) % g == 0 and start % g == 0 else 1
             sym = self.new((end - start) // rep)
             self.origin[sym] = (weight, axis, start, rep)
             atoms.append((sym, rep))
         return tuple(atoms)
 
-    def _sites(self, sym: int) -> list[tuple[str, int, int, int]]:
+    def _sites(self, sym: int) -> list[tuple[int, tuple[str, int, int, int]]]:
+        """The weight atoms of ``sym``'s group: (symbol, (weight, axis, start, rep))."""
         root = self.find(sym)
         if root in self.blocked:
             return []
-        return [o for s, o in self.origin.items() if self.find(s) == root]
+        return [(s, o) for s, o in self.origin.items() if self.find(s) == root]
 
     def request_grain(self, sym: int, factor: int) -> bool:
-        """Ask for the channels of ``sym``'s group to be ``factor`` times coarser (whole heads)."""
+        """Ask for the channels of ``sym``'s group to be ``factor`` times coarser (whole heads),
+        in the range of each weight axis its atoms occupy (a fused q|k|v keeps one grain per
+        part)."""
         sites = self._sites(sym)
-        for weight, axis, _, rep in sites:
-            self.grain[(weight, axis)] = rep * factor
+        for s, (weight, axis, start, rep) in sites:
+            ranges = self.grain.setdefault((weight, axis), {})
+            span = (start, start + self.size[s] * rep)
+            ranges[span] = math.lcm(ranges.get(span, 1), rep * factor)
         return bool(sites)
 
     # ------------------------------------------------------------- unify
@@ -197,9 +204,13 @@ class Tracer:
 
     def refined(self, ok: bool, layouts: Iterable[Layout], where: str) -> None:
         """After asking for cuts: rerun if they were recorded, else block for good."""
+        layouts = list(layouts)
         self.dirty = self.dirty or ok
         why = "realigned (rerun)" if ok else "do not align"
-        self.block(layouts, f"channel ranges {why} at {where}")
+        blocked = [r for layout in layouts for s, _ in layout or ()
+                   for r in self.blocked.get(self.find(s), [])]
+        cause = f" with a dimension blocked by {blocked[0]}" if blocked and not ok else ""
+        self.block(layouts, f"channel ranges {why} at {where}{cause}")
 
     def cut_at(self, a: Layout, bounds: set[int]) -> bool:
         """Ask for the weight axes creating ``a`` to be cut at element offsets ``bounds``."""
@@ -214,7 +225,7 @@ class Tracer:
 
     def request_cut(self, sym: int, channel: int) -> bool:
         sites = self._sites(sym)
-        for weight, axis, start, rep in sites:
+        for _, (weight, axis, start, rep) in sites:
             self.cuts.setdefault((weight, axis), set()).add(start + channel * rep)
         return bool(sites)
 
@@ -231,7 +242,7 @@ def _analyse(program: Program, head_dim: bool) -> Tracer:
     from graphpress.analysis.channels.rules import propagate
 
     cuts: dict[tuple[str, int], set[int]] = {}
-    grain: dict[tuple[str, int], int] = {}
+    grain: dict[tuple[str, int], dict[tuple[int, int], int]] = {}
     for _ in range(_MAX_ROUNDS):
         tracer = Tracer(cuts, grain)
         tracer.head_dim = head_dim

@@ -89,7 +89,7 @@ def view_rule(t: Tracer, node: Node, program: Program) -> Any:
             pieces.append([*layouts[:d], piece, *layouts[d + 1:]])
             start = end
         return tuple(pieces)
-    out = _reshape(t, layouts, shape(x), shape(node), where)
+    out = _reshape(t, layouts, shape(x), shape(node), where, _swapped_pairs(node))
     if name in ("reshape_as", "view_as"):
         return _like(t, node, out, [True] * len(out), program, where)
     return out
@@ -118,7 +118,7 @@ def slice_layout(t: Tracer, layout: Layout, start: int, end: int, where: str) ->
     if start in bounds and end in bounds:
         return layout[bounds.index(start):bounds.index(end)]
     t.refined(t.cut_at(layout, {start, end}), [layout], where)
-    return t.fixed(end - start, where)
+    return t.fixed(end - start, f"a slice of channels that do not align at {where}")
 
 
 def _cat(t: Tracer, node: Node, program: Program, where: str) -> Any:
@@ -161,8 +161,29 @@ def _groups(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int], lis
     return out if i == len(ia) and j == len(jb) else None
 
 
+def _swapped_pairs(node: Node) -> set[tuple[int, int]]:
+    """Adjacent output dims ``(j, j + 1)`` that every user of a reshape swaps (a channel shuffle
+    ``view(n, g, c/g, h, w).transpose(1, 2)``)."""
+    pairs = None
+    for user in node.users:
+        name = str(user.target)
+        if "transpose" in name and len(user.args) == 3:
+            rank = node.meta["val"].dim()
+            pair = tuple(sorted((user.args[1] % rank, user.args[2] % rank)))
+        elif "permute" in name:
+            perm = list(user.args[1])
+            moved = [i for i, p in enumerate(perm) if i != p]
+            pair = tuple(moved) if len(moved) == 2 else ()
+        else:
+            return set()
+        if len(pair) != 2 or pair[1] != pair[0] + 1:
+            return set()
+        pairs = {pair} if pairs is None else pairs & {pair}
+    return pairs or set()
+
+
 def _reshape(t: Tracer, layouts: list[Layout], a: tuple[int, ...], b: tuple[int, ...],
-             where: str) -> list[Layout]:
+             where: str, swapped: set[tuple[int, int]] = frozenset()) -> list[Layout]:
     out: list[Layout | None] = [None] * len(b)
     groups = _groups(a, b)
     if groups is None:
@@ -187,8 +208,10 @@ def _reshape(t: Tracer, layouts: list[Layout], a: tuple[int, ...], b: tuple[int,
                                   for _, r in layouts[gi[0]]):
             inner = math.prod(b[j] for j in gj[1:])     # split back a merged C*H*W
             out[gj[0]] = tuple((s, r // inner) for s, r in layouts[gi[0]])
-        elif len(gi) == 1 and (len(gj) > 2 or t.head_dim):  # (3, heads, head_dim) of a fused
-            # qkv: q, k, v share their heads; in head_dim mode every head shares its positions
+        elif len(gi) == 1 and (len(gj) > 2 or t.head_dim or tuple(gj) in swapped):
+            # (3, heads, head_dim) of a fused qkv: q, k, v share their heads; in head_dim mode
+            # every head shares its positions; a channel shuffle's (g, c/g) then transposed:
+            # the g groups share their c/g channels, which the merge of (c/g, g) restores
             from graphpress.analysis.channels.layers import same_in_every_group
 
             piece = same_in_every_group(t, layouts[gi[0]], b[gj[0]], where)
