@@ -32,7 +32,7 @@ from graphpress.pipeline.report import Report
 from graphpress.pipeline.report_graph import ReportCollector
 from graphpress.pipeline.samples import generate_samples
 
-__all__ = ["CompiledModel", "compile", "load", "load_report"]
+__all__ = ["CompiledModel", "compile", "load", "load_report", "rebuild_report"]
 
 FORMAT_VERSION = 2
 """manifest.json format: 2 records each file's size and sha256 and the op libraries."""
@@ -243,8 +243,9 @@ def _saved_report(folder: Path, manifest: dict[str, Any]) -> Report:
 def load_report(folder: str | Path) -> Report:
     """The report of a folder written by ``CompiledModel.save``, without loading the model.
 
-    The folder is checked as ``load`` checks it (manifest, each file's size and sha256);
-    ``load_report(folder).save_html(path)`` rebuilds the HTML page (``graphpress report``).
+    The manifest is checked as ``load`` checks it, and of the files only ``report.json`` (its
+    size and sha256), so a deleted or edited ``report.html`` can be rebuilt:
+    ``load_report(folder).save_html(path)`` (``graphpress report``).
     """
     from graphpress.errors import ArtifactError
     from graphpress.ir.artifacts import read_manifest, verify_files
@@ -252,9 +253,30 @@ def load_report(folder: str | Path) -> Report:
     folder = Path(folder)
     manifest = read_manifest(folder, "manifest.json", format_version=FORMAT_VERSION,
                              resave="CompiledModel.save")
-    verify_files(folder, manifest, "manifest.json", resave="CompiledModel.save")
+    files = manifest["files"]
+    if isinstance(files, dict) and "report.json" in files:
+        verify_files(folder, {**manifest, "files": {"report.json": files["report.json"]}},
+                     "manifest.json", resave="CompiledModel.save")
     try:
         return _saved_report(folder, manifest)
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{folder} holds no readable report ({type(exc).__name__}: {exc}). "
                             "Fix: save the model again with CompiledModel.save") from None
+
+
+def rebuild_report(folder: str | Path, output: str | Path | None = None) -> Path:
+    """Write the HTML report of a saved folder again (default: its ``report.html``, whose
+    manifest record is then updated so that ``load`` still accepts the folder)."""
+    from graphpress.ir.artifacts import file_records
+
+    folder = Path(folder)
+    report = load_report(folder)
+    target = Path(output) if output is not None else folder / "report.html"
+    report.save_html(target)
+    if target.resolve() == (folder / "report.html").resolve():
+        manifest_path = folder / "manifest.json"
+        manifest = json.loads(manifest_path.read_text())
+        if isinstance(manifest["files"], dict) and "report.html" in manifest["files"]:
+            manifest["files"].update(file_records(folder, ["report.html"]))
+            manifest_path.write_text(json.dumps(manifest, indent=2, default=str))
+    return target

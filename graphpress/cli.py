@@ -2,16 +2,23 @@
 
 ::
 
-    graphpress demo [--model NAME] [--verify | --no-verify]
-    graphpress compile MODULE:FACTORY [--inputs SPEC] [--passes PIPELINE] [--backend eager]
-                       [--frontend export] [--verify] [--seed N] [-o DIR]
+    graphpress demo [--model NAME] [--verify | --no-verify] [-o DIR] [--epochs N] [--quiet]
+    graphpress compile (MODULE:FACTORY | --hf PATH | --hf-config JSON --hf-class CLASS)
+                       [--inputs SPEC] [--passes PIPELINE] [--backend eager]
+                       [--frontend export] [--verify] [--seed N] [-o DIR] [--report HTML]
+    graphpress report DIR [-o HTML]
     graphpress passes
 
-``demo`` compiles a model of the zoo through :data:`DEMO_PIPELINE` (cleanup, BatchNorm folding
-and int8 quantization calibrated on generated batches) with verification. ``compile`` (default
-pipeline :data:`COMPILE_PIPELINE`) imports ``MODULE`` (the current directory is on the import
-path), calls ``FACTORY()`` for the model, or for ``(model, example_inputs)``, and compiles it.
-``passes`` lists every registered pass, plugins included.
+``demo`` runs the whole job on the zoo's trained ``digits_cnn`` (see :mod:`graphpress.demo`):
+:data:`DEMO_PIPELINE` with a fine-tune after pruning, a before/after table and an HTML report.
+``compile`` (default pipeline :data:`COMPILE_PIPELINE`) imports ``MODULE`` (the current
+directory is on the import path), calls ``FACTORY()`` for the model, or for
+``(model, example_inputs)``, and compiles it; or builds a Hugging Face ``transformers`` model
+from a local folder (``--hf``: config and weights, nothing downloaded) or from a config JSON
+with random weights (``--hf-config``, ``--hf-class``), with inputs made from its config unless
+``--inputs`` is given. It writes the HTML report (``DIR/report.html`` with ``-o``, else
+``--report``, default ``graphpress-report.html``). ``report`` rebuilds the HTML report of a
+saved folder. ``passes`` lists every registered pass, plugins included.
 
 Errors graphpress raises on purpose (:class:`~graphpress.errors.GraphpressError`) and bad
 command-line input print one line ``graphpress: error: ...`` to stderr and exit with status 2;
@@ -23,31 +30,34 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import json
 import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
 from torch.utils import _pytree as pytree
 
 import graphpress as gp
+from graphpress.api import rebuild_report
+from graphpress.demo import DEMO_MODEL, PRUNE_PIPELINE, QUANT_PIPELINE, run_demo
 from graphpress.errors import GraphpressError
 from graphpress.frontends import FRONTENDS
 from graphpress.numerics import compare_outputs
 from graphpress.pipeline.registry import available_passes
-from graphpress.pipeline.samples import generate_samples
 
-__all__ = ["COMPILE_PIPELINE", "DEMO_MODEL", "DEMO_PIPELINE", "UsageError", "main",
-           "parse_inputs"]
+__all__ = ["COMPILE_PIPELINE", "DEMO_MODEL", "DEMO_PIPELINE", "DEFAULT_REPORT", "UsageError",
+           "main", "parse_inputs"]
 
 # Every built-in pass that applies to any model; a new generic pass is added here.
 COMPILE_PIPELINE = "fold_bn, fixpoint(dce, cse, fold_constants)"
-DEMO_PIPELINE = COMPILE_PIPELINE + ", insert_fake_quant(scheme='int8_static')"
-DEMO_CALIBRATION_BATCHES = 8
-# A zoo model with batch norm, residual connections and a linear head: work for most passes.
-DEMO_MODEL = "residual_chain"
+# the demo's two compiles (a fine-tune runs between them), then the ONNX backend
+DEMO_PIPELINE = f"{PRUNE_PIPELINE}, {QUANT_PIPELINE}"
+DEFAULT_REPORT = "graphpress-report.html"
+_HF_SEQUENCE = 16  # tokens of the generated input_ids of a Hugging Face text model
 _INT_HIGH = 100  # integer example inputs are drawn from [0, _INT_HIGH)
 _INPUTS_HELP = ('comma-separated shapes, each with an optional dtype: "2x3x32x32" or '
                 '"2x3x32x32:float32,2x8:int64" (seeded random tensors; integer dtypes get '
@@ -162,36 +172,108 @@ def _run_demo(args: argparse.Namespace) -> int:
     from graphpress.testing.zoo import get_model
 
     try:
-        entry = get_model(args.model)
+        get_model(args.model)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    model, inputs = entry.make()
-    print(f"graphpress demo: {entry.name}: {entry.description}")
-    print(f"pipeline: {DEMO_PIPELINE} (verify={args.verify}; calibrated on "
-          f"{DEMO_CALIBRATION_BATCHES} generated batches)")
-    batches = [args_ for args_, _ in generate_samples((inputs, {}), DEMO_CALIBRATION_BATCHES,
-                                                       seed=1)]
-    compiled = gp.compile(model, inputs, passes=DEMO_PIPELINE, verify=args.verify,
-                          calibration_data=batches)
-    print(compiled.report())
-    print(_summary(compiled, model, inputs))
+    run_demo(args.model, verify=args.verify, output=args.output, epochs=args.epochs,
+             progress=False if args.quiet else None)
     return 0
 
 
+# ------------------------------------------------------------------------------ hugging face
+def _hf_inputs(model: torch.nn.Module, seed: int) -> tuple[torch.Tensor, ...]:
+    """Example inputs from a Hugging Face model's config: token ids or an image batch."""
+    config, name = model.config, getattr(model, "main_input_name", "input_ids")
+    generator = torch.Generator().manual_seed(seed)
+    if name == "input_ids" and getattr(config, "vocab_size", None):
+        return (torch.randint(0, config.vocab_size, (1, _HF_SEQUENCE), generator=generator),)
+    if name == "pixel_values" and getattr(config, "image_size", None):
+        size = config.image_size
+        size = tuple(size) if isinstance(size, list | tuple) else (size, size)
+        channels = getattr(config, "num_channels", 3)
+        return (torch.randn((1, channels, *size), generator=generator),)
+    raise UsageError(f"cannot make example inputs for {type(model).__name__} (main input "
+                     f"{name!r}); give --inputs SPEC")
+
+
+def _hf_class(name: str | None, default: str) -> Any:
+    import transformers
+
+    cls = getattr(transformers, name or default, None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module | transformers.AutoModel)):
+        raise UsageError(f"--hf-class {name!r} is not a transformers model class; use one such "
+                         "as LlamaForCausalLM, BertModel or ViTForImageClassification")
+    return cls
+
+
+def _build_hf(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    """A model from a local folder (--hf) or a config JSON with random weights (--hf-config)."""
+    try:
+        import transformers
+    except ImportError:
+        raise UsageError("--hf and --hf-config need the transformers package "
+                         "(pip install transformers)") from None
+    if args.hf:
+        folder = Path(args.hf)
+        if not (folder / "config.json").is_file():
+            raise UsageError(f"--hf takes a local folder with config.json and weights (nothing "
+                             f"is downloaded); {folder} has no config.json")
+        try:
+            model = _hf_class(args.hf_class, "AutoModel").from_pretrained(
+                folder, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot load a model from {folder}: {_one_line(exc)}") from None
+    else:
+        if not args.hf_class:
+            raise UsageError("--hf-config needs --hf-class, e.g. --hf-class LlamaForCausalLM")
+        path = Path(args.hf_config)
+        try:
+            data = json.loads(path.read_text())
+            config = transformers.AutoConfig.for_model(**data)
+        except (OSError, json.JSONDecodeError, ValueError, TypeError) as exc:
+            raise UsageError(f"cannot read a transformers config from {path}: "
+                             f"{_one_line(exc)} (it needs a \"model_type\" entry)") from None
+        torch.manual_seed(args.seed)
+        model = _hf_class(args.hf_class, "")(config)
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False  # no key/value cache outputs in the traced graph
+    return model.eval(), _hf_inputs(model, args.seed)
+
+
 def _run_compile(args: argparse.Namespace) -> int:
-    model, inputs = _build(args.target)
+    sources = sum(x is not None for x in (args.target, args.hf, args.hf_config))
+    if sources != 1:
+        raise UsageError("give exactly one model: MODULE:FACTORY, --hf FOLDER or "
+                         "--hf-config JSON --hf-class CLASS")
+    if args.target is not None:
+        model, inputs = _build(args.target)
+        name = args.target
+    else:
+        model, inputs = _build_hf(args)
+        name = f"{type(model).__name__} from {args.hf or args.hf_config}"
     if args.inputs is not None:
         inputs = parse_inputs(args.inputs, args.seed)
     elif inputs is None:
         raise UsageError(f"{args.target}() returned only a model; give --inputs SPEC "
                          "(e.g. --inputs 2x3x32x32) or return (model, example_inputs)")
-    print(f"compiling {args.target} on inputs {_describe_inputs(inputs)}")
+    print(f"compiling {name} on inputs {_describe_inputs(inputs)}")
     compiled = gp.compile(model, inputs, passes=args.passes, backend=args.backend,
                           frontend=args.frontend, verify=args.verify)
     print(compiled.report())
     print(_summary(compiled, model, inputs))
     if args.output:
         print(f"saved to {compiled.save(args.output)}")
+        report = Path(args.output) / "report.html"
+        if args.report:
+            report = compiled.report().save_html(args.report)
+    else:
+        report = compiled.report().save_html(args.report or DEFAULT_REPORT)
+    print(f"report: {report}")
+    return 0
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    print(f"report: {rebuild_report(args.folder, args.output)}")
     return 0
 
 
@@ -221,19 +303,37 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"graphpress {gp.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = commands.add_parser("demo", help="compile a bundled model and print the report",
-                               description=f"Compile a zoo model through {DEMO_PIPELINE}.")
+    demo = commands.add_parser(
+        "demo", help="the whole job on a trained model: table and HTML report",
+        description=f"Train (seconds) the digits CNN, compile it through {PRUNE_PIPELINE}, "
+                    f"fine-tune, then {QUANT_PIPELINE} and ONNX; print accuracy, size and "
+                    "latency before and after, and write the HTML report.")
     demo.add_argument("--model", default=DEMO_MODEL,
-                      help=f"zoo model name (default: {DEMO_MODEL})")
+                      help=f"zoo model name (default: {DEMO_MODEL}; other models are not "
+                           "fine-tuned and are compared by output cosine)")
     demo.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                       help="check every pass's numerical contract (default: on)")
+    demo.add_argument("-o", "--output", default="graphpress-demo", metavar="DIR",
+                      help="folder for report.html, the saved model and the ONNX file "
+                           "(default: graphpress-demo)")
+    demo.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs (default: 3)")
+    demo.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(handler=_run_demo)
 
     compile_ = commands.add_parser(
-        "compile", help="compile your model: MODULE:FACTORY",
+        "compile", help="compile your model: MODULE:FACTORY or a Hugging Face model",
         description="Import MODULE, call FACTORY() for a model (put in eval mode) or "
-                    "(model, example_inputs), compile it and print the report.")
-    compile_.add_argument("target", metavar="MODULE:FACTORY")
+                    "(model, example_inputs); or build a transformers model from a local "
+                    "folder (--hf) or a config JSON (--hf-config, --hf-class; random "
+                    "weights). Compile it, print the report and write the HTML report.")
+    compile_.add_argument("target", metavar="MODULE:FACTORY", nargs="?")
+    compile_.add_argument("--hf", metavar="FOLDER",
+                          help="a local Hugging Face model folder (config.json + weights)")
+    compile_.add_argument("--hf-config", metavar="JSON",
+                          help="a transformers config JSON (with model_type); random weights")
+    compile_.add_argument("--hf-class", metavar="CLASS",
+                          help="transformers class, e.g. LlamaForCausalLM (default with --hf: "
+                               "AutoModel)")
     compile_.add_argument("--inputs", metavar="SPEC",
                           help=_INPUTS_HELP + "; overrides inputs the factory returns")
     compile_.add_argument("--seed", type=int, default=0, help="seed of the --inputs tensors")
@@ -244,7 +344,18 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("--verify", action=argparse.BooleanOptionalAction, default=False,
                           help="check every pass's numerical contract (default: off)")
     compile_.add_argument("-o", "--output", metavar="DIR", help="save the compiled model here")
+    compile_.add_argument("--report", metavar="HTML",
+                          help=f"HTML report path (default: DIR/report.html with -o, else "
+                               f"{DEFAULT_REPORT})")
     compile_.set_defaults(handler=_run_compile)
+
+    report = commands.add_parser("report", help="rebuild the HTML report of a saved folder",
+                                 description="Rebuild the HTML report of a folder written by "
+                                             "CompiledModel.save (graphpress compile -o).")
+    report.add_argument("folder", metavar="DIR")
+    report.add_argument("-o", "--output", metavar="HTML",
+                        help="where to write it (default: DIR/report.html)")
+    report.set_defaults(handler=_run_report)
 
     passes = commands.add_parser("passes", help="list registered passes, plugins included")
     passes.set_defaults(handler=_run_passes)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import graphpress as gp
-from graphpress.cli import DEMO_PIPELINE, main, parse_inputs
+from graphpress.cli import DEFAULT_REPORT, main, parse_inputs
+from graphpress.demo import PRUNE_PIPELINE, QUANT_PIPELINE
 
 FACTORY_MODULE = "graphpress_cli_test_models"
 FACTORY_SOURCE = textwrap.dedent('''
@@ -95,22 +96,49 @@ def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
     return line
 
 
-def test_demo_compiles_with_verification(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo"]) == 0
+def _table(out: str) -> dict[str, list[str]]:
+    """The demo's before/after table: stage -> its figures."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("stage "))
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.strip() or line.startswith("bytes:"):
+            break
+        stage, *figures = line.rsplit(None, 5)
+        rows[stage.strip()] = figures
+    return rows
+
+
+def test_demo_runs_the_whole_job_on_the_trained_model(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "-o", str(tmp_path / "demo"), "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert DEMO_PIPELINE in out and "verify=True" in out
-    for name in ("fold_bn", "dce", "cse", "fold_constants", "insert_fake_quant"):
+    assert PRUNE_PIPELINE in out and QUANT_PIPELINE in out and "verify=True" in out
+    for name in ("fold_bn", "prune_channels", "dce", "quantize/insert_fake_quant"):
         assert f"\n{name} " in out
-    assert "end-to-end vs model: max abs error" in out and "SQNR" in out
-    last = out.strip().splitlines()[-1]
-    assert last.startswith("compiled vs original output: max abs error")
-    # int8: within a few percent of the outputs' scale, not bit-exact
-    assert 0 < float(last.split("max abs error ")[1].split(";")[0]) <= 0.1
+    rows = _table(out)
+    assert list(rows) == ["trained model (fp32)", "fold_bn + prune 50%",
+                          "+ fine-tune 3 epochs", "+ int8 fake-quant (eager)",
+                          "+ ONNX (onnxruntime int8)"]
+    accuracy = {stage: float(figures[0].rstrip("%")) for stage, figures in rows.items()}
+    params = {stage: int(figures[1].replace(",", "")) for stage, figures in rows.items()}
+    assert accuracy["trained model (fp32)"] > 95
+    assert accuracy["+ fine-tune 3 epochs"] > 93          # fine-tuning recovers pruning's loss
+    assert accuracy["+ fine-tune 3 epochs"] > accuracy["fold_bn + prune 50%"]
+    assert abs(accuracy["+ ONNX (onnxruntime int8)"] - accuracy["+ fine-tune 3 epochs"]) < 3
+    assert params["fold_bn + prune 50%"] < params["trained model (fp32)"] / 2
+    report = tmp_path / "demo" / "report.html"
+    assert out.strip().splitlines()[-1] == f"report: {report}"
+    page = report.read_text()
+    assert "graphpress demo: digits_cnn" in page and "channels kept per group" in page
+    assert "quantization error and ranges" in page and "latency ms" in page
+    assert (tmp_path / "demo" / "onnx" / "model.onnx").is_file()
+    assert gp.load(tmp_path / "demo" / "model").report().title == ""  # the quantize compile
 
 
 def test_demo_unknown_model_lists_zoo(capsys: pytest.CaptureFixture[str]) -> None:
     err = _error(capsys, ["demo", "--model", "no_such_model", "--no-verify"])
-    assert "no_such_model" in err and "residual_chain" in err
+    assert "no_such_model" in err and "digits_cnn" in err
 
 
 def test_passes_lists_name_description_contract(capsys: pytest.CaptureFixture[str]) -> None:
@@ -208,7 +236,7 @@ def test_bad_inputs_spec(factory_dir: Path, capsys: pytest.CaptureFixture[str], 
 
 
 def test_bad_command_line_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    assert "required" in _error(capsys, ["compile"])
+    assert "required" in _error(capsys, ["report"])
     assert "invalid choice" in _error(capsys, ["compile", "m:f", "--frontend", "nope"])
     assert "invalid choice" in _error(capsys, ["frobnicate"])
 
@@ -238,3 +266,84 @@ def test_debug_shows_the_traceback(capsys: pytest.CaptureFixture[str],
 def test_help_returns_zero(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--help"]) == 0
     assert "demo" in capsys.readouterr().out
+
+
+def test_compile_writes_the_html_report(factory_dir: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compile", f"{FACTORY_MODULE}:make_with_inputs"]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"report: {DEFAULT_REPORT}")
+    page = (factory_dir / DEFAULT_REPORT).read_text()
+    assert '"views"' in page and "fold_bn" in page
+    assert main(["compile", f"{FACTORY_MODULE}:make_with_inputs", "--report", "r.html"]) == 0
+    assert (factory_dir / "r.html").is_file()
+
+
+def test_report_rebuilds_the_html_of_a_saved_folder(factory_dir: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    out_dir = factory_dir / "out"
+    assert main(["compile", f"{FACTORY_MODULE}:make_with_inputs", "-o", str(out_dir)]) == 0
+    first = (out_dir / "report.html").read_text()
+    (out_dir / "report.html").unlink()
+    capsys.readouterr()
+    assert main(["report", str(out_dir)]) == 0
+    assert capsys.readouterr().out.strip() == f"report: {out_dir / 'report.html'}"
+    assert (out_dir / "report.html").read_text() == first
+    gp.load(out_dir)  # the manifest still matches the folder
+    assert main(["report", str(out_dir), "-o", "elsewhere.html"]) == 0
+    assert (factory_dir / "elsewhere.html").read_text() == first
+
+
+def test_report_of_a_damaged_folder_names_the_file(factory_dir: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    out_dir = factory_dir / "out"
+    assert main(["compile", f"{FACTORY_MODULE}:make_with_inputs", "-o", str(out_dir)]) == 0
+    (out_dir / "report.json").write_text("{}")
+    assert "report.json" in _error(capsys, ["report", str(out_dir)])
+    assert "manifest.json" in _error(capsys, ["report", str(factory_dir)])
+
+
+_BERT_CONFIG = {"model_type": "bert", "vocab_size": 128, "hidden_size": 16,
+                "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
+                "max_position_embeddings": 32}
+
+
+def test_compile_a_hugging_face_config(factory_dir: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    (factory_dir / "bert.json").write_text(json.dumps(_BERT_CONFIG))
+    argv = ["compile", "--hf-config", "bert.json", "--hf-class", "BertModel", "--verify",
+            "--passes", "fixpoint(dce, cse)"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "compiling BertModel from bert.json on inputs 1x16:int64" in out
+    assert "compiled vs original output: max abs error 0.00e+00" in out
+
+
+def test_compile_a_local_hugging_face_folder(factory_dir: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(**{k: v for k, v in _BERT_CONFIG.items()
+                                        if k != "model_type"})
+    transformers.BertForSequenceClassification(config).save_pretrained(factory_dir / "bert")
+    argv = ["compile", "--hf", "bert", "--hf-class", "BertForSequenceClassification",
+            "--passes", "dce", "--inputs", "2x8:int64"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "compiling BertForSequenceClassification from bert on inputs 2x8:int64" in out
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["compile", "--hf-config", "bert.json"], "--hf-config needs --hf-class"),
+    (["compile", "--hf", "."], "has no config.json"),
+    (["compile"], "give exactly one model"),
+    (["compile", "m:f", "--hf", "."], "give exactly one model"),
+    (["compile", "--hf-config", "missing.json", "--hf-class", "BertModel"],
+     "cannot read a transformers config from missing.json"),
+    (["compile", "--hf-config", "bert.json", "--hf-class", "NoSuchModel"],
+     "is not a transformers model class"),
+])
+def test_bad_hugging_face_arguments(factory_dir: Path, capsys: pytest.CaptureFixture[str],
+                                    argv: list[str], message: str) -> None:
+    (factory_dir / "bert.json").write_text(json.dumps(_BERT_CONFIG))
+    assert message in _error(capsys, argv)

@@ -31,7 +31,9 @@ ALLOWED: dict[str, set[str]] = {
     "integrations": {"ir", "ops", "analysis", "pipeline", "quant", "passes", "frontends",
                      "backends", "api"},
 }
-TOP = {"api", "cli", "__init__", "__main__"}
+# on top of everything: the API, the command line and the demo it runs (demo.py drives
+# compile and the ONNX backend, like cli.py)
+TOP = {"api", "cli", "demo", "__init__", "__main__"}
 # single modules that may also import these layers, inside functions only (so importing their
 # package never loads them, and no import cycle can form): gp.quant.convert compiles the
 # frozen QAT module (graphpress.integrations.qat drives the frontend and the backends)
