@@ -83,10 +83,10 @@ def calibrate(program: Program, observers: Mapping[str, Observer | Sequence[Obse
                          f"the program ({type(exc).__name__}: {_first_line(exc)}); every batch "
                          "needs the structure, shapes and dtypes of the example inputs: "
                          f"{_expected(program)}") from exc
-    if distributed:
-        for group in table.values():
-            for observer in group:
-                observer.all_reduce()
+    if distributed:  # an observer fed by several nodes (shared qparams) is reduced once
+        unique = {id(obs): obs for group in table.values() for obs in group}
+        for observer in unique.values():
+            observer.all_reduce()
     return total
 
 

@@ -8,6 +8,18 @@ layer, or None (keep the layer in float). ``skip=[...]`` is shorthand for overri
 ``keep_first_last=True`` keeps the first and the last quantizable layer in float, a common
 recipe for CNNs.
 
+Two placements beyond the layers' inputs, off by default (``QuantConfig(...)`` fields, or
+``insert_fake_quant(..., attention=True, shared_qparams=("cat", "add"))``):
+
+* ``attention``: both operands of every matmul / bmm between activations (q @ k^T, p @ v) and
+  the query, key and value of ``scaled_dot_product_attention`` get the activation spec, so the
+  attention runs on quantized values too;
+* ``shared_qparams``: ops whose integer kernels need one scale for all their inputs get it:
+  ``"cat"`` (every input of a concatenation, and its output where a layer reads it) and
+  ``"add"`` (both inputs of an add of two activations of one shape, the residual add). The
+  values of a group are calibrated by one observer that sees all of them. Static per-tensor
+  activation specs only: a shared scale computed per call or per token is not one scale.
+
 Presets (``scheme`` names in pipeline strings):
 
 | scheme | weights | activations |
@@ -29,10 +41,12 @@ from typing import Any
 
 from graphpress.quant.spec import QuantSpec
 
-__all__ = ["PRESETS", "QuantConfig", "fp8", "int4_weight_only", "int8_dynamic",
+__all__ = ["PRESETS", "SHARED_QPARAM_OPS", "QuantConfig", "fp8", "int4_weight_only",
+           "int8_dynamic",
            "int8_static", "int8_weight_only", "scheme", "w4a8"]
 
 Matcher = str | Callable[[str, str], bool]
+SHARED_QPARAM_OPS = ("cat", "add")
 
 
 @dataclass(frozen=True)
@@ -44,6 +58,8 @@ class QuantConfig:
     overrides: tuple[tuple[Matcher, QuantConfig | None], ...] = ()
     keep_first_last: bool = False
     embeddings: bool = False       # quantize embedding tables (weights only)
+    attention: bool = False        # quantize activation-activation matmuls and SDPA inputs
+    shared_qparams: tuple[str, ...] = ()  # ops whose inputs share one scale: "cat", "add"
     name: str = "custom"
     options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
@@ -54,6 +70,24 @@ class QuantConfig:
             raise ValueError("weights are constants: their spec cannot be dynamic")
         if self.weight is not None and self.weight.granularity == "per_token":
             raise ValueError("per_token is for activations; weights use per_channel/per_group")
+        shared = self.shared_qparams
+        object.__setattr__(self, "shared_qparams",
+                           (shared,) if isinstance(shared, str) else tuple(shared))
+        unknown = set(self.shared_qparams) - set(SHARED_QPARAM_OPS)
+        if unknown:
+            raise ValueError(f"shared_qparams takes {', '.join(map(repr, SHARED_QPARAM_OPS))}; "
+                             f"got {', '.join(map(repr, sorted(unknown)))}")
+        spec = self.activation
+        if self.shared_qparams and (spec is None or spec.dynamic
+                                    or spec.granularity != "per_tensor"):
+            raise ValueError(
+                "shared_qparams needs a static per-tensor activation spec (one scale for all "
+                f"the inputs of {', '.join(self.shared_qparams)}), not "
+                f"{spec.describe() if spec else 'float activations'}; use int8_static or "
+                "fp8(dynamic=False)")
+        if self.attention and spec is None:
+            raise ValueError("attention=True quantizes activations: the config needs an "
+                             "activation spec (int8_static, int8_dynamic, fp8, w4a8)")
 
     def with_overrides(self, *items: tuple[Matcher, QuantConfig | None],
                        skip: Sequence[str] = ()) -> QuantConfig:
@@ -70,7 +104,10 @@ class QuantConfig:
     def describe(self) -> str:
         w = self.weight.describe() if self.weight else "float"
         a = self.activation.describe() if self.activation else "float"
-        return f"{self.name} (weights {w}; activations {a})"
+        extra = ("; attention quantized" if self.attention else "") + (
+            f"; shared qparams for {', '.join(self.shared_qparams)}" if self.shared_qparams
+            else "")
+        return f"{self.name} (weights {w}; activations {a}{extra})"
 
 
 def _matches(matcher: Matcher, module_path: str, op_name: str) -> bool:

@@ -1,9 +1,10 @@
-"""Static activation qparams for insert_fake_quant: one observer per quantized value, run over
-the calibration batches on the float program (before any fake-quant is inserted)."""
+"""Static activation qparams for insert_fake_quant: one observer per quantized value (or per
+shared-qparams group, fed every value of the group), run over the calibration batches on the
+float program (before any fake-quant is inserted)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -16,36 +17,43 @@ __all__ = ["activation_qparams"]
 
 
 def activation_qparams(program: Program, operands: Sequence[Any],
-                       batches: Sequence[tuple[tuple[Any, ...], dict[str, Any]]]
+                       batches: Sequence[tuple[tuple[Any, ...], dict[str, Any]]],
+                       groups: Mapping[str, int] | None = None
                        ) -> dict[tuple[str, QuantSpec], tuple[torch.Tensor, Any]]:
-    """``(value name, spec) -> (scale, zero_point)`` for every static activation operand."""
+    """``(value name, spec) -> (scale, zero_point)`` for every static activation operand; the
+    values of one shared-qparams group (``groups``: value name -> group id) with one spec share
+    one observer, which sees all of them."""
     from graphpress.quant.calibration import calibrate
     from graphpress.quant.observers import make_observer
 
+    groups = groups or {}
     if not batches:
         names = ", ".join(sorted({op.value.name for op in operands})[:4])
         raise InputError(
             f"static activation quantization needs calibration data (values {names}, ...): "
             "pass gp.compile(..., calibration_data=[(x,), ...]) with a few representative "
             "batches, or use a dynamic scheme such as 'int8_dynamic'")
-    observers: dict[str, Any] = {}
-    keys: dict[tuple[str, QuantSpec], str] = {}
+    observers: dict[Any, tuple[set[str], Any]] = {}
+    keys: dict[tuple[str, QuantSpec], Any] = {}
     for operand in operands:
         key = (operand.value.name, operand.spec)
         if key in keys:
             continue
-        label = f"{operand.value.name}#{len(keys)}"
+        group = groups.get(operand.value.name)
+        label = ("group", group, operand.spec) if group is not None else ("value", key)
         keys[key] = label
-        shape = tuple(operand.value.meta["val"].shape)
-        observers[label] = (operand.value.name, make_observer(operand.spec, shape))
-    # one observer per node and calibration run (two specs on one value need two runs)
+        if label not in observers:
+            shape = tuple(operand.value.meta["val"].shape)
+            observers[label] = (set(), make_observer(operand.spec, shape))
+        observers[label][0].add(operand.value.name)
+    # a node feeds one observer per calibration run (two specs on one value need two runs)
     rounds: list[dict[str, Any]] = []
-    for node_name, observer in observers.values():
-        target = next((r for r in rounds if node_name not in r), None)
+    for names, observer in observers.values():
+        target = next((r for r in rounds if not names & r.keys()), None)
         if target is None:
             target = {}
             rounds.append(target)
-        target[node_name] = observer
+        target.update(dict.fromkeys(names, observer))
     for observing in rounds:
         calibrate(program, observing, batches)
     return {key: observers[label][1].qparams() for key, label in keys.items()}

@@ -26,7 +26,7 @@ the range and the weight's SQNR. It must run after ``fold_bn`` and ``prune_chann
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -63,6 +63,24 @@ class _Quantized:
     spec: QuantSpec
     scale: torch.Tensor | None      # None when dynamic
     zero_point: torch.Tensor | None
+    position: int | None = None     # index in the list argument (cat's tensors)
+
+
+def _replace_operand(node: Node, operand: Any, value: Node) -> None:
+    if operand.position is None:
+        node.update_arg(operand.index, value)
+        return
+    items = list(node.args[operand.index])
+    items[operand.position] = value
+    node.update_arg(operand.index, items)
+
+
+def _group_note(operand: Any, groups: dict[str, int]) -> str:
+    group = groups.get(operand.value.name)
+    if group is None or operand.role != "activation":
+        return ""
+    size = sum(1 for g in groups.values() if g == group)
+    return f", qparams shared by group {group} ({size} values)"
 
 
 @register_pass("insert_fake_quant")
@@ -77,6 +95,8 @@ class InsertFakeQuant(Pass):
     observer: str | None = None
     skip: tuple[str, ...] = ()
     calibration_batches: int | None = None
+    attention: bool | None = None                 # QuantConfig.attention
+    shared_qparams: tuple[str, ...] | None = None  # QuantConfig.shared_qparams
 
     contract = Contract.against_reference(
         "equal to the input program with each quantized tensor passed through the independent "
@@ -90,7 +110,7 @@ class InsertFakeQuant(Pass):
             if not isinstance(self.config, QuantConfig):
                 raise InputError(f"config must be a gp.quant.QuantConfig, got "
                                  f"{type(self.config).__name__}; or pass scheme='int8_static'")
-            self._config = self.config.with_overrides(skip=self.skip)
+            self._config = self._placement(self.config.with_overrides(skip=self.skip))
             return
         kwargs: dict[str, Any] = {}
         for name, schemes in _SCHEME_ARGS.items():
@@ -100,7 +120,12 @@ class InsertFakeQuant(Pass):
                     raise ValueError(f"{name}= applies to the schemes {', '.join(schemes)}, "
                                      f"not {self.scheme!r}")
                 kwargs[name] = value
-        self._config = scheme(self.scheme, skip=list(self.skip), **kwargs)
+        self._config = self._placement(scheme(self.scheme, skip=list(self.skip), **kwargs))
+
+    def _placement(self, config: QuantConfig) -> QuantConfig:
+        changes = {name: value for name in ("attention", "shared_qparams")
+                   if (value := getattr(self, name)) is not None}
+        return replace(config, **changes) if changes else config
 
     def describe(self) -> str:
         if self.config is not None:
@@ -109,13 +134,12 @@ class InsertFakeQuant(Pass):
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         from graphpress.passes.quant.calibrate import activation_qparams
-        from graphpress.passes.quant.placement import find_layers
 
-        layers, skipped = find_layers(program, self._config)
+        layers, skipped, groups = self._place(program)
         batches = ctx.calibration_data[: self.calibration_batches]
         static = [op for layer in layers for op in layer.operands
                   if op.role == "activation" and not op.spec.dynamic]
-        activation_qp = activation_qparams(program, static, batches) if static else {}
+        activation_qp = activation_qparams(program, static, batches, groups) if static else {}
         inserted: dict[tuple[Any, ...], tuple[Node, _Quantized]] = {}
         records: list[_Quantized] = []
         summary: list[str] = []
@@ -125,18 +149,39 @@ class InsertFakeQuant(Pass):
                 if key not in inserted:  # one fake-quant per value and spec, shared by layers
                     fq, record, line = self._insert(program, layer, operand, activation_qp)
                     inserted[key] = (fq, record)
-                    summary.append(line)
+                    summary.append(line + _group_note(operand, groups))
                 fq, record = inserted[key]
-                layer.node.update_arg(operand.index, fq)
+                _replace_operand(layer.node, operand, fq)
                 records.append(_Quantized(layer.node.name, operand.index, operand.role,
                                           operand.value.name, tuple(operand.block_size),
-                                          operand.spec, record.scale, record.zero_point))
+                                          operand.spec, record.scale, record.zero_point,
+                                          operand.position))
         stats = {"layers": len(layers), "weights": sum(r.role == "weight" for r in records),
                  "activations": sum(r.role == "activation" for r in records),
                  "calibration_batches": len(batches) if static else 0,
                  "not_quantized": len(skipped)}
+        if groups:
+            stats["shared_qparam_groups"] = len(set(groups.values()))
         details = {"quantized": records, "summary": summary, "config": self._config.describe()}
         return PassResult(bool(records), stats, skipped, details)
+
+    def _place(self, program: Program) -> tuple[list[Any], list[Any], dict[str, int]]:
+        """The layers (with attention products and shared-qparam ops when configured), the
+        refusals, and the shared-qparam groups (value name -> group id)."""
+        from graphpress.passes.quant.attention import attention_layers
+        from graphpress.passes.quant.placement import find_layers
+        from graphpress.passes.quant.sharing import shared_groups
+
+        layers, skipped = find_layers(program, self._config)
+        groups: dict[str, int] = {}
+        if self._config.attention:
+            extra, refused = attention_layers(program, self._config,
+                                              {layer.node for layer in layers})
+            layers, skipped = layers + extra, skipped + refused
+        if self._config.shared_qparams:
+            extra, groups, refused = shared_groups(program, self._config)
+            layers, skipped = layers + extra, skipped + refused
+        return layers, skipped, groups
 
     def _insert(self, program: Program, layer: Any, operand: Any,
                 activation_qp: dict[tuple[str, QuantSpec], tuple[torch.Tensor, Any]]

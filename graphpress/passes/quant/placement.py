@@ -19,6 +19,10 @@ through one transpose), or ``embedding`` (only with ``config.embeddings``). For 
 * the **activation** operand (the layer's input), quantized with the activation spec, once
   per (value, spec) even when several layers read it (q, k and v share their input).
 
+Attention's own products (``config.attention``) are placed by
+:mod:`~graphpress.passes.quant.attention`, the inputs of cat and residual adds that share one
+scale (``config.shared_qparams``) by :mod:`~graphpress.passes.quant.sharing`.
+
 Per-group weight specs (``int4_weight_only``, ``w4a8``) apply to linear and matmul layers, as
 in the LLM recipes they come from; convolutions stay float under them, reported. A layer the
 config keeps in float (an override to None, ``keep_first_last``) or a weight that is computed
@@ -39,7 +43,7 @@ from graphpress.pipeline.base import Skip
 from graphpress.quant.config import QuantConfig
 from graphpress.quant.spec import QuantSpec, weight_block_size
 
-__all__ = ["Layer", "Operand", "find_layers"]
+__all__ = ["Layer", "Operand", "activation_refusal", "find_layers"]
 
 _CONV = ("conv1d", "conv2d", "conv3d", "convolution")
 _CONV_T = ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
@@ -58,6 +62,7 @@ class Operand:
     value: Node                # the node whose value is quantized (a placeholder for weights)
     spec: QuantSpec
     block_size: list[int]
+    position: int | None = None  # index in the list at layer.args[index] (cat's tensors)
 
 
 @dataclass
@@ -129,7 +134,7 @@ def find_layers(program: Program, config: QuantConfig) -> tuple[list[Layer], lis
         found = _weight_operand(program, node, op)
         if isinstance(found, str):
             if op in _MATMUL:
-                continue  # a matmul between activations (attention): not a layer
+                continue  # a matmul between activations: attention (config.attention)
             skipped.append(Skip(node.name, f"{where}: {found}"))
             continue
         index, weight, out_axis, k_axis = found
@@ -148,7 +153,7 @@ def find_layers(program: Program, config: QuantConfig) -> tuple[list[Layer], lis
         activation = _activation_operand(node, op)
         spec = layer_config.activation
         if spec is not None and activation is not None:
-            reason = _activation_refusal(activation[1], spec)
+            reason = activation_refusal(activation[1], spec)
             if reason:
                 skipped.append(Skip(node.name, f"{where}: activation kept in float: {reason}"))
             else:
@@ -168,7 +173,7 @@ def _activation_operand(node: Node, op: str) -> tuple[int, Node] | None:
     return (index, value) if isinstance(value, Node) else None
 
 
-def _activation_refusal(value: Node, spec: QuantSpec) -> str:
+def activation_refusal(value: Node, spec: QuantSpec) -> str:
     val = value.meta.get("val")
     if not isinstance(val, torch.Tensor) or not val.is_floating_point():
         return "it is not a floating-point tensor"

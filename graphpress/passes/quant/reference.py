@@ -41,7 +41,8 @@ class QuantizedReference(ProgramRunner):
         for record in records:
             spec = record.spec
             qmin, qmax = spec.qrange()
-            x = args[record.index]
+            x = (args[record.index] if record.position is None
+                 else args[record.index][record.position])
             block = list(record.block_size)
             if spec.dynamic:
                 scale, zero_point = reference_qparams(x, block, qmin, qmax, spec.symmetric,
@@ -49,6 +50,12 @@ class QuantizedReference(ProgramRunner):
                 zero_point = None if spec.symmetric else zero_point
             else:
                 scale, zero_point = record.scale, record.zero_point
-            args[record.index] = reference_fake_quantize(x, block, scale, zero_point, qmin,
-                                                         qmax, spec.dtype)
+            quantized = reference_fake_quantize(x, block, scale, zero_point, qmin, qmax,
+                                                spec.dtype)
+            if record.position is None:
+                args[record.index] = quantized
+            else:
+                items = list(args[record.index])
+                items[record.position] = quantized
+                args[record.index] = items
         return getattr(self, n.op)(n.target, tuple(args), kwargs)
