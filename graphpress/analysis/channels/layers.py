@@ -141,14 +141,12 @@ def _group_norm(t: Tracer, node: Node, program: Program) -> Any:
     channel = layouts[1]
     if groups == 1:
         t.block([channel], f"{where} normalises over all channels (num_groups=1)")
-    elif not all(r % per == 0 and b % per == 0 for (_, r), b in zip(channel, t.bounds(channel))):
-        ok = all(t.request_grain(s, per // math.gcd(r, per)) for s, r in channel) and \
-            t.cut_at(channel, set(range(per, shape(x)[1], per)))
-        if not ok:
-            t.block([channel], f"{where} normalises groups of {per} channels: only whole groups "
-                    "can be removed, and these channels do not fall on group boundaries")
-        else:
-            t.refined(ok, [channel], where)
+    elif any(b % per for b in t.bounds(channel)):
+        t.block([channel], f"{where} normalises groups of {per} channels: only whole groups can "
+                "be removed, and channels coupled elsewhere straddle a group boundary")
+    elif any(r % per for _, r in channel):
+        ok = all(t.request_grain(s, per // math.gcd(r, per)) for s, r in channel)
+        t.refined(ok, [channel], where)
     for p in (get_arg(node, "weight"), get_arg(node, "bias")):
         if isinstance(p, Node):
             link(t, p, 0, channel, where)
