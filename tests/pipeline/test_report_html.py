@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shutil
@@ -50,7 +51,7 @@ def test_layout_puts_every_edge_downwards_and_boxes_apart() -> None:
         by_rank.setdefault(rank, []).append(node)
     for nodes in by_rank.values():
         nodes.sort(key=lambda v: layout.x[v])
-        for a, b in zip(nodes, nodes[1:]):
+        for a, b in itertools.pairwise(nodes):
             assert layout.x[b] - layout.x[a] >= (widths[a] + widths[b]) / 2 + 10.0 - 1e-9
     assert min(layout.x[v] - widths[v] / 2 for v in range(6)) == pytest.approx(0.0)
 
