@@ -13,9 +13,11 @@ Usage::
   median of the rounds, ``torch.no_grad()``; parameters and MACs from the ``costs`` analysis.
 * depth: ``channel_groups`` time on a Llama configuration (hidden 64, 4/2 heads) at 2, 8 and 32
   layers, next to its export time.
-* tp: the zoo models Torch-Pruning handles, same L2 criterion and ratio 0.5: parameter counts
-  after pruning, the share of channels both keep in the first conv/linear layer, and
-  analysis+pruning time as a ratio (graphpress / Torch-Pruning), same run.
+* tp: every default zoo model, each side's failure or refusal reported; same L2 criterion
+  and ratio 0.5 (Torch-Pruning ignores the last conv/linear layer): parameter counts after
+  pruning, the share of channels both keep in the first conv/linear layer, and analysis+pruning
+  time as a ratio (graphpress / Torch-Pruning, the median of 3 calls each on fresh copies),
+  same run.
 * digits: the zoo's trained digits CNN, pruned 50% then fine-tuned 3 epochs (Adam, lr 1e-3);
   test accuracy dense, pruned, and fine-tuned.
 * scale: a Llama-3-70B-shaped model on the ``meta`` device: export time, ``channel_groups``
@@ -36,7 +38,7 @@ import torch.nn.functional as F
 import graphpress as gp
 from graphpress.frontends import trace
 from graphpress.passes import PassContext, PruneChannels
-from graphpress.testing.zoo import accuracy, digits_data, get_model
+from graphpress.testing.zoo import accuracy, digits_data, get_model, zoo_models
 
 
 def _time(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
@@ -100,9 +102,37 @@ def _first_layer(model: torch.nn.Module) -> tuple[str, torch.nn.Module]:
                 if isinstance(m, torch.nn.Conv2d | torch.nn.Linear))
 
 
-def torch_pruning(names: list[str]) -> None:
+def _median_time(fn: Callable[..., Any], calls: list[tuple[Any, ...]]) -> tuple[float, Any]:
+    """The median time of ``fn(*args)`` over ``calls``, and the last call's result."""
+    times, result = [], None
+    for args in calls:
+        start = time.perf_counter()
+        result = fn(*args)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def _prune_ours(program: Any) -> tuple[Any, Any]:
+    try:
+        return program, PruneChannels(ratio=0.5).run(program, PassContext()).details["plan"]
+    except ValueError as exc:       # nothing prunable: graphpress's result to report
+        return None, exc
+
+
+def _prune_theirs(model: torch.nn.Module, inputs: tuple[Any, ...]) -> torch.nn.Module:
     import torch_pruning as tp
 
+    layers = [m for m in model.modules()
+              if isinstance(m, torch.nn.Linear | torch.nn.Conv2d) or type(m).__name__ == "Conv1D"]
+    pruner = tp.pruner.MagnitudePruner(
+        model, inputs, importance=tp.importance.MagnitudeImportance(p=2),
+        pruning_ratio=0.5, ignored_layers=layers[-1:])
+    pruner.step()
+    return model
+
+
+def torch_pruning(names: list[str], rounds: int = 3) -> None:
+    """Each side's time is the median of ``rounds`` calls, each on a fresh model or program."""
     print("| model | params dense | graphpress | Torch-Pruning | first layer kept, same | "
           "time ratio gp/tp |")
     print("|---|---|---|---|---|---|")
@@ -113,24 +143,22 @@ def torch_pruning(names: list[str]) -> None:
         start = time.perf_counter()
         program = trace(model, inputs)
         traced = time.perf_counter() - start
-        start = time.perf_counter()
-        plan = PruneChannels(ratio=0.5).run(program, PassContext()).details["plan"]
-        ours = time.perf_counter() - start
+        ours, (program, plan) = _median_time(
+            _prune_ours, [(program.copy(),) for _ in range(rounds - 1)] + [(program,)])
+        if program is None:
+            print(f"| {name} | {dense} | refused: {str(plan)[:60]}... | | | |")
+            continue
         ours_params = program.analysis("costs").parameters
         ours_keep = next((set(g.keep) for g in plan.groups
                           if (f"{layer_name}.weight", 0, 0, 1) in g.slices), set())
         original = layer.weight.detach().clone()
+        fresh = [(get_model(name).build(), inputs) for _ in range(rounds - 1)] + [(model, inputs)]
         try:
-            start = time.perf_counter()
-            outputs = [m for m in model.modules() if m is not layer][-1:]
-            pruner = tp.pruner.MagnitudePruner(
-                model, inputs, importance=tp.importance.MagnitudeImportance(p=2),
-                pruning_ratio=0.5, ignored_layers=outputs)
-            pruner.step()
-            theirs = time.perf_counter() - start
+            theirs, model = _median_time(_prune_theirs, fresh)
         except Exception as exc:  # Torch-Pruning's own failure is the result to report
             print(f"| {name} | {dense} | {ours_params} | failed: {type(exc).__name__} | | |")
             continue
+        layer = dict(model.named_modules())[layer_name]
         kept_rows = layer.weight.detach()
         tp_keep = {i for i in range(original.shape[0])
                    if any(torch.equal(original[i], r) for r in kept_rows)}
@@ -215,7 +243,7 @@ def main() -> None:
     if "digits" in sections:
         digits()
     if "tp" in sections:
-        torch_pruning(["digits_cnn", "concat_net", "residual_chain", "hf_resnet"])
+        torch_pruning([z.name for z in zoo_models()])
     if "depth" in sections:
         depth()
     if "latency" in sections:
