@@ -106,7 +106,9 @@ def _residual_add(start: Node, inputs: set[Node], shape: tuple[int, ...]) -> tup
                 if user in seen:
                     continue
                 seen.add(user)
-                if user.target is aten.add.Tensor and _shape(user) == shape:
+                out = _shape(user)
+                if user.target is aten.add.Tensor and out and len(out) == 3 \
+                        and out[:2] == shape[:2]:
                     other = user.args[1] if user.args[0] is node else user.args[0]
                     if isinstance(other, Node) and other in inputs and other is not node:
                         return user, other
@@ -138,6 +140,7 @@ def _block(attention: Attention, index: int, program: Program) -> TransformerBlo
                           "(cross-attention)")
     ancestors = _ancestors(key_src) | {key_src}
     residual, stream_in = _residual_add(attention.output, ancestors, shape)
+    shape = _shape(residual)
     mid = residual
     users = [u for u in residual.users]
     if len(users) == 1 and users[0].target in _NORMS:   # post-norm (BERT)

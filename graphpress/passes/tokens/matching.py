@@ -7,7 +7,8 @@ With ``x`` the stream ``[B, N, C]`` after a block's attention, ``k`` its keys ``
     A, B   = tokens P, P+2, ...  |  P+1, P+3, ...      alternating bipartite split
     S      = m_A m_B^T    (-inf where a pair's key-padding validity differs)
     best_j = argmax_j S_ij, score_i = max_j S_ij       each A token's best B partner
-    order  = argsort(score, descending, stable)        src = order[:r], kept A = sort(order[r:])
+    rank_i = #{j: score_j > score_i} + #{j < i: score_j = score_i}   (a stable descending sort)
+    src    = the r tokens of rank < r, by rank;  kept A = the others, in their order
     t      = [x * s, s]                                 s: token sizes [B, N, 1]
     t_B   += scatter_add(best_j[src], t_A[src] * same_validity)
     t'     = cat(t_P, t_A[kept], t_B)                  protected tokens keep positions 0..P-1
@@ -127,13 +128,7 @@ def merge_step(b: GraphBuilder, x: Node, key: Node, r: int, protected: int,
         scores = b.call(aten.where.ScalarOther, same, scores, _NEG_INF)
     best = b.call(aten.max.dim, scores, -1)
     score, partner = b.call(operator.getitem, best, 0), b.call(operator.getitem, best, 1)
-    order = b.call(operator.getitem, b.call(aten.sort.stable, score, stable=True, dim=-1,
-                                            descending=True), 1)
-    src = b.call(aten.slice.Tensor, order, 1, 0, r)
-    kept = None
-    if r < n_a:
-        kept = b.call(operator.getitem, b.call(aten.sort.stable, b.call(
-            aten.slice.Tensor, order, 1, r, n_a), stable=True, dim=-1), 0)
+    src, kept = _rank_split(b, score, r, n_a)
     dst = b.call(aten.gather.default, partner, 1, src)
 
     def select(t: Node) -> Node:
@@ -166,6 +161,8 @@ def merge_step(b: GraphBuilder, x: Node, key: Node, r: int, protected: int,
     merged = b.call(aten.cat.default, parts, 1)
     size = b.call(aten.slice.Tensor, merged, -1, channels, channels + 1)
     out = b.call(aten.div.Tensor, b.call(aten.slice.Tensor, merged, -1, 0, channels), size)
+    # sizes are counts: no gradient (SDPA picks a slower kernel for a mask that needs one)
+    size = b.call(aten.detach.default, size)
     new = replace(state, tokens=tokens - r, stage=state.stage + 1, size=size)
     if state.rep is not None:
         new = replace(new, rep=select(state.rep))
@@ -175,6 +172,32 @@ def merge_step(b: GraphBuilder, x: Node, key: Node, r: int, protected: int,
         new = replace(new, source=_moved_sources(b, state.source, src, kept, dst, score, p,
                                                  n_a, n_b, r, tokens))
     return out, new
+
+
+def _rank_split(b: GraphBuilder, score: Node, r: int, n_a: int) -> tuple[Node, Node | None]:
+    """The ``r`` highest scores (ties: lower index first) by rank, and the rest in index order.
+
+    Ranks come from pairwise comparisons, not a sort: ``torch.sort`` is not stable by default,
+    its stable overload has no ONNX translation, and ``n_a^2`` comparisons cost nothing next to
+    the block (``n_a`` is at most half the tokens)."""
+    column = b.call(aten.unsqueeze.default, score, 2)   # score_i
+    row = b.call(aten.unsqueeze.default, score, 1)      # score_j
+    above = b.call(aten.gt.Tensor, row, column)
+    index = _positions(b, b.call(aten.zeros_like.default, score, dtype=torch.int64), 0)
+    earlier = b.call(aten.lt.Tensor, b.call(aten.unsqueeze.default, index, 1),
+                     b.call(aten.unsqueeze.default, index, 2))
+    tied = b.call(aten.logical_and.default, b.call(aten.eq.Tensor, row, column), earlier)
+    rank = b.call(aten.sum.dim_IntList, b.call(aten.logical_or.default, above, tied), [2])
+    order = b.call(aten.scatter.src, b.call(aten.zeros_like.default, index), 1, rank, index)
+    src = b.call(aten.slice.Tensor, order, 1, 0, r)
+    if r == n_a:
+        return src, None
+    rest = b.call(aten.ge.Scalar, rank, r)
+    slot = b.call(aten.sub.Tensor, b.call(aten.cumsum.default, rest, 1), 1)
+    slot = b.call(aten.where.ScalarOther, rest, slot, n_a - r)  # sources go to a spare slot
+    wide = b.call(aten.cat.default, [index, b.call(aten.slice.Tensor, index, 1, 0, 1)], 1)
+    kept = b.call(aten.scatter.src, b.call(aten.zeros_like.default, wide), 1, slot, index)
+    return src, b.call(aten.slice.Tensor, kept, 1, 0, n_a - r)
 
 
 def _moved_sources(b: GraphBuilder, source: Node, src: Node, kept: Node | None, dst: Node,
@@ -202,9 +225,10 @@ def _moved_sources(b: GraphBuilder, source: Node, src: Node, kept: Node | None, 
 
 
 def attention_bias(b: GraphBuilder, mask: Node | None, state: TokenState, batch: Any,
-                   proportional: bool) -> Node | None:
+                   proportional: bool, heads: int | None = None) -> Node | None:
     """The attention mask of a block after merges: the original mask gathered at each token's
-    representative (queries and keys), plus ``log size`` on the keys when proportional."""
+    representative (queries and keys), plus ``log size`` on the keys when proportional
+    (``heads``: the logits are ``[B * heads, N, N]``)."""
     out = mask
     if mask is not None and state.rep is not None:
         shape = list(mask.meta["val"].shape)
@@ -228,6 +252,10 @@ def attention_bias(b: GraphBuilder, mask: Node | None, state: TokenState, batch:
         return out
     log_size = b.call(aten.view.default, b.call(aten.log.default, state.size),
                       [batch, 1, 1, state.tokens])
+    if heads is not None:  # [B * H, N, N] logits (bmm attention): one row of keys per head
+        log_size = b.call(aten.reshape.default, b.call(aten.expand.default, log_size,
+                                                       [batch, heads, 1, state.tokens]),
+                          [-1, 1, state.tokens])
     if out is None:
         return log_size
     if out.meta["val"].dtype == torch.bool:

@@ -119,7 +119,7 @@ class MergeTokens(Pass):
                 continue
             if state is not None and node in sites:
                 self._attention(program, sites[node], node, state, cache, attention_bias,
-                                record)
+                                record, old)
             if state is not None and node.op == "call_function":
                 try:
                     respecialize(node, old, plan.protected, fake_mode)
@@ -146,13 +146,20 @@ class MergeTokens(Pass):
         return record
 
     def _attention(self, program: Program, blk: Any, node: Node, state: Any,
-                   cache: dict[Any, Node], attention_bias: Any, record: dict[str, Any]) -> None:
+                   cache: dict[Any, Node], attention_bias: Any, record: dict[str, Any],
+                   old: dict[Node, Any]) -> None:
         att = blk.attention
-        batch = att.query.meta["val"].shape[0]
-        key = (att.mask, state.stage)
+        batch = blk.stream_in.meta["val"].shape[0]
+        query = att.query.meta["val"].shape
+        heads = query[0] // batch if len(query) == 3 else None
+        if heads is not None and att.mask is not None:
+            raise PassError(f"merge_tokens: {blk.describe()} has [B * H, N, D] attention with a "
+                            "mask, which merge_tokens does not gather")
+        key = (att.mask, state.stage, heads)
         if key not in cache:
             with GraphBuilder(program, anchor=node, pass_name=self.name) as b:
-                cache[key] = attention_bias(b, att.mask, state, batch, self.proportional)
+                cache[key] = attention_bias(b, att.mask, state, batch, self.proportional,
+                                            heads)
         bias = cache[key]
         if att.kind == "sdpa":
             record["attention"].append({"at": node.name, "kind": "sdpa"})
@@ -165,10 +172,13 @@ class MergeTokens(Pass):
             record["attention"].append({"at": node.name, "kind": "mask_add"})
             index = 1 if node.args[1] is att.mask else 0
             node.update_arg(index, bias)
-        elif bias is not None:
+        else:
             record["attention"].append({"at": node.name, "kind": "softmax"})
-            with GraphBuilder(program, anchor=node, pass_name=self.name) as b:
-                node.update_arg(0, b.call(aten.add.Tensor, node.args[0], bias))
+            if bias is not None:
+                with GraphBuilder(program, anchor=node, pass_name=self.name) as b:
+                    biased = b.call(aten.add.Tensor, node.args[0], bias)
+                old[biased] = old[node.args[0]]
+                node.update_arg(0, biased)
 
     def _outputs(self, program: Program, output: Node, old: dict[Node, Any], state: Any,
                  changed_axes: Any) -> None:

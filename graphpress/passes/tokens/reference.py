@@ -75,7 +75,11 @@ class MergedReference(ProgramRunner):
                 kwargs["attn_mask"] = mask
             return getattr(self, n.op)(n.target, tuple(args), kwargs)
         out = super().evaluate(n) if site["kind"] == "mask_add" else args[0]
-        out = out + bias.to(out.dtype)[:, None, None, :]
+        bias = bias.to(out.dtype)[:, None, None, :]
+        if out.dim() == 3:  # [B * H, N, N] logits
+            batch, tokens = bias.shape[0], bias.shape[-1]
+            bias = bias.expand(batch, out.shape[0] // batch, 1, tokens).reshape(-1, 1, tokens)
+        out = out + bias
         if site["kind"] == "mask_add":
             return out
         args[0] = out
