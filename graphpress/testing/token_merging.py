@@ -13,7 +13,8 @@ position, whether it still counts (a padding token averaged into a real one woul
 One step on a sequence of ``N`` current tokens with ``P`` protected ones (plain Python over the
 tokens, written from the algorithm):
 
-1. similarity: the keys averaged over heads, divided by their norm, at each group's first
+1. similarity: the keys averaged over heads, divided by their norm (at least 1e-12, so a
+   zero key has similarity 0), at each group's first
    position; tokens ``P, P+2, ...`` form set A, ``P+1, P+3, ...`` set B; a pair whose key
    validity (attended by some query) differs scores ``-inf``;
 2. each A token's partner is its most similar B token (the first on ties); the ``r`` A tokens
@@ -67,7 +68,7 @@ class MergeSimulation:
         groups, p = self.groups[b], self.protected
         set_a, set_b = groups[p::2], groups[p + 1::2]
         first = [g[0] for g in groups]
-        unit = metric[first] / metric[first].norm(dim=-1, keepdim=True)
+        unit = metric[first] / metric[first].norm(dim=-1, keepdim=True).clamp_min(1e-12)
         unit_a, unit_b = unit[p::2], unit[p + 1::2]
         valid = self.valid[b]
         best_score, partner = [], []

@@ -23,7 +23,7 @@ Special tokens are a prefix of the sequence the finder protects:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.fx import Node
@@ -165,28 +165,49 @@ def _residual_add_from(mid: Node, shape: tuple[int, ...]) -> tuple[Node, Node]:
                       "attention")
 
 
-def _learned_prefix(stream_in: Node, program: Program) -> tuple[int, str]:
-    for node in _ancestors(stream_in, 400) | {stream_in}:
-        if node.target is not aten.cat.default:
-            continue
-        tensors, dim = node.args[0], get_arg(node, "dim")
-        shape = _shape(node)
-        if shape is None or len(shape) != 3 or dim % 3 != 1:
-            continue
-        count, names = 0, []
-        for operand in tensors:
-            root = operand
-            while isinstance(root, Node) and (is_view(root) or root.target in
-                                              (aten.expand.default, aten.repeat.default)):
-                root = root.args[0]
-            if not (isinstance(root, Node) and program.is_weight(root)):
+def _prefix(node: Any, program: Program, names: list[str], depth: int = 0) -> int:
+    """How many leading tokens of ``node`` are learned tokens (weights), through views,
+    ``expand``, per-token ops, start slices and concatenations on the token axis."""
+    shape = _shape(node) if isinstance(node, Node) else None
+    if shape is None or depth > 40:
+        return 0
+    if program.is_weight(node):
+        names.append(program.weight_name(node) or node.name)
+        return shape[1] if len(shape) == 3 else 0
+    if node.op != "call_function":
+        return 0
+    target = node.target
+    if target is aten.cat.default and len(shape) == 3 and get_arg(node, "dim") % 3 == 1:
+        total = 0
+        for operand in node.args[0]:
+            found = _prefix(operand, program, names, depth + 1)
+            total += found
+            if found < operand.meta["val"].shape[1]:
                 break
-            count += operand.meta["val"].shape[1]
-            names.append(program.weight_name(root) or root.name)
-        if count:
-            return count, f"{count} learned token(s) concatenated at %{node.name}: " + \
-                ", ".join(names)
-    return 0, ""
+        return total
+    if target is aten.slice.Tensor and len(shape) == 3 and get_arg(node, "dim") % 3 == 1:
+        if (get_arg(node, "start") or 0) != 0:
+            return 0
+        return min(shape[1], _prefix(node.args[0], program, names, depth + 1))
+    if target in (aten.add.Tensor, aten.mul.Tensor):
+        tokens = [a for a in node.args[:2] if isinstance(a, Node) and not program.is_weight(a)
+                  and _shape(a) is not None and len(_shape(a)) == 3]
+        found = [_prefix(a, program, names, depth + 1) for a in tokens]
+        return min(found) if found else 0
+    if (is_view(node) or target in _NORMS or target in (aten.expand.default,
+                                                        aten.dropout.default)):
+        source = node.args[0]
+        if _shape(source) is not None and len(_shape(source)) == len(shape):
+            return _prefix(source, program, names, depth + 1)
+    return 0
+
+
+def _learned_prefix(stream_in: Node, program: Program) -> tuple[int, str]:
+    names: list[str] = []
+    count = _prefix(stream_in, program, names)
+    if not count:
+        return 0, ""
+    return count, f"{count} learned token(s) before the blocks: {', '.join(names)}"
 
 
 def _positional_reads(output: Node) -> tuple[int, str]:

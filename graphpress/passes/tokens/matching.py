@@ -3,7 +3,7 @@
 With ``x`` the stream ``[B, N, C]`` after a block's attention, ``k`` its keys ``[B, H, N, D]``
 (or ``[B * H, N, D]``), ``P`` protected tokens and ``r`` merges::
 
-    m      = mean_h k / ||mean_h k||                   similarity metric, one row per token
+    m      = mean_h k / max(||mean_h k||, 1e-12)      similarity metric, one row per token
     A, B   = tokens P, P+2, ...  |  P+1, P+3, ...      alternating bipartite split
     S      = m_A m_B^T    (-inf where a pair's key-padding validity differs)
     best_j = argmax_j S_ij, score_i = max_j S_ij       each A token's best B partner
@@ -36,6 +36,7 @@ __all__ = ["TokenState", "initial_state", "key_validity", "merge_step", "attenti
 
 aten = torch.ops.aten
 _NEG_INF = float("-inf")
+_EPS = 1e-12  # the smallest key norm divided by (as F.normalize)
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,8 @@ def _metric(b: GraphBuilder, key: Node, batch: Any, tokens: int) -> Node:
         key = b.call(aten.view.default, key, [batch, -1, tokens, shape[-1]])
     mean = b.call(aten.mean.dim, key, [1])
     norm = b.call(aten.linalg_vector_norm.default, mean, 2, [-1], True)
-    return b.call(aten.div.Tensor, mean, norm)
+    # a zero key (a register token initialised to zeros) has similarity 0, not NaN
+    return b.call(aten.div.Tensor, mean, b.call(aten.clamp_min.default, norm, _EPS))
 
 
 def merge_step(b: GraphBuilder, x: Node, key: Node, r: int, protected: int,
