@@ -14,8 +14,9 @@ Protected: the special tokens the finder reports (learned CLS / distillation / r
 positions read after the blocks), kept at positions ``0..P-1``. Refused, with the reason:
 causal attention (``is_causal`` or a mask that varies by query, evaluated on the example
 inputs), per-block rotary / relative-position embeddings, reshapes that split the token axis
-(windowed attention), and outputs with a token axis unless ``unmerge=True`` gathers each
-original token's merged value back (dense heads).
+(windowed attention), and outputs with a token axis (or a slice or mean over tokens after the
+blocks) unless ``unmerge=True``, which gathers each original token's merged value back after
+the last block (dense heads, mean pooling).
 
 Contract: ``r = 0`` is exact (the program is unchanged). Otherwise statistical against
 :class:`graphpress.passes.tokens.reference.MergedReference`, the program before the pass with
@@ -115,7 +116,7 @@ class MergeTokens(Pass):
         for node in list(program.graph.nodes):
             if node.op == "output":
                 if state is not None:
-                    self._outputs(program, node, old, state, changed_axes)
+                    self._outputs(node, old, changed_axes)
                 continue
             if state is not None and node in sites:
                 self._attention(program, sites[node], node, state, cache, attention_bias,
@@ -126,6 +127,8 @@ class MergeTokens(Pass):
                 except Refusal as exc:
                     raise PassError(f"merge_tokens cannot merge tokens in this model: {exc}") \
                         from None
+            if node is blocks[-1].output and self.unmerge and state is not None:
+                self._unmerge(program, node, old, state)
             if node in merge_at:
                 blk, rate = merge_at[node]
                 before = set(program.graph.nodes)
@@ -180,27 +183,26 @@ class MergeTokens(Pass):
                 old[biased] = old[node.args[0]]
                 node.update_arg(0, biased)
 
-    def _outputs(self, program: Program, output: Node, old: dict[Node, Any], state: Any,
-                 changed_axes: Any) -> None:
+    def _unmerge(self, program: Program, node: Node, old: dict[Node, Any], state: Any) -> None:
+        """After the last block: every original token gets its merged token's value back."""
         from graphpress.passes.tokens.matching import _take
 
+        with GraphBuilder(program, anchor=node, pass_name=self.name, after=True) as b:
+            restored = _take(b, node, state.source, node.meta["val"].shape[0])
+        node.replace_all_uses_with(restored, delete_user_cb=lambda u: u is not restored
+                                   and u.meta.get("graphpress_pass") != self.name)
+        old[restored] = old[node]
+
+    def _outputs(self, output: Node, old: dict[Node, Any], changed_axes: Any) -> None:
         for leaf in output.all_input_nodes:
             axes = changed_axes(old.get(leaf, leaf.meta["val"]), leaf.meta["val"])
-            if not axes:
-                continue
-            shape = tuple(leaf.meta["val"].shape)
-            if not self.unmerge:
+            if axes:
                 raise PassError(
                     f"merge_tokens: the output %{leaf.name} has a token axis "
-                    f"({old[leaf].shape[axes[0]]} tokens, {shape[axes[0]]} after merging): "
-                    "outputs that are per token need merge_tokens(..., unmerge=True), which "
-                    "copies each merged token back to the positions it absorbed")
-            if axes != [1] or len(shape) != 3:
-                raise PassError(f"merge_tokens: cannot unmerge the output %{leaf.name} of "
-                                f"shape {shape}: only [B, N, C] outputs are unmerged")
-            with GraphBuilder(program, anchor=output, pass_name=self.name) as b:
-                restored = _take(b, leaf, state.source, shape[0])
-            output.replace_input_with(leaf, restored)
+                    f"({old[leaf].shape[axes[0]]} tokens, {leaf.meta['val'].shape[axes[0]]} "
+                    "after merging): outputs that are per token need merge_tokens(..., "
+                    "unmerge=True), which copies each merged token back to the positions it "
+                    "absorbed after the last block")
 
     def reference(self, before: Program, result: PassResult) -> Any:
         from graphpress.passes.tokens.reference import MergedReference

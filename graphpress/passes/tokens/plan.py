@@ -93,6 +93,13 @@ def plan_merges(pass_: Any, program: Program, ctx: PassContext) -> MergePlan:
                       "see the future of the tokens it absorbed")
     for prev, nxt in zip(blocks, blocks[1:]):
         if nxt.stream_in is not prev.output:
+            between = nxt.stream_in
+            if between.target is aten.add.Tensor and prev.output in between.args:
+                other = next(a for a in between.args if a is not prev.output)
+                raise _refuse(f"%{getattr(other, 'name', other)} is added to the token stream "
+                              f"before block {nxt.index} (%{between.name}): a per-token tensor "
+                              "such as a positional embedding applied in every block, which "
+                              "merged tokens no longer line up with")
             raise _refuse(f"the blocks are not one chain: block {nxt.index} reads "
                           f"%{nxt.stream_in.name}, not block {prev.index}'s output "
                           f"%{prev.output.name}")

@@ -68,6 +68,9 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def changed_axes(old: Any, new: Any) -> list[int]:
+    """The axes whose size differs (of any element, for an op with several outputs)."""
+    if isinstance(old, tuple | list) and isinstance(new, tuple | list) and len(old) == len(new):
+        return sorted({axis for a, b in zip(old, new) for axis in changed_axes(a, b)})
     before, after = _shape(old), _shape(new)
     if before is None or after is None or len(before) != len(after):
         return []
