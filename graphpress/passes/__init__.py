@@ -1,7 +1,7 @@
 """Built-in passes, one folder a family: ``cleanup/`` (dce, cse, fold_constants),
-``fold_bn/``, ``prune/``, ``quant/`` (insert_fake_quant), ``tokens/`` (merge_tokens). Importing this package registers them;
-the Pass base, the manager and the registry live in :mod:`graphpress.pipeline` and are
-re-exported here for convenience."""
+``fold_bn/``, ``prune/``, ``quant/`` (insert_fake_quant), ``tokens/`` (merge_tokens).
+Importing this package registers them; the Pass base, the manager and the registry live in
+:mod:`graphpress.pipeline` and are re-exported here for convenience."""
 
 from graphpress.passes.cleanup.cse import CommonSubexpressionElimination
 from graphpress.passes.cleanup.dce import DeadCodeElimination

@@ -16,7 +16,8 @@ tokens, written from the algorithm):
 1. similarity: the keys averaged over heads, divided by their norm (at least 1e-12, so a
    zero key has similarity 0), at each group's first
    position; tokens ``P, P+2, ...`` form set A, ``P+1, P+3, ...`` set B; a pair whose key
-   validity (attended by some query) differs scores ``-inf``;
+   validity (attended by some query) differs scores ``-inf``, a pair of padding tokens
+   ``+inf``;
 2. each A token's partner is its most similar B token (the first on ties); the ``r`` A tokens
    with the highest best score (ties: lower index first) merge into their partners;
 3. the new sequence: the protected tokens, the A tokens left (in their order), the B tokens;
@@ -76,7 +77,10 @@ class MergeSimulation:
             row = []
             for j, gb in enumerate(set_b):
                 same = bool(valid[ga[0]] == valid[gb[0]])
-                row.append(float(unit_a[i] @ unit_b[j]) if same else float("-inf"))
+                if same and not bool(valid[ga[0]]):
+                    row.append(float("inf"))           # two padding tokens: merge first
+                else:
+                    row.append(float(unit_a[i] @ unit_b[j]) if same else float("-inf"))
             top = max(row)
             best_score.append(top)
             partner.append(row.index(top))

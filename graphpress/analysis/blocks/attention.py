@@ -16,6 +16,7 @@ really has, so the finder can prove that axis 1 of the block input is axis ``-2`
 
 from __future__ import annotations
 
+import itertools
 import operator
 from dataclasses import dataclass
 
@@ -143,27 +144,26 @@ def find_attention(node: Node) -> Attention | None:
 def source_of(node: Node) -> list[Node]:
     """The chain ``[source, ..., node]`` of views, selects and splits ending at ``node``."""
     path = [node]
-    while True:
-        head = path[0]
-        if is_view(head):
-            path.insert(0, head.args[0])
-        elif (head.op == "call_function" and head.target in _KEEPS
-              and isinstance(head.args[0], Node)
-              and len(head.args[0].meta["val"].shape) == len(head.meta["val"].shape)):
-            path.insert(0, head.args[0])
-        elif head.op == "call_function" and head.target in _SELECTS:
-            path.insert(0, head.args[0])
-        elif (head.op == "call_function" and head.target is operator.getitem
-              and isinstance(head.args[0], Node) and head.args[0].target in _SELECTS):
-            path.insert(0, head.args[0])
-        else:
-            return path
+    while _moves_data(path[0]):
+        path.insert(0, path[0].args[0])
+    return path
+
+
+def _moves_data(node: Node) -> bool:
+    if is_view(node):
+        return True
+    if node.op != "call_function" or not isinstance(node.args[0], Node):
+        return False
+    if node.target in _KEEPS:
+        return len(node.args[0].meta["val"].shape) == len(node.meta["val"].shape)
+    return node.target in _SELECTS or (node.target is operator.getitem
+                                       and node.args[0].target in _SELECTS)
 
 
 def follow_token_axis(path: list[Node], axis: int) -> int | None:
     """Where axis ``axis`` of ``path[0]`` is in ``path[-1]`` (None if merged, split or
     selected away)."""
-    for prev, node in zip(path, path[1:]):
+    for prev, node in itertools.pairwise(path):
         if node.target is operator.getitem:
             continue  # the element of an unbind / split keeps the layout its op gave it
         if node.target in _KEEPS:

@@ -227,10 +227,10 @@ def _positional_reads(output: Node) -> tuple[int, str]:
                 start, end = get_arg(user, "start") or 0, get_arg(user, "end")
                 if start == 0 and end is not None and 0 < end < shape[1] and end > need:
                     need, where = end, f"tokens :{end} read by %{user.name}"
-            elif (user.target in _NORMS or is_view(user)
-                  or user.target in (aten.dropout.default, aten.add.Tensor, aten.mul.Tensor)):
-                if _shape(user) is not None and len(_shape(user)) == 3:
-                    frontier.append(user)
+            elif ((user.target in _NORMS or is_view(user)
+                   or user.target in (aten.dropout.default, aten.add.Tensor, aten.mul.Tensor))
+                  and _shape(user) is not None and len(_shape(user)) == 3):
+                frontier.append(user)
     return need, where
 
 

@@ -5,7 +5,9 @@ With ``x`` the stream ``[B, N, C]`` after a block's attention, ``k`` its keys ``
 
     m      = mean_h k / max(||mean_h k||, 1e-12)      similarity metric, one row per token
     A, B   = tokens P, P+2, ...  |  P+1, P+3, ...      alternating bipartite split
-    S      = m_A m_B^T    (-inf where a pair's key-padding validity differs)
+    S      = m_A m_B^T    (-inf where a pair's key-padding validity differs, +inf for two
+                           padding tokens: padding merges first, so which real tokens merge
+                           never depends on what the padding holds)
     best_j = argmax_j S_ij, score_i = max_j S_ij       each A token's best B partner
     rank_i = #{j: score_j > score_i} + #{j < i: score_j = score_i}   (a stable descending sort)
     src    = the r tokens of rank < r, by rank;  kept A = the others, in their order
@@ -128,6 +130,11 @@ def merge_step(b: GraphBuilder, x: Node, key: Node, r: int, protected: int,
         same = b.call(aten.eq.Tensor, b.call(aten.unsqueeze.default, v_a, 2),
                       b.call(aten.unsqueeze.default, v_b, 1))
         scores = b.call(aten.where.ScalarOther, same, scores, _NEG_INF)
+        padding = b.call(aten.logical_and.default,
+                         b.call(aten.unsqueeze.default, b.call(aten.logical_not.default, v_a), 2),
+                         b.call(aten.unsqueeze.default, b.call(aten.logical_not.default, v_b), 1))
+        scores = b.call(aten.where.ScalarOther, b.call(aten.logical_not.default, padding),
+                        scores, float("inf"))
     best = b.call(aten.max.dim, scores, -1)
     score, partner = b.call(operator.getitem, best, 0), b.call(operator.getitem, best, 1)
     src, kept = _rank_split(b, score, r, n_a)

@@ -142,7 +142,8 @@ class MergeTokens(Pass):
                     merged, state = merge_step(b, node, blk.attention.key, rate,
                                                plan.protected, state)
                 new = set(program.graph.nodes) - before
-                node.replace_all_uses_with(merged, delete_user_cb=lambda u: u not in new)
+                node.replace_all_uses_with(merged,
+                                           delete_user_cb=lambda u, made=new: u not in made)
                 old[merged] = old[node]
                 record["merges"].append({"block": blk.index, "mid": blk.mid.name,
                                          "key": blk.attention.key.name, "r": rate})

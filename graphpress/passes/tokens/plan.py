@@ -9,6 +9,7 @@ and whatever the block finder refused (rotary keys, head layouts it cannot follo
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,7 +92,7 @@ def plan_merges(pass_: Any, program: Program, ctx: PassContext) -> MergePlan:
     if causal:
         raise _refuse(f"causal attention (a decoder), {causal[0]}: merging would let a token "
                       "see the future of the tokens it absorbed")
-    for prev, nxt in zip(blocks, blocks[1:]):
+    for prev, nxt in itertools.pairwise(blocks):
         if nxt.stream_in is not prev.output:
             between = nxt.stream_in
             if between.target is aten.add.Tensor and prev.output in between.args:
@@ -121,7 +122,12 @@ def plan_merges(pass_: Any, program: Program, ctx: PassContext) -> MergePlan:
         summary.append(line)
     else:
         rates = rate_schedule(pass_.r, len(blocks), pass_.inflection)
-    counts = check_schedule(rates, tokens, protected, shapes)
+    asked = list(rates)
+    rates, counts = check_schedule(rates, tokens, protected, shapes,
+                                   cap=isinstance(pass_.r, int))
+    lowered = [f"block {i}: {a} -> {r}" for i, (a, r) in enumerate(zip(asked, rates)) if a != r]
+    if lowered:
+        summary.append("lowered to what the tokens allow: " + ", ".join(lowered))
     summary.append("r per block: " + ", ".join(map(str, rates)) + "; tokens per block: "
                    + ", ".join(map(str, counts)) + f" -> {counts[-1] - rates[-1]}")
     return MergePlan(rates, tokens, protected, summary)

@@ -41,7 +41,8 @@ _REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin
                aten.std.correction, aten.any.dims, aten.all.dims, aten.prod.dim_int}
 _TOKENWISE = {aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default,
               aten.linear.default, aten.matmul.default, aten.bmm.default, aten.softmax.int,
-              aten._softmax.default, aten.log_softmax.int, aten.scaled_dot_product_attention.default,
+              aten._softmax.default, aten.log_softmax.int,
+              aten.scaled_dot_product_attention.default,
               aten.dropout.default, aten.contiguous.default, aten.clone.default,
               aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device,
               aten.alias.default, aten.detach.default, aten.gelu.default, aten.silu.default,

@@ -4,10 +4,13 @@ Block ``i`` with ``N_i`` tokens merges ``r_i`` of them after its attention, so i
 later block see ``N_{i+1} = N_i - r_i`` tokens. The bipartite split of the ``N_i - P``
 unprotected tokens (``P`` special tokens) allows at most ``(N_i - P) // 2`` merges.
 
-* constant: ``r_i = r`` (ToMe's default);
+* constant: ``r_i = r`` (ToMe's default), lowered in late blocks to what their tokens allow
+  (as ToMe does: ViT-B/16 at r = 16 merges 16 in blocks 0-10 and 10 in block 11); an ``r``
+  the first block cannot merge is an error;
 * decreasing (``inflection=f``): ``r_i`` falls linearly from ``(1 + f) r`` at the first block to
   ``(1 - f) r`` at the last, rounded down (mean about ``r``), merging more while tokens are many;
-* explicit: ``r=[r_0, r_1, ...]``, one per block;
+* explicit: ``r=[r_0, r_1, ...]``, one per block, each within its block's limit (else an error
+  naming the block and its token count);
 * FLOP budget (``flops=b``): the estimated multiply-accumulates of the blocks must be at most
   ``b`` times the unmerged ones. Per block, with ``C`` channels and MLP width ``M``::
 
@@ -58,21 +61,27 @@ def rate_schedule(r: int | Sequence[int], num_blocks: int,
 
 
 def check_schedule(rates: Sequence[int], tokens: int, protected: int,
-                   blocks: Sequence[BlockShape]) -> list[int]:
-    """The token count before each block; an error names the first block ``r`` is too large for."""
-    counts = []
-    for rate, block in zip(rates, blocks):
+                   blocks: Sequence[BlockShape], *, cap: bool = False
+                   ) -> tuple[list[int], list[int]]:
+    """The rates and the token count before each block. A rate larger than its block's tokens
+    allow is an error naming the block, except with ``cap`` (constant and decreasing schedules,
+    as ToMe) for blocks after the first: there it is lowered to the limit."""
+    counts, final = [], []
+    for index, (rate, block) in enumerate(zip(rates, blocks)):
         if rate < 0:
             raise PassError(f"merge_tokens: r must be >= 0, got {rate} for {block.name}")
         limit = (tokens - protected) // 2
+        if rate > limit and cap and index > 0:
+            rate = limit
         if rate > limit:
             raise PassError(
                 f"merge_tokens: {block.name} has {tokens} tokens ({protected} protected), so its "
                 f"bipartite split allows at most r = {limit}; got r = {rate}. Lower r or use a "
                 "decreasing schedule (inflection=...)")
         counts.append(tokens)
+        final.append(rate)
         tokens -= rate
-    return counts
+    return final, counts
 
 
 def block_macs(rates: Sequence[int], tokens: int, blocks: Sequence[BlockShape]) -> int:
