@@ -137,6 +137,15 @@ def test_backend_options_and_backend_check(monkeypatch: pytest.MonkeyPatch) -> N
         gp.compile(model, x, backend="test_shifted", verify=True, backend_options={"shift": 1.0})
     with pytest.raises(BackendError, match="rejected its options"):
         gp.compile(model, x, backend="test_shifted", backend_options={"nope": 1})
+    # a quantized program: past one int8 step, a shift that eager's own float rounding does not
+    # explain (eager in float64 is ~0 off) still fails, and says the referee was asked
+    calibration = [conv_inputs() for _ in range(2)]
+    quantized = gp.compile(model, x, passes="fold_bn, insert_fake_quant", backend="test_shifted",
+                           verify=True, calibration_data=calibration)
+    assert "one int8 step" in quantized.report().extra["test_shifted vs eager max abs error"]
+    with pytest.raises(BackendError, match="own float rounding .* does not explain it"):
+        gp.compile(model, x, passes="fold_bn, insert_fake_quant", backend="test_shifted",
+                   verify=True, calibration_data=calibration, backend_options={"shift": 1.0})
 
 
 def test_save_after_cse_merges_returned_values(tmp_path: Path) -> None:

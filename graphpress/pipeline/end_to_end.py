@@ -72,7 +72,8 @@ def check_end_to_end(model: torch.nn.Module, program: Program, samples: Samples,
     for i, (got, want) in enumerate(zip(actual, expected)):
         found = compare_outputs(got, want, rtol=rtol, atol=atol, scale_atol=True)
         if not found.ok:
-            why = float64_referee(lambda: module_in_float64(model), samples[i], got, want, atol)
+            why = float64_referee(lambda: module_in_float64(model), samples[i], got, want, atol,
+                                  names=("the compiled program", "the model"))
             if why is not None:
                 rounding.append(f"sample {i}: {why}")
                 worst_error = max(worst_error, found.max_abs_error)

@@ -68,9 +68,12 @@ def _rms(tree: Any) -> float:
 
 
 def float64_referee(make_reference64: Callable[[], Any], sample: Any, actual: Any,
-                    expected: Any, atol: float) -> str | None:
+                    expected: Any, atol: float,
+                    names: tuple[str, str] = ("the rewritten program", "the input program")
+                    ) -> str | None:
     """Why ``actual`` differs from ``expected`` (the reference's fp32 result on ``sample``) by
-    float rounding only, or None when it does not, or when float64 cannot tell."""
+    float rounding only, or None when it does not, or when float64 cannot tell. ``names``
+    (of ``actual``'s and ``expected``'s computations) word the ruling."""
     try:
         truth = run_samples(make_reference64(), [pytree.tree_map(_double, sample)])[0]
     except Exception:  # an op that needs float32 operands: the referee has no say
@@ -82,5 +85,5 @@ def float64_referee(make_reference64: Callable[[], Any], sample: Any, actual: An
     own_error = _max_abs(pytree.tree_map(_double, expected), truth)
     if new_error > max(ROUNDING_SLACK * own_error, atol * _rms(truth)):
         return None
-    return (f"the fp32 error against the float64 reference is {new_error:.3g}, "
-            f"the reference's own {own_error:.3g}")
+    return (f"against {names[1]} run in float64, {names[0]} is {new_error:.3g} off and "
+            f"{names[1]} itself (fp32) {own_error:.3g}")

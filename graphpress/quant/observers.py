@@ -16,7 +16,7 @@ float32 (values are observed in float32) or int64 counts; all are deterministic.
   The average depends on the order of the batches, so the observer keeps the per-batch minima
   and maxima and averages them when asked: merging concatenates the sequences (``a`` then
   ``b``) and the result is bit-identical to one observer that saw ``a``'s batches then ``b``'s.
-* ``percentile`` (``observer_args["percentile"]`` = p, default 99.99), ``mse`` and ``entropy``
+* ``percentile`` (``observer_args["percentile"]`` = p, default 99.999), ``mse`` and ``entropy``
   read a histogram (below). percentile: asymmetric ``lo, hi`` = the ``1 - p/100`` and ``p/100``
   quantiles of ``x``; symmetric ``hi = -lo`` = the ``p/100`` quantile of ``|x|``; quantiles
   interpolate linearly inside a bin.
@@ -460,7 +460,7 @@ class PercentileObserver(_HistogramObserver):
 
     def __init__(self, spec: QuantSpec, shape: tuple[int, ...]) -> None:
         super().__init__(spec, shape)
-        self.percentile = float(spec.observer_args.get("percentile", 99.99))
+        self.percentile = float(spec.observer_args.get("percentile", 99.999))
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
 

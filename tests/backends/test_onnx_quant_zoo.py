@@ -1,11 +1,13 @@
 """Quantized zoo models through the ONNX backend, checked by gp.compile(verify=True) against
-eager within one int8 step of each output.
+eager: within one int8 step of each output, or, past it, no further from the program's float64
+evaluation than eager itself (the float64 referee).
 
 ``quantization="exact"`` exports the fake-quant formula itself and follows eager to float
-rounding on these models; the default ``"qdq"`` (QuantizeLinear / DequantizeLinear, which
-onnxruntime runs with its int8 kernels) stays within the step on the CNNs. MiniLM is left out:
-its float kernels already differ from eager by ~1e-6, which flips a few rounding decisions of
-its 37 quantized activations, and the flips cascade (docs/benchmarks.md, issue 9)."""
+rounding. The default ``"qdq"`` stores the weights quantized (bit-identical to eager) and
+quantizes activations with QuantizeLinear, which rounds ``x / s`` where eager rounds
+``x * (1 / s)``; onnxruntime's int8 convolutions add their own rounding. MiniLM (real weights,
+outlier dimensions) is chaotic under float rounding: eager run in float64 lands ~10 output
+steps from eager in fp32, and onnxruntime as far; the referee accepts it (slow test)."""
 
 from __future__ import annotations
 
@@ -45,10 +47,22 @@ def test_exact_export_follows_eager(name: str, quant: str) -> None:
     assert _deviation(_compile(name, quant, "exact")) <= 1e-3
 
 
-@pytest.mark.parametrize("name", ["digits_cnn", "concat_net"])
-def test_qdq_export_stays_within_one_step_on_cnns(name: str) -> None:
-    compiled = _compile(name, _STATIC, "qdq")
-    assert _deviation(compiled) > 0  # onnxruntime's own rounding, reported
+@pytest.mark.parametrize(("name", "quant"), [
+    ("digits_cnn", _STATIC), ("concat_net", _STATIC), ("hf_resnet", _STATIC),
+    ("hf_bert", _STATIC), ("hf_llama", _STATIC), ("attention_net", _STATIC),
+    ("hf_llama", _DYNAMIC), ("attention_net", _DYNAMIC),
+])
+def test_qdq_export_stays_within_one_step(name: str, quant: str) -> None:
+    compiled = _compile(name, quant, "qdq")
+    line = compiled.report().extra["onnx vs eager max abs error"]
+    assert "float rounding only" not in line, line
+
+
+@pytest.mark.slow
+def test_qdq_export_of_a_chaotic_model_is_ruled_float_rounding() -> None:
+    compiled = _compile("minilm", _STATIC, "qdq")
+    line = compiled.report().extra["onnx vs eager max abs error"]
+    assert "float rounding only" in line and "against eager run in float64" in line, line
 
 
 def test_unknown_quantization_mode_is_refused() -> None:
