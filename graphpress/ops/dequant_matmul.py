@@ -1,0 +1,246 @@
+"""Matmuls on packed integer weights: ``graphpress::dequant_matmul`` (weight-only, 4 or 8 bits)
+and ``graphpress::dynamic_quant_matmul`` (W8A8: int8 activations per token times int8 weights).
+
+``dequant_matmul(x, qweight, scales, zeros, bias, bits, group_size)``, with the packed format of
+:mod:`graphpress.ops.packing` (docs/ops/packed_formats.md)::
+
+    W[n, k] = (u[n, k] - zeros[n, k // group_size]) * scales[n, k // group_size]
+    y       = x @ W.T + bias                      (x [..., K] -> y [..., N], float32 accumulation)
+
+``W`` is bit-identical to the fake-quantized weight it was packed from (float32 scales), so the
+op equals ``linear(x, fake_quantize_affine(W_float), bias)`` up to the order of the sums. Half
+and bfloat16 inputs are computed in float32 and the result cast back.
+
+``dynamic_quant_matmul(x, qweight, scales, bias, act_symmetric)``: ``qweight`` int8 ``[N, K]``
+(signed, symmetric), ``scales`` float32 ``[N, 1]``; per row of ``x`` (each token) the op computes
+the int8 qparams ``(s_x, z_x)`` with the formula of ``choose_qparams_affine`` and the codes
+``q_x`` with ``quantize_affine``, exactly as the fake-quant program does, then::
+
+    y[m, n] = s_x[m] * scales[n] * (sum_k q_x[m, k] * qweight[n, k] - z_x[m] * sum_k qweight[n, k])
+
+The integer sum is exact (int32, ``torch._int_mm``; |sum| < 2**31 for K < 2**16), so the result
+differs from the fake-quant program's float32 matmul only by that program's own rounding.
+
+Kernels (the CPU one lives here, the Triton ones in :mod:`graphpress.kernels`):
+
+* CPU: the rows of ``W`` are dequantized in blocks that stay in cache (a byte -> two codes
+  lookup table, then ``(u - z) * s``) and multiplied with ``x`` block by block, so no float
+  copy of the whole weight is ever made;
+* CUDA: the Triton kernels (split-K GEMV for ``M <= 16``, tiled GEMM otherwise) when triton is
+  installed, else the CPU algorithm on the device;
+* ``use_triton()``: run the Triton kernels on CPU tensors too (with ``TRITON_INTERPRET=1``),
+  which is how the kernels are tested without a GPU.
+
+ONNX: 4- and 8-bit weights whose group is a power of two >= 16 become onnxruntime's
+``com.microsoft::MatMulNBits`` (its ``B`` is ``qweight`` reshaped, its zero points the same
+codes packed two a byte for 4 bits); other group sizes become the dequantization in standard
+ops and a MatMul. ``matmul_nbits_options(accuracy_level=...)`` sets MatMulNBits' accuracy level
+for exports inside the block (0: float32 activations, the exact choice and the default; 4: int8
+activations, onnxruntime's fastest CPU path).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from graphpress.kernels import triton_available
+from graphpress.ops.packing import BITS, midpoint, unpack_zeros, zeros_shape
+from graphpress.ops.quant import choose_qparams_affine, quantize_affine
+from graphpress.ops.registry import define_op
+
+__all__ = ["DEQUANT_MATMUL", "DYNAMIC_QUANT_MATMUL", "cpu_dequant_matmul", "matmul_nbits_options",
+           "use_triton"]
+
+_ROWS_PER_BLOCK = 256       # rows of W dequantized at a time on CPU: 256 x 4096 fp32 = 4 MiB
+_STATE: dict[str, Any] = {"triton_on_cpu": False, "accuracy_level": 0}
+
+
+@contextlib.contextmanager
+def use_triton(enabled: bool = True) -> Iterator[None]:
+    """Inside the block, run the Triton kernels on CPU tensors too (needs triton and
+    ``TRITON_INTERPRET=1`` set before triton was imported)."""
+    previous = _STATE["triton_on_cpu"]
+    _STATE["triton_on_cpu"] = enabled
+    try:
+        yield
+    finally:
+        _STATE["triton_on_cpu"] = previous
+
+
+@contextlib.contextmanager
+def matmul_nbits_options(*, accuracy_level: int = 0) -> Iterator[None]:
+    """MatMulNBits' ``accuracy_level`` (0, 1: float32; 2: float16; 3: bfloat16; 4: int8
+    activations) for the ONNX exports made inside the block."""
+    if accuracy_level not in range(5):
+        raise ValueError(f"accuracy_level is 0..4 (onnxruntime's MatMulNBits), got "
+                         f"{accuracy_level!r}")
+    previous = _STATE["accuracy_level"]
+    _STATE["accuracy_level"] = accuracy_level
+    try:
+        yield
+    finally:
+        _STATE["accuracy_level"] = previous
+
+
+def _check(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+           zeros: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
+           group_size: int) -> tuple[int, int]:
+    op = "graphpress::dequant_matmul"
+    if bits not in BITS:
+        raise ValueError(f"{op}: bits must be 4 or 8, got {bits}")
+    if qweight.dtype != torch.uint8 or qweight.dim() != 2:
+        raise ValueError(f"{op}: qweight must be uint8 [N, K * bits / 8], got {qweight.dtype} "
+                         f"{tuple(qweight.shape)}")
+    n, k = qweight.shape[0], qweight.shape[1] * 8 // bits
+    if x.shape[-1] != k:
+        raise ValueError(f"{op}: x has {x.shape[-1]} features but the {bits}-bit qweight "
+                         f"{tuple(qweight.shape)} holds K={k}")
+    if group_size < 1 or k % group_size:
+        raise ValueError(f"{op}: group_size {group_size} does not divide K={k}")
+    groups = (n, k // group_size)
+    if tuple(scales.shape) != groups or not scales.is_floating_point():
+        raise ValueError(f"{op}: scales must be float [{n}, {groups[1]}], got {scales.dtype} "
+                         f"{tuple(scales.shape)}")
+    stored = zeros_shape(n, groups[1], bits)
+    if zeros is not None and (tuple(zeros.shape) != stored or zeros.dtype != torch.uint8):
+        raise ValueError(f"{op}: zeros must be uint8 {list(stored)} ({bits}-bit codes of "
+                         f"{groups[1]} groups), got {zeros.dtype} {tuple(zeros.shape)}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"{op}: bias must be [{n}], got {tuple(bias.shape)}")
+    return n, k
+
+
+def _code_table(bits: int, device: torch.device) -> torch.Tensor:
+    """byte -> its codes as float32: [256, 2] (low nibble, high nibble) or [256, 1]."""
+    byte = torch.arange(256, device=device)
+    if bits == 8:
+        return byte.to(torch.float32).unsqueeze(1)
+    return torch.stack((byte & 0x0F, byte >> 4), dim=1).to(torch.float32)
+
+
+def cpu_dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                       zeros: torch.Tensor | None, bits: int, group_size: int,
+                       rows_per_block: int = _ROWS_PER_BLOCK) -> torch.Tensor:
+    """``x2d @ W.T`` in float32 for ``x2d`` [M, K], dequantizing ``rows_per_block`` rows at a
+    time (see the module docstring)."""
+    n = qweight.shape[0]
+    k = x.shape[1]
+    table = _code_table(bits, x.device)
+    index = qweight.to(torch.int32)
+    scale = scales.to(torch.float32)
+    zero = None if zeros is None else unpack_zeros(zeros, bits, k // group_size).to(torch.float32)
+    out = x.new_empty((x.shape[0], n), dtype=torch.float32)
+    for start in range(0, n, rows_per_block):
+        stop = min(start + rows_per_block, n)
+        rows = stop - start
+        codes = torch.index_select(table, 0, index[start:stop].reshape(-1))
+        grouped = codes.view(rows, k // group_size, group_size)
+        if zero is None:
+            grouped = grouped.sub_(float(midpoint(bits)))
+        else:
+            grouped = grouped.sub_(zero[start:stop].unsqueeze(-1))
+        weight = grouped.mul_(scale[start:stop].unsqueeze(-1)).view(rows, k)
+        out[:, start:stop] = torch.mm(x, weight.t())
+    return out
+
+
+def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                   zeros: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
+                   group_size: int) -> torch.Tensor:
+    """y = x @ W.T + bias with W dequantized from packed ``bits``-bit codes per group."""
+    n, k = _check(x, qweight, scales, zeros, bias, bits, group_size)
+    x2d = x.reshape(-1, k).to(torch.float32)
+    if (x.is_cuda or _STATE["triton_on_cpu"]) and triton_available():
+        from graphpress.kernels.dequant_matmul import triton_dequant_matmul
+
+        out = triton_dequant_matmul(x2d, qweight, scales, zeros, bits, group_size)
+    else:
+        out = cpu_dequant_matmul(x2d.contiguous(), qweight, scales, zeros, bits, group_size)
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out.reshape(*x.shape[:-1], n).to(x.dtype)
+
+
+def _dequant_matmul_fake(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                         zeros: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
+                         group_size: int) -> torch.Tensor:
+    n, _ = _check(x, qweight, scales, zeros, bias, bits, group_size)
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def _check_dynamic(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                   bias: torch.Tensor | None) -> int:
+    op = "graphpress::dynamic_quant_matmul"
+    if qweight.dtype != torch.int8 or qweight.dim() != 2:
+        raise ValueError(f"{op}: qweight must be int8 [N, K], got {qweight.dtype} "
+                         f"{tuple(qweight.shape)}")
+    n, k = qweight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"{op}: x has {x.shape[-1]} features, qweight {tuple(qweight.shape)} "
+                         f"needs K={k}")
+    if tuple(scales.shape) != (n, 1) or not scales.is_floating_point():
+        raise ValueError(f"{op}: scales must be float [{n}, 1], got {tuple(scales.shape)}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"{op}: bias must be [{n}], got {tuple(bias.shape)}")
+    if k >= 1 << 16:
+        raise ValueError(f"{op}: K={k} could overflow the int32 accumulator; K < 65536")
+    return n
+
+
+def dynamic_quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                         bias: torch.Tensor | None, act_symmetric: bool) -> torch.Tensor:
+    """y = x @ W.T + bias with x quantized to int8 per token and int8 weights (W8A8)."""
+    n = _check_dynamic(x, qweight, scales, bias)
+    k = qweight.shape[1]
+    x2d = x.reshape(-1, k).to(torch.float32)
+    block = [1, k]
+    x_scale, x_zero = choose_qparams_affine(x2d, block, -128.0, 127.0, act_symmetric, "int8")
+    codes = quantize_affine(x2d, block, x_scale, None if act_symmetric else x_zero,
+                            -128.0, 127.0, "int8")
+    acc = torch._int_mm(codes, qweight.t()) if x2d.shape[0] else torch.zeros(
+        (0, n), dtype=torch.int32, device=x.device)
+    if not act_symmetric:
+        acc = acc - x_zero * qweight.sum(dim=1, dtype=torch.int32)
+    out = acc.to(torch.float32) * (x_scale * scales.to(torch.float32).reshape(1, n))
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out.reshape(*x.shape[:-1], n).to(x.dtype)
+
+
+def _dynamic_quant_matmul_fake(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                               bias: torch.Tensor | None, act_symmetric: bool) -> torch.Tensor:
+    n = _check_dynamic(x, qweight, scales, bias)
+    return x.new_empty((*x.shape[:-1], n))
+
+
+# The translations import onnxscript only when an export runs (importing graphpress stays
+# light); tensor parameters are unannotated, which the exporter reads as inputs.
+def _dequant_matmul_onnx(x, qweight, scales, zeros=None, bias=None,  # noqa: ANN001
+                         bits: int = 4, group_size: int = 128) -> Any:
+    from graphpress.ops.dequant_matmul_onnx import dequant_matmul_onnx
+
+    return dequant_matmul_onnx(x, qweight, scales, zeros, bias, bits, group_size,
+                               accuracy_level=_STATE["accuracy_level"])
+
+
+def _dynamic_quant_matmul_onnx(x, qweight, scales, bias=None,  # noqa: ANN001
+                               act_symmetric: bool = False) -> Any:
+    from graphpress.ops.dequant_matmul_onnx import dynamic_quant_matmul_onnx
+
+    return dynamic_quant_matmul_onnx(x, qweight, scales, bias, act_symmetric)
+
+
+DEQUANT_MATMUL = define_op(
+    "graphpress::dequant_matmul", dequant_matmul, fake=_dequant_matmul_fake,
+    schema=("(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, int bits, "
+            "int group_size) -> Tensor"),
+    onnx_translation=_dequant_matmul_onnx)
+DYNAMIC_QUANT_MATMUL = define_op(
+    "graphpress::dynamic_quant_matmul", dynamic_quant_matmul, fake=_dynamic_quant_matmul_fake,
+    schema=("(Tensor x, Tensor qweight, Tensor scales, Tensor? bias, bool act_symmetric) "
+            "-> Tensor"),
+    onnx_translation=_dynamic_quant_matmul_onnx)
