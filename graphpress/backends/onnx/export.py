@@ -51,7 +51,8 @@ def _needs_opset21(program: Program) -> bool:
         if dtype in ("int4", "uint4"):
             return True
         shape = node.args[0].meta["val"].shape
-        counts = [s // b for s, b in zip(shape, block_size, strict=True)]
+        counts = [1 if isinstance(b, torch.fx.Node) else s // b  # a node: the whole dim
+                  for s, b in zip(shape, block_size, strict=True)]
         split = [i for i, c in enumerate(counts) if c != 1]
         per_axis = len(split) == 1 and block_size[split[0]] == 1
         dynamic_integer = not program.is_weight(scale) and not str(dtype).startswith("float8")

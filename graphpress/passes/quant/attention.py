@@ -23,24 +23,19 @@ from torch.fx import Node
 
 from graphpress.analysis.channels.rules import op_name
 from graphpress.ir.program import Program
-from graphpress.passes.quant.placement import Layer, Operand, activation_refusal
+from graphpress.passes.quant.placement import (
+    Layer,
+    Operand,
+    activation_block,
+    activation_refusal,
+)
 from graphpress.pipeline.base import Skip
 from graphpress.quant.config import QuantConfig
-from graphpress.quant.spec import QuantSpec
 
 __all__ = ["attention_layers"]
 
 _PRODUCTS = ("matmul", "mm", "bmm")
 _SDPA = "scaled_dot_product_attention"
-
-
-def _block(spec: QuantSpec, value: Node, side: str) -> list[int]:
-    shape = list(value.meta["val"].shape)
-    if spec.granularity != "per_token" or side == "left":
-        return spec.block_size(shape)
-    block = [1] * len(shape)
-    block[-2] = shape[-2]
-    return block
 
 
 def _sides(program: Program, node: Node, op: str) -> list[tuple[int, str]]:
@@ -83,7 +78,7 @@ def attention_layers(program: Program, config: QuantConfig, taken: set[Node]
                                                f"{reason}"))
                 continue
             operands.append(Operand("activation", node, index, value, spec,
-                                    _block(spec, value, side)))
+                                    activation_block(spec, value, columns=side == "right")))
         if operands:
             layers.append(Layer(node, op, module, layer_config, operands))
     return layers, skipped

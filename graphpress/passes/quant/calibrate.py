@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from graphpress.errors import InputError
 from graphpress.ir.program import Program
@@ -43,7 +44,9 @@ def activation_qparams(program: Program, operands: Sequence[Any],
         label = ("group", group, operand.spec) if group is not None else ("value", key)
         keys[key] = label
         if label not in observers:
-            shape = tuple(operand.value.meta["val"].shape)
+            # a symbolic (dynamic) dim observes at its traced size; per-tensor and per-token
+            # observers take any size of it on every batch
+            shape = tuple(optimization_hint(s) for s in operand.value.meta["val"].shape)
             observers[label] = (set(), make_observer(operand.spec, shape))
         observers[label][0].add(operand.value.name)
     # a node feeds one observer per calibration run (two specs on one value need two runs)

@@ -59,7 +59,7 @@ class _Quantized:
     index: int
     role: str
     value: str
-    block_size: tuple[int, ...]
+    block_size: tuple[int | None, ...]  # None: a symbolic (dynamic) dim, the whole of it
     spec: QuantSpec
     scale: torch.Tensor | None      # None when dynamic
     zero_point: torch.Tensor | None
@@ -193,9 +193,13 @@ class InsertFakeQuant(Pass):
         value: Node = operand.value
         where = layer.module or layer.node.name
         with GraphBuilder(program, anchor=layer.node, pass_name=self.name) as build:
+            # a symbolic (dynamic) block length is the dim's size, read in the graph
+            block_args = [b if b is not None else build.call(torch.ops.aten.sym_size.int,
+                                                              value, dim)
+                          for dim, b in enumerate(operand.block_size)]
             if spec.dynamic:
                 qparams = build.call(torch.ops.graphpress.choose_qparams_affine.default, value,
-                                     list(operand.block_size), float(qmin), float(qmax),
+                                     block_args, float(qmin), float(qmax),
                                      spec.symmetric, spec.dtype)
                 scale_node = build.call(operator.getitem, qparams, 0)
                 zp_node = (None if spec.symmetric
@@ -228,7 +232,7 @@ class InsertFakeQuant(Pass):
                 else:
                     line += f", scale {float(scale.min()):.4g}..{float(scale.max()):.4g}"
             fq = build.call(torch.ops.graphpress.fake_quantize_affine.default, value,
-                            list(operand.block_size), scale_node, zp_node, float(qmin),
+                            block_args, scale_node, zp_node, float(qmin),
                             float(qmax), spec.dtype)
         record = _Quantized(layer.node.name, operand.index, operand.role, value.name,
                             tuple(operand.block_size), spec, scale, zero_point)

@@ -43,7 +43,7 @@ from graphpress.pipeline.base import Skip
 from graphpress.quant.config import QuantConfig
 from graphpress.quant.spec import QuantSpec, weight_block_size
 
-__all__ = ["Layer", "Operand", "activation_refusal", "find_layers"]
+__all__ = ["Layer", "Operand", "activation_block", "activation_refusal", "find_layers"]
 
 _CONV = ("conv1d", "conv2d", "conv3d", "convolution")
 _CONV_T = ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
@@ -61,7 +61,7 @@ class Operand:
     index: int                 # position in layer.args
     value: Node                # the node whose value is quantized (a placeholder for weights)
     spec: QuantSpec
-    block_size: list[int]
+    block_size: list[int | None]   # None: a symbolic (dynamic) dim, the whole of it
     position: int | None = None  # index in the list at layer.args[index] (cat's tensors)
 
 
@@ -157,7 +157,7 @@ def find_layers(program: Program, config: QuantConfig) -> tuple[list[Layer], lis
             if reason:
                 skipped.append(Skip(node.name, f"{where}: activation kept in float: {reason}"))
             else:
-                block = spec.block_size(tuple(activation[1].meta["val"].shape))
+                block = activation_block(spec, activation[1])
                 operands.append(Operand("activation", node, activation[0], activation[1], spec,
                                         block))
         if operands:
@@ -173,14 +173,30 @@ def _activation_operand(node: Node, op: str) -> tuple[int, Node] | None:
     return (index, value) if isinstance(value, Node) else None
 
 
+def activation_block(spec: QuantSpec, value: Node, *, columns: bool = False) -> list[int | None]:
+    """The block shape of an activation: ``spec``'s, or with ``columns`` (a per-token spec on
+    the right operand of a product) one block per column, spanning dim -2. A symbolic
+    (dynamic) block length is None: the whole dim, whatever its size on a call."""
+    shape = list(value.meta["val"].shape)
+    if columns and spec.granularity == "per_token":
+        block = [1] * len(shape)
+        block[-2] = shape[-2]
+    else:
+        block = spec.block_size(shape)
+    return [b if isinstance(b, int) else None for b in block]
+
+
 def activation_refusal(value: Node, spec: QuantSpec) -> str:
     val = value.meta.get("val")
     if not isinstance(val, torch.Tensor) or not val.is_floating_point():
         return "it is not a floating-point tensor"
     symbolic = any(not isinstance(s, int) for s in val.shape)
-    if symbolic and not (spec.dynamic and spec.granularity == "per_token"):
-        return ("it has a symbolic (dynamic) shape, which fixed block sizes cannot cover; "
-                "trace without dynamic_batch, or use a dynamic per-token scheme")
+    if symbolic and spec.granularity not in ("per_tensor", "per_token"):
+        return (f"it has a symbolic (dynamic) shape, which fixed {spec.granularity} blocks "
+                "cannot cover; trace without dynamic_batch, or use a per-tensor or per-token "
+                "spec")
+    if symbolic and spec.granularity == "per_token" and not isinstance(val.shape[-1], int):
+        return "its last dim (the token's features) is symbolic: per-token blocks need it fixed"
     if spec.granularity == "per_group":
         return "per_group is a weight granularity"
     return ""

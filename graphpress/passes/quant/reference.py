@@ -43,7 +43,8 @@ class QuantizedReference(ProgramRunner):
             qmin, qmax = spec.qrange()
             x = (args[record.index] if record.position is None
                  else args[record.index][record.position])
-            block = list(record.block_size)
+            block = [b if b is not None else x.shape[dim]  # a symbolic (dynamic) dim
+                     for dim, b in enumerate(record.block_size)]
             if spec.dynamic:
                 scale, zero_point = reference_qparams(x, block, qmin, qmax, spec.symmetric,
                                                       spec.dtype)

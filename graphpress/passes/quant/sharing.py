@@ -25,7 +25,12 @@ from torch.fx import Node
 
 from graphpress.analysis.channels.rules import op_name
 from graphpress.ir.program import Program
-from graphpress.passes.quant.placement import Layer, Operand, activation_refusal
+from graphpress.passes.quant.placement import (
+    Layer,
+    Operand,
+    activation_block,
+    activation_refusal,
+)
 from graphpress.pipeline.base import Skip
 from graphpress.quant.config import QuantConfig
 
@@ -95,7 +100,7 @@ def shared_groups(program: Program, config: QuantConfig
             skipped.append(Skip(node.name, f"{where}: no shared qparams: an input {reason}"))
             continue
         operands = [Operand("activation", node, index, value, spec,
-                            spec.block_size(tuple(value.meta["val"].shape)), position)
+                            activation_block(spec, value), position)
                     for index, position, value in members]
         layers.append(Layer(node, op, module, layer_config, operands))
         groups.union([value.name for _, _, value in members]
