@@ -8,7 +8,9 @@ from graphpress.passes.cleanup.dce import DeadCodeElimination
 from graphpress.passes.cleanup.fold_constants import FoldConstants
 from graphpress.passes.fold_bn.fold_bn import FoldBatchNorm
 from graphpress.passes.prune.prune_channels import PruneChannels
+from graphpress.passes.quant.equalize import Equalize
 from graphpress.passes.quant.insert_fake_quant import InsertFakeQuant
+from graphpress.passes.quant.smooth_quant import SmoothQuant
 from graphpress.passes.tokens.merge_tokens import MergeTokens
 from graphpress.pipeline import (
     Contract,
@@ -30,6 +32,7 @@ __all__ = [
     "CommonSubexpressionElimination",
     "Contract",
     "DeadCodeElimination",
+    "Equalize",
     "Fixpoint",
     "FoldBatchNorm",
     "FoldConstants",
@@ -43,6 +46,7 @@ __all__ = [
     "PruneChannels",
     "Report",
     "Skip",
+    "SmoothQuant",
     "available_passes",
     "build_pipeline",
     "get_pass",
