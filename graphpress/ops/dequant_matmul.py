@@ -219,7 +219,7 @@ def _dynamic_quant_matmul_fake(x: torch.Tensor, qweight: torch.Tensor, scales: t
 
 # The translations import onnxscript only when an export runs (importing graphpress stays
 # light); tensor parameters are unannotated, which the exporter reads as inputs.
-def _dequant_matmul_onnx(x, qweight, scales, zeros=None, bias=None,  # noqa: ANN001
+def _dequant_matmul_onnx(x, qweight, scales, zeros=None, bias=None,
                          bits: int = 4, group_size: int = 128) -> Any:
     from graphpress.ops.dequant_matmul_onnx import dequant_matmul_onnx
 
@@ -227,7 +227,7 @@ def _dequant_matmul_onnx(x, qweight, scales, zeros=None, bias=None,  # noqa: ANN
                                accuracy_level=_STATE["accuracy_level"])
 
 
-def _dynamic_quant_matmul_onnx(x, qweight, scales, bias=None,  # noqa: ANN001
+def _dynamic_quant_matmul_onnx(x, qweight, scales, bias=None,
                                act_symmetric: bool = False) -> Any:
     from graphpress.ops.dequant_matmul_onnx import dynamic_quant_matmul_onnx
 

@@ -1,5 +1,6 @@
 """Built-in passes, one folder a family: ``cleanup/`` (dce, cse, fold_constants),
-``fold_bn/``, ``prune/``, ``quant/`` (insert_fake_quant), ``tokens/`` (merge_tokens).
+``fold_bn/``, ``prune/``, ``quant/`` (insert_fake_quant), ``fusion/`` (fuse_dequant_matmul),
+``tokens/`` (merge_tokens).
 Importing this package registers them; the Pass base, the manager and the registry live in
 :mod:`graphpress.pipeline` and are re-exported here for convenience."""
 
@@ -7,6 +8,7 @@ from graphpress.passes.cleanup.cse import CommonSubexpressionElimination
 from graphpress.passes.cleanup.dce import DeadCodeElimination
 from graphpress.passes.cleanup.fold_constants import FoldConstants
 from graphpress.passes.fold_bn.fold_bn import FoldBatchNorm
+from graphpress.passes.fusion.fuse_dequant_matmul import FuseDequantMatmul
 from graphpress.passes.prune.prune_channels import PruneChannels
 from graphpress.passes.quant.equalize import Equalize
 from graphpress.passes.quant.insert_fake_quant import InsertFakeQuant
@@ -36,6 +38,7 @@ __all__ = [
     "Fixpoint",
     "FoldBatchNorm",
     "FoldConstants",
+    "FuseDequantMatmul",
     "InsertFakeQuant",
     "MergeTokens",
     "Pass",
