@@ -72,18 +72,15 @@ class MergeSimulation:
         unit = metric[first] / metric[first].norm(dim=-1, keepdim=True).clamp_min(1e-12)
         unit_a, unit_b = unit[p::2], unit[p + 1::2]
         valid = self.valid[b]
-        best_score, partner = [], []
-        for i, ga in enumerate(set_a):
-            row = []
-            for j, gb in enumerate(set_b):
-                same = bool(valid[ga[0]] == valid[gb[0]])
-                if same and not bool(valid[ga[0]]):
-                    row.append(float("inf"))           # two padding tokens: merge first
-                else:
-                    row.append(float(unit_a[i] @ unit_b[j]) if same else float("-inf"))
-            top = max(row)
-            best_score.append(top)
-            partner.append(row.index(top))
+        valid_a = valid[[g[0] for g in set_a]]
+        valid_b = valid[[g[0] for g in set_b]]
+        scores = unit_a @ unit_b.T
+        same = valid_a[:, None] == valid_b[None, :]
+        padding = ~valid_a[:, None] & ~valid_b[None, :]
+        scores = torch.where(same, scores, float("-inf"))
+        scores = torch.where(padding, float("inf"), scores)   # two padding tokens: merge first
+        best_score = scores.max(dim=1).values.tolist()
+        partner = [row.index(top) for row, top in zip(scores.tolist(), best_score)]
         order = sorted(range(len(set_a)), key=lambda i: -best_score[i])
         sources, kept = order[:r], sorted(order[r:])
         merged_b = [list(g) for g in set_b]
