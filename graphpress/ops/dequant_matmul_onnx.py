@@ -2,7 +2,7 @@
 (onnxscript, trace-only; imported by the ONNX exporter through the op registry).
 
 ``dequant_matmul``: when the group size is a power of two >= 16 (what MatMulNBits accepts), one
-``com.microsoft::MatMulNBits(x, B, scales, zero_points, bias)`` with ``K``, ``N``, ``bits``,
+``com.microsoft::MatMulNBits(x, B, scales, zero_points)`` (then an Add of the bias) with ``K``, ``N``, ``bits``,
 ``block_size = group_size`` and ``accuracy_level``: ``B`` is ``qweight`` reshaped to
 ``[N, K / block, block * bits / 8]`` (the packed format is MatMulNBits' layout, low nibble
 first), ``zero_points`` are ``zeros`` as stored (absent: MatMulNBits' default ``2 ** (bits - 1)``
@@ -17,14 +17,35 @@ float MatMul scaled by ``s_x * s_w``.
 
 from __future__ import annotations
 
+import onnx
 from onnxscript import ir
 from onnxscript import opset18 as op
 from onnxscript.onnx_types import TensorType
-from onnxscript.values import Opset
+from onnxscript.values import Op, Opset
 
 __all__ = ["dequant_matmul_onnx", "dynamic_quant_matmul_onnx"]
 
-_MS = Opset("com.microsoft", 1)
+
+
+def _matmul_nbits_schema() -> onnx.defs.OpSchema:
+    """The part of onnxruntime's MatMulNBits schema the translation uses (onnx itself has no
+    schema of onnxruntime's contrib ops, and onnxscript needs one to build the node)."""
+    schema, param = onnx.defs.OpSchema, onnx.defs.OpSchema.FormalParameter
+    optional = schema.FormalParameterOption.Optional
+    attribute = schema.AttrType.INT
+    return schema(
+        "MatMulNBits", "com.microsoft", 1,
+        inputs=[param("A", "T1"), param("B", "T2"), param("scales", "T1"),
+                param("zero_points", "T3", param_option=optional)],
+        outputs=[param("Y", "T1")],
+        type_constraints=[("T1", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
+                          ("T2", ["tensor(uint8)"], ""), ("T3", ["tensor(uint8)"], "")],
+        attributes=[schema.Attribute(name, attribute, "", required=required) for name, required
+                    in (("K", True), ("N", True), ("bits", True), ("block_size", True),
+                        ("accuracy_level", False))])
+
+
+_MATMUL_NBITS = Op(Opset("com.microsoft", 1), "MatMulNBits", _matmul_nbits_schema())
 _EPS = 1.1920928955078125e-07  # float32 eps, choose_qparams_affine's default
 
 
@@ -57,12 +78,11 @@ def dequant_matmul_onnx(x: TensorType, qweight: TensorType, scales: TensorType,
         blob = group_size * bits // 8
         b = op.Reshape(qweight, _int64([n, groups, blob]))
         inputs = [x, b, op.Reshape(scales, _int64([n * groups]))]
-        if zeros is not None or bias is not None:
-            inputs.append(op.Reshape(zeros, _int64([-1])) if zeros is not None else None)
-        if bias is not None:
-            inputs += [None, op.Cast(bias, to=dtype)]
-        return _MS.MatMulNBits(*inputs, K=k, N=n, bits=bits, block_size=group_size,
-                               accuracy_level=accuracy_level)
+        if zeros is not None:
+            inputs.append(op.Reshape(zeros, _int64([-1])))
+        out = _MATMUL_NBITS(*inputs, K=k, N=n, bits=bits, block_size=group_size,
+                            accuracy_level=accuracy_level)
+        return out if bias is None else op.Add(out, op.Cast(bias, to=dtype))
     codes = op.Cast(_codes(qweight, bits, n, k), to=ir.DataType.FLOAT)
     grouped = op.Reshape(codes, _int64([n, groups, group_size]))
     if zeros is None:
