@@ -112,7 +112,8 @@ class FuseDequantMatmul(Pass):
                            f"{'w8a8 int8' if w8a8 else f'int{stored.bits}'} "
                            f"g{stored.group_size}, {stored.nbytes} bytes "
                            f"({stored.nbytes / float_bytes[layer.weight.weight]:.3f}x)")
-        erase_unused(program, [fq for fq, _ in packed])
+        alive = set(program.graph.nodes)  # a fake-quant read only through a transpose is gone
+        erase_unused(program, [fq for fq, _ in packed if fq in alive])
         alive = set(program.graph.nodes)
         kept = [w for w in float_bytes if w in alive]
         stats["weight_bytes_before"] = sum(float_bytes.values())
