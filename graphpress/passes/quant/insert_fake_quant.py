@@ -19,8 +19,18 @@ Contract (``reference``): the output equals the input program run with each quan
 passed through the independent reference ``graphpress.testing.quant_reference`` (plain
 PyTorch, not the pass's ops) with the same qparams, at fp32 tolerance. The report also shows
 the deviation from the float program (SQNR, cosine, top-1 agreement), and per layer the scheme,
-the range and the weight's SQNR. It must run after ``fold_bn`` and ``prune_channels``
-(quantizing weights that are folded or pruned afterwards would quantize the wrong values).
+the range and the weight's SQNR. It must run after ``fold_bn``, ``prune_channels``,
+``smooth_quant`` and ``equalize`` (quantizing weights that are folded, pruned or rescaled
+afterwards would quantize the wrong values).
+
+Weight algorithms (``algorithm='gptq' | 'awq'``, ``bias_correction=True``;
+:mod:`~graphpress.passes.quant.weight_algorithms`) change the weights on calibration data
+before the fake-quant goes in: AWQ folds scales into the producers and picks clipped qparams,
+GPTQ stores its quantized weights with their qparams, bias correction adds the mean output
+shift to the biases. The contract stays the same statement about the same weights: the
+reference (:mod:`~graphpress.passes.quant.algorithm_reference`) runs the input program with
+the algorithms' final weights through the independent quantize-dequantize, and AWQ's folding,
+an exact rewrite, is checked exactly on its own first.
 """
 
 from __future__ import annotations
@@ -97,15 +107,19 @@ class InsertFakeQuant(Pass):
     calibration_batches: int | None = None
     attention: bool | None = None                 # QuantConfig.attention
     shared_qparams: tuple[str, ...] | None = None  # QuantConfig.shared_qparams
+    algorithm: str = "rtn"                        # "rtn" | "gptq" | "awq" (weight_algorithms)
+    algorithm_options: dict[str, Any] | None = None  # e.g. {"act_order": True} for gptq
+    bias_correction: bool = False                 # fold the mean output shift into biases
 
     contract = Contract.against_reference(
         "equal to the input program with each quantized tensor passed through the independent "
         "quantize-dequantize reference (graphpress.testing.quant_reference), same qparams",
         report_vs_input=("sqnr_db", "cosine", "top1_agreement"))
     rewrites_weights = True
-    runs_after = ("fold_bn", "prune_channels")
+    runs_after = ("fold_bn", "prune_channels", "smooth_quant", "equalize")
 
     def __post_init__(self) -> None:
+        self._options = self._algorithm_options()
         if self.config is not None:
             if not isinstance(self.config, QuantConfig):
                 raise InputError(f"config must be a gp.quant.QuantConfig, got "
@@ -122,6 +136,21 @@ class InsertFakeQuant(Pass):
                 kwargs[name] = value
         self._config = self._placement(scheme(self.scheme, skip=list(self.skip), **kwargs))
 
+    def _algorithm_options(self) -> dict[str, Any]:
+        from graphpress.passes.quant.weight_algorithms import ALGORITHMS, OPTIONS
+
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {self.algorithm!r}; known: "
+                             f"{', '.join(ALGORITHMS)}")
+        given = dict(self.algorithm_options or {})
+        accepted = OPTIONS[self.algorithm]
+        unknown = sorted(set(given) - set(accepted))
+        if unknown:
+            raise ValueError(f"algorithm {self.algorithm!r} does not take "
+                             f"{', '.join(unknown)}; it accepts: "
+                             f"{', '.join(accepted) or 'no options'}")
+        return {**accepted, **given}
+
     def _placement(self, config: QuantConfig) -> QuantConfig:
         changes = {name: value for name in ("attention", "shared_qparams")
                    if (value := getattr(self, name)) is not None}
@@ -134,9 +163,15 @@ class InsertFakeQuant(Pass):
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         from graphpress.passes.quant.calibrate import activation_qparams
+        from graphpress.passes.quant.weight_algorithms import WeightPlan, plan_weights
 
         layers, skipped, groups = self._place(program)
         batches = ctx.calibration_data[: self.calibration_batches]
+        plan = WeightPlan()
+        if self.algorithm != "rtn" or self.bias_correction:
+            plan = plan_weights(program, layers, batches, self.algorithm, self._options,
+                                self.bias_correction)
+            skipped = skipped + plan.skipped
         static = [op for layer in layers for op in layer.operands
                   if op.role == "activation" and not op.spec.dynamic]
         activation_qp = activation_qparams(program, static, batches, groups) if static else {}
@@ -147,7 +182,8 @@ class InsertFakeQuant(Pass):
             for operand in layer.operands:
                 key = (operand.value, operand.spec, tuple(operand.block_size))
                 if key not in inserted:  # one fake-quant per value and spec, shared by layers
-                    fq, record, line = self._insert(program, layer, operand, activation_qp)
+                    fq, record, line = self._insert(program, layer, operand, activation_qp,
+                                                    plan)
                     inserted[key] = (fq, record)
                     summary.append(line + _group_note(operand, groups))
                 fq, record = inserted[key]
@@ -162,7 +198,12 @@ class InsertFakeQuant(Pass):
                  "not_quantized": len(skipped)}
         if groups:
             stats["shared_qparam_groups"] = len(set(groups.values()))
-        details = {"quantized": records, "summary": summary, "config": self._config.describe()}
+        if self.algorithm != "rtn" or self.bias_correction:
+            stats.update({"gptq_layers": sum(n in plan.original for n in plan.qparams),
+                          "awq_folded_weights": len(plan.folded),
+                          "bias_corrected": len(plan.shifts)})
+        details = {"quantized": records, "summary": summary + plan.summary,
+                   "config": self._config.describe(), "weight_plan": plan}
         return PassResult(bool(records), stats, skipped, details)
 
     def _place(self, program: Program) -> tuple[list[Any], list[Any], dict[str, int]]:
@@ -184,8 +225,8 @@ class InsertFakeQuant(Pass):
         return layers, skipped, groups
 
     def _insert(self, program: Program, layer: Any, operand: Any,
-                activation_qp: dict[tuple[str, QuantSpec], tuple[torch.Tensor, Any]]
-                ) -> tuple[Node, _Quantized, str]:
+                activation_qp: dict[tuple[str, QuantSpec], tuple[torch.Tensor, Any]],
+                plan: Any) -> tuple[Node, _Quantized, str]:
         from graphpress.ops.quant import qparams_from_minmax
 
         spec: QuantSpec = operand.spec
@@ -208,9 +249,10 @@ class InsertFakeQuant(Pass):
                 line = f"{where} ({layer.op}) {operand.role}: {spec.describe()}"
             else:
                 if operand.role == "weight":
+                    name = program.weight_name(value)
                     tensor = program.weight(value).detach()
-                    low, high = block_minmax(tensor, operand.block_size)
-                    scale, zero_point = qparams_from_minmax(
+                    low, high = block_minmax(plan.original.get(name, tensor), operand.block_size)
+                    scale, zero_point = plan.qparams.get(name) or qparams_from_minmax(
                         low, high, qmin, qmax, spec.symmetric, spec.dtype)
                 else:
                     scale, zero_point = activation_qp[(value.name, spec)]
@@ -228,7 +270,8 @@ class InsertFakeQuant(Pass):
                         tensor, list(operand.block_size), scale, zero_point, float(qmin),
                         float(qmax), spec.dtype)
                     line += (f", range [{float(low.min()):.4g}, {float(high.max()):.4g}], "
-                             f"SQNR {_sqnr_db(fq_value, tensor):.1f} dB")
+                             f"SQNR {_sqnr_db(fq_value, plan.original.get(name, tensor)):.1f} "
+                             "dB")
                 else:
                     line += f", scale {float(scale.min()):.4g}..{float(scale.max()):.4g}"
             fq = build.call(torch.ops.graphpress.fake_quantize_affine.default, value,
@@ -239,7 +282,13 @@ class InsertFakeQuant(Pass):
         return fq, record, line
 
     def reference(self, before: Program, result: PassResult) -> Any:
+        from graphpress.passes.quant.algorithm_reference import AlgorithmReference
         from graphpress.passes.quant.reference import QuantizedReference
 
+        plan = result.details.get("weight_plan")
+        if plan is not None and (plan.adjusted or plan.shifts):
+            contract = self.contract
+            return AlgorithmReference(before, result.details["quantized"], plan, contract.rtol,
+                                      contract.atol)
         return QuantizedReference(before, result.details["quantized"])
 

@@ -1,0 +1,251 @@
+"""insert_fake_quant's data-aware weight algorithms, on the Program: AWQ, GPTQ, bias correction.
+
+They run before any fake-quant is inserted, on the calibration batches, through the
+calibration runner (:func:`graphpress.quant.algorithms.statistics.collect`):
+
+1. ``algorithm='awq'``: for each producer whose channels reach only weight-quantized linear
+   layers (:mod:`~graphpress.passes.quant.channel_scaling`), the scale search of
+   :mod:`~graphpress.quant.algorithms.awq` on the readers' input rows, the scales folded into
+   the producer and the readers' weights (the exact part: recorded in ``folded``), then
+   optionally each reader's clipping search (its qparams recorded in ``qparams``);
+2. ``algorithm='gptq'``: for each weight-quantized linear / matmul layer, ``H = X^T X`` of its
+   input, then :func:`~graphpress.quant.algorithms.gptq.gptq_quantize`; the quantized weight
+   replaces the stored one and its qparams are recorded (the fake-quant inserted on it is then
+   the identity on its values);
+3. ``bias_correction=True``: for each weight-quantized linear / conv layer, the mean input,
+   then :func:`~graphpress.quant.algorithms.bias_correction.output_shift` with the final
+   quantized weight, added to the bias (a layer without one gets one).
+
+Statistics for 2 and 3 are taken in one run after 1, on the float program with AWQ's folding.
+What the contract's reference needs comes back in a :class:`WeightPlan`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.fx import Node
+
+from graphpress.ir.builder import GraphBuilder
+from graphpress.ir.graph import set_arg
+from graphpress.ir.program import Program
+from graphpress.passes.quant.channel_scaling import apply_scales, find_chains, to_producer
+from graphpress.passes.quant.placement import Layer, Operand
+from graphpress.pipeline.base import Skip
+from graphpress.quant.algorithms.awq import AwqReader, awq_clip_search, awq_scale_search
+from graphpress.quant.algorithms.bias_correction import output_shift
+from graphpress.quant.algorithms.gptq import gptq_quantize
+from graphpress.quant.algorithms.grid import fake_quantize, minmax_qparams
+from graphpress.quant.algorithms.statistics import AbsMean, Gram, Mean, Rows, collect
+
+__all__ = ["ALGORITHMS", "OPTIONS", "WeightPlan", "plan_weights"]
+
+ALGORITHMS = ("rtn", "gptq", "awq")
+OPTIONS = {
+    "gptq": {"damp": 0.01, "act_order": False, "block": 128},
+    "awq": {"grid": 20, "clip": True, "clip_steps": 20, "min_ratio": 0.5, "rows": 2048,
+            "power_of_two": True},
+    "rtn": {},
+}
+_LINEAR = ("linear", "matmul", "mm", "addmm")
+_BIASED = ("linear", "conv1d", "conv2d", "conv3d")
+
+
+@dataclass
+class WeightPlan:
+    """What the algorithms decided: qparams replacing a weight's min-max ones, the weights the
+    reference must use (``adjusted``; ``folded`` is AWQ's exact part of them), the bias shift
+    (and its channel dim) per layer node, the weights gptq replaced as they were, and the lines
+    and refusals for the report."""
+
+    qparams: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+    adjusted: dict[str, torch.Tensor] = field(default_factory=dict)
+    folded: dict[str, torch.Tensor] = field(default_factory=dict)
+    shifts: dict[str, tuple[torch.Tensor, int]] = field(default_factory=dict)
+    original: dict[str, torch.Tensor] = field(default_factory=dict)  # before gptq replaced them
+    summary: list[str] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+
+
+def _weight_operand(layer: Layer) -> Operand | None:
+    return next((op for op in layer.operands if op.role == "weight"), None)
+
+
+def _input_of(layer: Layer) -> Node | None:
+    index = 1 if layer.op == "addmm" else 0
+    value = layer.node.args[index]
+    return value if isinstance(value, Node) else None
+
+
+def _as_rows(layer: Layer, operand: Operand, tensor: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The weight as ``[N, K]`` (output rows, input columns), and whether it was transposed
+    (a matmul weight stored ``[K, N]``)."""
+    direct = layer.node.args[operand.index] is operand.value
+    if layer.op == "linear" or not direct:
+        return tensor, False
+    return tensor.T, True
+
+
+def _rows_block(operand: Operand, transposed: bool) -> list[int]:
+    block = list(operand.block_size)
+    return block[::-1] if transposed else block
+
+
+def _awq(program: Program, layers: Sequence[Layer], batches: Sequence[Any],
+         options: dict[str, Any], plan: WeightPlan) -> None:
+    by_node = {layer.node: layer for layer in layers}
+    chains, refused = find_chains(program, ("norm", "layer"), ("linear",))
+    plan.skipped += [Skip(s.node, f"awq: {s.reason}") for s in refused
+                     if s.reason.split(" ")[0] in ("layer_norm", "rms_norm")]
+    usable = []
+    for chain in chains:
+        operands = [(_weight_operand(by_node[r.node]) if r.node in by_node else None)
+                    for r in chain.readers]
+        if any(op is None or op.block_size[0] != 1 or op.spec.is_float for op in operands):
+            plan.skipped.append(Skip(chain.producer.name, f"awq: {chain.where} feeds a layer "
+                                     "whose weight is not quantized per channel or group"))
+            continue
+        usable.append((chain, operands))
+    if not usable:
+        return
+    stats = {r.value.name: (AbsMean(-1), Rows(options["rows"]))
+             for chain, _ in usable for r in chain.readers}
+    collect(program, batches, stats, what="awq")
+    for chain, operands in usable:
+        mean_abs = torch.zeros(chain.channels, dtype=torch.float64)
+        readers = []
+        for reader, operand in zip(chain.readers, operands, strict=True):
+            mean_abs = torch.maximum(mean_abs, to_producer(
+                reader, stats[reader.value.name][0].value, chain.channels))
+            readers.append(AwqReader(stats[reader.value.name][1].value,
+                                     program.weight(reader.weight).detach().float(),
+                                     operand.block_size, reader.channel_of))
+        spec = operands[0].spec
+        scale, alpha, losses = awq_scale_search(mean_abs, readers, spec, grid=options["grid"],
+                                                power_of_two=options["power_of_two"])
+        apply_scales(program, chain, scale)
+        for param in [*chain.params, *(r.weight for r in chain.readers)]:
+            plan.folded[program.weight_name(param)] = program.weight(param).detach()
+        gain = losses[0] / max(min(losses), 1e-30)
+        plan.summary.append(f"awq {chain.where} -> {', '.join(r.node.name for r in chain.readers)}"
+                            f": alpha {alpha:.2f}, output error / RTN's {1 / gain:.3f}")
+        if not options["clip"]:
+            continue
+        for reader, operand, sample in zip(chain.readers, operands, readers, strict=True):
+            weight = program.weight(reader.weight).detach()
+            x = sample.x / scale[reader.channel_of].to(torch.float32)
+            ratio = awq_clip_search(x, weight.float(), operand.block_size, operand.spec,
+                                    steps=options["clip_steps"], min_ratio=options["min_ratio"])
+            plan.qparams[program.weight_name(reader.weight)] = minmax_qparams(
+                weight, operand.block_size, operand.spec, ratio)
+    plan.adjusted.update(plan.folded)
+
+
+def _layer_fn(layer: Layer) -> Any:
+    """``(x, W) -> layer(x, W)`` without bias, the layer's other arguments as traced."""
+    rest = layer.node.args[3:]
+
+    def apply(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return layer.node.target(x, weight, None, *rest)
+    return apply
+
+
+def _gptq_and_bias(program: Program, layers: Sequence[Layer], batches: Sequence[Any],
+                   algorithm: str, options: dict[str, Any], bias_correction: bool,
+                   plan: WeightPlan) -> None:
+    gptq, corrected = [], []
+    for layer in layers:
+        operand, value = _weight_operand(layer), _input_of(layer)
+        if operand is None or value is None:
+            continue
+        if algorithm == "gptq":
+            if layer.op not in _LINEAR or operand.spec.is_float:
+                plan.skipped.append(Skip(layer.node.name, f"gptq: {layer.op} {layer.node.name} "
+                                         "is quantized by rounding to nearest (gptq takes "
+                                         "linear and matmul layers on integer grids)"))
+            else:
+                gptq.append((layer, operand, value))
+        if bias_correction:
+            if layer.op in _BIASED:
+                corrected.append((layer, operand, value))
+            else:
+                plan.skipped.append(Skip(layer.node.name, f"bias correction: {layer.op} "
+                                         f"{layer.node.name} has no bias argument"))
+    grams = {v.name: Gram() for _, _, v in gptq}
+    means = {v.name: Mean() for _, _, v in corrected}
+    collect(program, batches, {name: [c for c in (grams.get(name), means.get(name)) if c]
+                               for name in grams.keys() | means.keys()},
+            what=algorithm if gptq else "bias correction")
+    quantized: dict[str, torch.Tensor] = {}
+    for layer, operand, value in gptq:
+        name = program.weight_name(operand.value)
+        tensor = program.weight(operand.value).detach()
+        rows, transposed = _as_rows(layer, operand, tensor)
+        block = _rows_block(operand, transposed)
+        q, scale, zero_point = gptq_quantize(rows, grams[value.name].total, operand.spec, block,
+                                             **options)
+        rtn = fake_quantize(rows, block, operand.spec, *minmax_qparams(rows, block,
+                                                                       operand.spec))
+        h = grams[value.name].total.to(torch.float32)
+        err, base = (((rows - q) @ h) * (rows - q)).sum(), (((rows - rtn) @ h) * (rows - rtn)).sum()
+        plan.summary.append(f"gptq {layer.node.name}: output error / RTN's "
+                            f"{float(err / base.clamp(min=1e-30)):.3f}")
+        if transposed:
+            q, scale = q.T, scale.T
+            zero_point = None if zero_point is None else zero_point.T
+        quantized[name] = q.contiguous()
+        plan.qparams[name] = (scale.contiguous(), None if zero_point is None
+                              else zero_point.contiguous())
+    for layer, operand, value in corrected:
+        name = program.weight_name(operand.value)
+        weight = program.weight(operand.value).detach()
+        final = quantized.get(name)
+        if final is None:
+            scale, zero_point = plan.qparams.get(name) or minmax_qparams(
+                weight, operand.block_size, operand.spec)
+            final = fake_quantize(weight, operand.block_size, operand.spec, scale, zero_point)
+        dim = -1 if layer.op == "linear" else 1
+        shift = output_shift(_layer_fn(layer), means[value.name].value, weight, final, dim)
+        _add_to_bias(program, layer, shift)
+        plan.shifts[layer.node.name] = (shift, dim)
+        plan.summary.append(f"bias correction {layer.node.name}: mean shift "
+                            f"{float(shift.abs().mean()):.3g} (max {float(shift.abs().max()):.3g})")
+    for name, tensor in quantized.items():
+        plan.original[name] = program.weight(name).detach()
+        program.replace_weight(name, tensor)
+        plan.adjusted[name] = tensor
+
+
+def _add_to_bias(program: Program, layer: Layer, shift: torch.Tensor) -> None:
+    node = layer.node
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    if isinstance(bias, Node) and program.is_constant(bias) and len(bias.users) == 1:
+        tensor = program.weight(bias).detach()
+        program.replace_weight(bias, (tensor.to(torch.float64) + shift).to(tensor.dtype))
+        return
+    dtype = program.weight(_weight_operand(layer).value).dtype
+    base = program.source_module(node) or node.name
+    name = program.free_weight_name(f"{base}.corrected_bias")
+    if isinstance(bias, Node):  # a shared or computed bias: add the shift to it in the graph
+        with GraphBuilder(program, anchor=node, pass_name="insert_fake_quant") as build:
+            extra = build.weight(name, shift.to(dtype), kind="buffer")
+            set_arg(node, "bias", build.call(torch.ops.aten.add.Tensor, bias, extra))
+        return
+    with GraphBuilder(program, anchor=node, pass_name="insert_fake_quant") as build:
+        set_arg(node, "bias", build.weight(name, shift.to(dtype), kind="buffer"))
+
+
+def plan_weights(program: Program, layers: Sequence[Layer], batches: Sequence[Any],
+                 algorithm: str, options: dict[str, Any], bias_correction: bool) -> WeightPlan:
+    """Run the algorithms (module docstring) on ``program`` in place; what they decided."""
+    plan = WeightPlan()
+    if algorithm == "awq":
+        _awq(program, layers, batches, options, plan)
+    if algorithm == "gptq" or bias_correction:
+        gptq_options = options if algorithm == "gptq" else {}
+        _gptq_and_bias(program, layers, batches, algorithm if algorithm == "gptq" else "",
+                       gptq_options, bias_correction, plan)
+    return plan
