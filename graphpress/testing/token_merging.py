@@ -23,6 +23,9 @@ tokens, written from the algorithm):
 3. the new sequence: the protected tokens, the A tokens left (in their order), the B tokens;
 4. a B token's new value is the size-weighted mean of itself and what merged into it; a merged
    token of another validity than its partner adds nothing (its positions stop counting).
+
+:meth:`MergeSimulation.prune_step` is the pruning variant: the ``r`` unprotected tokens that
+receive the least attention stop counting (their keys get ``-inf``).
 """
 
 from __future__ import annotations
@@ -95,9 +98,29 @@ class MergeSimulation:
             out[group] = value
         return groups[:p] + [set_a[i] for i in kept] + merged_b
 
+    def prune_step(self, probs: torch.Tensor, r: int) -> None:
+        """Drop the ``r`` unprotected tokens that receive the least attention (mean over heads
+        and current queries of ``probs``, ``[B, H, N0, N0]`` at full length; ties: the earlier
+        token goes first). Dropped positions stop counting; values are unchanged."""
+        batch = len(self.groups)
+        if probs.dim() == 3:
+            probs = probs.reshape(batch, -1, *probs.shape[-2:])
+        p = self.protected
+        for b in range(batch):
+            current = [g[0] for g in self.groups[b]]
+            received = probs[b][:, current][:, :, current].to(torch.float64).mean(dim=(0, 1))
+            rest = list(range(p, len(current)))
+            order = sorted(rest, key=lambda i: float(received[i]))
+            dropped = set(order[:r])
+            for i in dropped:
+                self.counts[b, self.groups[b][i]] = 0.0
+            self.groups[b] = [g for i, g in enumerate(self.groups[b]) if i not in dropped]
+        self.merged = True
+
     def key_bias(self, proportional: bool, dtype: torch.dtype) -> torch.Tensor:
-        """``[B, N0]`` to add to the attention logits of every key position."""
-        bias = torch.zeros_like(self.counts)
+        """``[B, N0]`` to add to the attention logits of every key position (``-inf`` where a
+        token was pruned)."""
+        bias = torch.full_like(self.counts, float("-inf"))
         for b, groups in enumerate(self.groups):
             for group in groups:
                 counts = self.counts[b, group]

@@ -79,10 +79,13 @@ def _take(b: GraphBuilder, t: Node, index: Node, batch: Any) -> Node:
 
 
 def initial_state(b: GraphBuilder, x: Node, valid: Node | None, unmerge: bool,
-                  proportional: bool, need_rep: bool) -> TokenState:
+                  sizes: bool, need_rep: bool) -> TokenState:
+    """The state before the first merge: sizes 1 (when carried), each token its own
+    representative (when a mask must be gathered), every token at its own position."""
     tokens = x.meta["val"].shape[1]
     first = b.call(aten.select.int, x, -1, 0)
-    size = b.call(aten.ones_like.default, b.call(aten.unsqueeze.default, first, -1))
+    size = (b.call(aten.ones_like.default, b.call(aten.unsqueeze.default, first, -1))
+            if sizes else None)
     index = _positions(b, first, 0) if (need_rep or unmerge) else None
     return TokenState(tokens, 0, size, index if need_rep else None, valid,
                       index if unmerge else None)

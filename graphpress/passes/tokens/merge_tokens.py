@@ -10,6 +10,9 @@ logits on the keys (through SDPA's ``attn_mask``, or before the softmax), the at
 gathered at each token's representative, and padding keys are never averaged into real ones.
 Everything downstream is re-specialized to the shorter token axis (:mod:`.respecialize`).
 
+``mode="prune"`` drops the ``r`` least attended tokens instead (:mod:`.pruning`), under the
+same machinery.
+
 Protected: the special tokens the finder reports (learned CLS / distillation / register tokens,
 positions read after the blocks), kept at positions ``0..P-1``. Refused, with the reason:
 causal attention (``is_causal`` or a mask that varies by query, evaluated on the example
@@ -55,6 +58,7 @@ class MergeTokens(Pass):
     proportional: bool = True
     unmerge: bool = False
     protect: int | None = None
+    mode: str = "merge"
 
     contract = Contract.statistical(
         "equal to the input program with bipartite soft matching simulated at full length "
@@ -68,6 +72,11 @@ class MergeTokens(Pass):
                             "cost), e.g. merge_tokens(r=8) or merge_tokens(flops=0.6)")
         if isinstance(self.r, list):
             self.r = tuple(self.r)
+        if self.mode not in ("merge", "prune"):
+            raise PassError(f"merge_tokens: mode is 'merge' or 'prune', got {self.mode!r}")
+        if self.mode == "prune" and self.unmerge:
+            raise PassError("merge_tokens: unmerge=True needs mode='merge': pruned tokens have "
+                            "no value to copy back")
 
     def contract_for(self, program: Program) -> Contract:
         if self.flops is None and not any(self._rates_hint()):
@@ -90,6 +99,8 @@ class MergeTokens(Pass):
         stats = {"blocks": len(plan.rates), "merged_tokens": sum(plan.rates),
                  "tokens_in": plan.tokens, "tokens_out": plan.tokens - sum(plan.rates),
                  "protected": plan.protected}
+        if self.mode == "prune":
+            stats["pruned_tokens"] = stats.pop("merged_tokens")
         return PassResult(True, stats, details=details)
 
     def _apply(self, program: Program, plan: Any) -> dict[str, Any]:
@@ -99,6 +110,7 @@ class MergeTokens(Pass):
             key_validity,
             merge_step,
         )
+        from graphpress.passes.tokens.pruning import attention_importance, prune_step
         from graphpress.passes.tokens.respecialize import Refusal, changed_axes, respecialize
 
         blocks = program.analysis("transformer_blocks").blocks
@@ -112,7 +124,8 @@ class MergeTokens(Pass):
         masks = {blk.attention.mask for blk in blocks if blk.attention.mask is not None}
         state, fake_mode, cache = None, program.fake_mode(), {}
         record: dict[str, Any] = {"merges": [], "attention": [], "protected": plan.protected,
-                                  "proportional": self.proportional, "validity_mask": None}
+                                  "proportional": self.proportional and self.mode == "merge",
+                                  "validity_mask": None, "mode": self.mode}
         for node in list(program.graph.nodes):
             if node.op == "output":
                 if state is not None:
@@ -134,19 +147,26 @@ class MergeTokens(Pass):
                 before = set(program.graph.nodes)
                 with GraphBuilder(program, anchor=node, pass_name=self.name, after=True) as b:
                     if state is None:
-                        mask = blk.attention.mask
+                        mask = blk.attention.mask if self.mode == "merge" else None
                         valid = key_validity(b, mask, node) if mask is not None else None
                         record["validity_mask"] = mask.name if valid is not None else None
                         state = initial_state(b, node, valid, self.unmerge,
-                                              self.proportional, bool(masks))
-                    merged, state = merge_step(b, node, blk.attention.key, rate,
-                                               plan.protected, state)
+                                              self.mode == "merge", bool(masks))
+                    if self.mode == "prune":
+                        importance = attention_importance(b, blk.attention,
+                                                          node.meta["val"].shape[0])
+                        merged, state = prune_step(b, node, importance, rate, plan.protected,
+                                                   state)
+                    else:
+                        merged, state = merge_step(b, node, blk.attention.key, rate,
+                                                   plan.protected, state)
                 new = set(program.graph.nodes) - before
                 node.replace_all_uses_with(merged,
                                            delete_user_cb=lambda u, made=new: u not in made)
                 old[merged] = old[node]
                 record["merges"].append({"block": blk.index, "mid": blk.mid.name,
-                                         "key": blk.attention.key.name, "r": rate})
+                                         "key": blk.attention.key.name, "r": rate,
+                                         "attention": blk.attention.node.name})
         return record
 
     def _attention(self, program: Program, blk: Any, node: Node, state: Any,
@@ -198,12 +218,14 @@ class MergeTokens(Pass):
         for leaf in output.all_input_nodes:
             axes = changed_axes(old.get(leaf, leaf.meta["val"]), leaf.meta["val"])
             if axes:
+                fix = ("mode='prune' cannot keep them (pruned tokens have no value); use "
+                       "mode='merge' with unmerge=True" if self.mode == "prune" else
+                       "they need merge_tokens(..., unmerge=True), which copies each merged "
+                       "token back to the positions it absorbed after the last block")
                 raise PassError(
                     f"merge_tokens: the output %{leaf.name} has a token axis "
                     f"({old[leaf].shape[axes[0]]} tokens, {leaf.meta['val'].shape[axes[0]]} "
-                    "after merging): outputs that are per token need merge_tokens(..., "
-                    "unmerge=True), which copies each merged token back to the positions it "
-                    "absorbed after the last block")
+                    f"after merging): outputs that are per token; {fix}")
 
     def reference(self, before: Program, result: PassResult) -> Any:
         from graphpress.passes.tokens.reference import MergedReference

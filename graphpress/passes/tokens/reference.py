@@ -28,9 +28,14 @@ class MergedReference(ProgramRunner):
         self.keys = {m["key"] for m in plan["merges"]}
         self.attention = {a["at"]: a for a in plan["attention"]}
         self.masks = {plan["validity_mask"]} if plan["validity_mask"] else set()
+        self.pruning = plan.get("mode") == "prune"
+        self.probs: dict[str, torch.Tensor] = {}
+        self.importance_at = {m["attention"]: m["mid"] for m in plan["merges"]} \
+            if self.pruning else {}
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
         self.values: dict[str, torch.Tensor] = {}
+        self.probs = {}
         self.simulation = None
         return super().run(*args, **kwargs)
 
@@ -40,6 +45,9 @@ class MergedReference(ProgramRunner):
         value = self._evaluate(n)
         if n.name in self.keys or n.name in self.masks:
             self.values[n.name] = value
+        if n.name in self.importance_at and n.target is not \
+                torch.ops.aten.scaled_dot_product_attention.default:
+            self.probs[self.importance_at[n.name]] = value   # the softmax output
         merge = self.merges.get(n.name)
         if merge is not None:
             if self.simulation is None:
@@ -49,11 +57,17 @@ class MergedReference(ProgramRunner):
                     valid = valid.expand(value.shape[0], -1)
                 self.simulation = MergeSimulation(value.shape[0], value.shape[1],
                                                   self.plan["protected"], valid)
-            value = self.simulation.step(value, self.values[merge["key"]], merge["r"])
+            if self.pruning:
+                self.simulation.prune_step(self.probs[n.name], merge["r"])
+            else:
+                value = self.simulation.step(value, self.values[merge["key"]], merge["r"])
         return value
 
     def _evaluate(self, n: Node) -> Any:
         site = self.attention.get(n.name)
+        if n.name in self.importance_at and n.target is \
+                torch.ops.aten.scaled_dot_product_attention.default:
+            return self._sdpa_with_probs(n, site)
         if site is None or self.simulation is None:
             return super().evaluate(n)
         args, kwargs = self.fetch_args_kwargs_from_env(n)
@@ -75,6 +89,10 @@ class MergedReference(ProgramRunner):
                 kwargs["attn_mask"] = mask
             return getattr(self, n.op)(n.target, tuple(args), kwargs)
         out = super().evaluate(n) if site["kind"] == "mask_add" else args[0]
+        return self._biased(n, site, out, bias, args, kwargs)
+
+    def _biased(self, n: Node, site: Any, out: Any, bias: torch.Tensor, args: list[Any],
+                kwargs: dict[str, Any]) -> Any:
         bias = bias.to(out.dtype)[:, None, None, :]
         if out.dim() == 3:  # [B * H, N, N] logits
             batch, tokens = bias.shape[0], bias.shape[-1]
@@ -84,3 +102,22 @@ class MergedReference(ProgramRunner):
             return out
         args[0] = out
         return getattr(self, n.op)(n.target, tuple(args), kwargs)
+
+    def _sdpa_with_probs(self, n: Node, site: Any) -> Any:
+        """An SDPA node (biased as the others) whose attention probabilities pruning needs."""
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        query, key = args[0], args[1]
+        mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+        if site is not None and self.simulation is not None:
+            bias = self.simulation.key_bias(False, query.dtype)[:, None, None, :]
+            mask = bias if mask is None else (
+                torch.where(mask, 0.0, float("-inf")).to(bias.dtype) + bias
+                if mask.dtype == torch.bool else mask + bias)
+        scale = kwargs.get("scale") or query.shape[-1] ** -0.5
+        logits = query @ key.transpose(-1, -2) * scale
+        if mask is not None:
+            logits = (logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
+                      else logits + mask)
+        probs = logits.softmax(dim=-1)
+        self.probs[self.importance_at[n.name]] = probs
+        return (probs @ args[2]).to(query.dtype)

@@ -94,6 +94,25 @@ class TimmStyleViT(nn.Module):
             x = x + block.fc2(F.gelu(block.fc1(block.norm2(x))))
         return self.head(self.norm(x)[:, 0])
 
+    def forward_pruned(self, images: torch.Tensor, rates: list[int]) -> torch.Tensor:
+        """Drop the r least attended unprotected tokens after each block's attention."""
+        x = self.embed(images)
+        for block, r in zip(self.blocks, rates, strict=True):
+            h = block.norm1(x)
+            b, n, c = h.shape
+            qkv = block.qkv(h).reshape(b, n, 3, block.heads, c // block.heads)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            probs = (q @ k.transpose(-1, -2) * (c // block.heads) ** -0.5).softmax(-1)
+            x = x + block.proj((probs @ v).transpose(1, 2).reshape(b, n, c))
+            if r:
+                received = probs.mean(dim=(1, 2))[:, self.prefix:]
+                order = received.argsort(dim=-1, stable=True)
+                kept = order[:, r:].sort(dim=-1).values + self.prefix
+                x = torch.cat([x[:, :self.prefix],
+                               x.gather(1, kept[..., None].expand(-1, -1, c))], dim=1)
+            x = x + block.fc2(F.gelu(block.fc1(block.norm2(x))))
+        return self.head(self.norm(x)[:, 0])
+
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int
                             ) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -49,6 +49,36 @@ def test_equals_a_direct_tome_forward_on_shorter_sequences(proportional: bool) -
     assert any("r per block: 8, 8, 4" in line for line in record.details["summary"])
 
 
+def test_prune_mode_equals_a_direct_pruned_forward() -> None:
+    model, x = TimmStyleViT(registers=2).eval(), images()
+    compiled = gp.compile(model, (x,), verify=True,
+                          passes="merge_tokens(r=[8, 8, 4], mode='prune')")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model.forward_pruned(x, [8, 8, 4]),
+                                   rtol=1e-5, atol=1e-5)
+    record = compiled.report().records[0]
+    assert record.stats["pruned_tokens"] == 20 and record.stats["tokens_out"] == 47
+    with pytest.raises(PassError, match="unmerge=True needs mode='merge'"):
+        gp.passes.MergeTokens(r=2, mode="prune", unmerge=True)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_prune_mode_drops_padding_first(attention: str) -> None:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, attn_implementation=attention, num_labels=3)).eval()
+    ids, mask = padded_tokens()
+    compiled = gp.compile(model, (ids, mask), verify=True,
+                          passes="merge_tokens(r=3, mode='prune')")
+    other = ids.clone()
+    other[1, 9:] = 7
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids, mask).logits, compiled(other, mask).logits)
+
+
 def test_r_zero_is_exact_and_changes_nothing() -> None:
     model, x = TimmStyleViT().eval(), images()
     compiled = gp.compile(model, (x,), passes="merge_tokens(r=0)", verify=True)
