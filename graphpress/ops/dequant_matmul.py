@@ -23,9 +23,11 @@ differs from the fake-quant program's float32 matmul only by that program's own 
 
 Kernels (the CPU one lives here, the Triton ones in :mod:`graphpress.kernels`):
 
-* CPU: the rows of ``W`` are dequantized in blocks that stay in cache (a byte -> two codes
-  lookup table, then ``(u - z) * s``) and multiplied with ``x`` block by block, so no float
-  copy of the whole weight is ever made;
+* CPU: the rows of ``W`` are dequantized in blocks that stay in cache (``(u - z) * s``, the
+  low and the high nibbles of 4-bit codes as two halves of the sum over K) and multiplied with
+  ``x`` block by block, so no float copy of the whole weight is ever made. Exact to float32 but
+  slower than torch's float32 linear (converting the codes to float costs more than reading
+  float weights; docs/benchmarks.md has the figures);
 * CUDA: the Triton kernels (split-K GEMV for ``M <= 16``, tiled GEMM otherwise) when triton is
   installed, else the CPU algorithm on the device;
 * ``use_triton()``: run the Triton kernels on CPU tensors too (with ``TRITON_INTERPRET=1``),
@@ -55,7 +57,7 @@ from graphpress.ops.registry import define_op
 __all__ = ["DEQUANT_MATMUL", "DYNAMIC_QUANT_MATMUL", "cpu_dequant_matmul", "matmul_nbits_options",
            "use_triton"]
 
-_ROWS_PER_BLOCK = 256       # rows of W dequantized at a time on CPU: 256 x 4096 fp32 = 4 MiB
+_ROWS_PER_BLOCK = 128       # rows of W dequantized at a time on CPU: 128 x 4096 fp32 = 2 MiB
 _STATE: dict[str, Any] = {"triton_on_cpu": False, "accuracy_level": 0}
 
 
@@ -114,37 +116,49 @@ def _check(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     return n, k
 
 
-def _code_table(bits: int, device: torch.device) -> torch.Tensor:
-    """byte -> its codes as float32: [256, 2] (low nibble, high nibble) or [256, 1]."""
-    byte = torch.arange(256, device=device)
-    if bits == 8:
-        return byte.to(torch.float32).unsqueeze(1)
-    return torch.stack((byte & 0x0F, byte >> 4), dim=1).to(torch.float32)
+def _dequantized(codes: torch.Tensor, zero: torch.Tensor | float, scale: torch.Tensor,
+                 group: int) -> torch.Tensor:
+    """``(codes - zero) * scale`` in float32, ``codes`` [rows, G * group] uint8, per group."""
+    rows = codes.shape[0]
+    grouped = codes.to(torch.float32).view(rows, -1, group)
+    return grouped.sub_(zero).mul_(scale).view(rows, -1)
 
 
 def cpu_dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                        zeros: torch.Tensor | None, bits: int, group_size: int,
                        rows_per_block: int = _ROWS_PER_BLOCK) -> torch.Tensor:
-    """``x2d @ W.T`` in float32 for ``x2d`` [M, K], dequantizing ``rows_per_block`` rows at a
-    time (see the module docstring)."""
-    n = qweight.shape[0]
-    k = x.shape[1]
-    table = _code_table(bits, x.device)
-    index = qweight.to(torch.int32)
-    scale = scales.to(torch.float32)
-    zero = None if zeros is None else unpack_zeros(zeros, bits, k // group_size).to(torch.float32)
+    """``x @ W.T`` in float32 for ``x`` [M, K], dequantizing ``rows_per_block`` rows of W at a
+    time.
+
+    4 bits: the sum over K is split into even and odd k, ``x[:, 0::2] @ W_low.T + x[:, 1::2] @
+    W_high.T``, where ``W_low`` holds the low nibbles of the bytes and ``W_high`` the high ones,
+    so the codes are never interleaved back (each half-group of ``group_size / 2`` bytes shares
+    the group's scale and zero). Odd group sizes straddle bytes, so they unpack the codes whole.
+    """
+    n, k = qweight.shape[0], x.shape[1]
+    groups = k // group_size
+    scale = scales.to(torch.float32).unsqueeze(-1)
+    zero: torch.Tensor | float = float(midpoint(bits)) if zeros is None else (
+        unpack_zeros(zeros, bits, groups).to(torch.float32).unsqueeze(-1))
+    split = bits == 4 and group_size % 2 == 0
+    halves = (x[:, 0::2].contiguous(), x[:, 1::2].contiguous()) if split else (x,)
     out = x.new_empty((x.shape[0], n), dtype=torch.float32)
     for start in range(0, n, rows_per_block):
         stop = min(start + rows_per_block, n)
-        rows = stop - start
-        codes = torch.index_select(table, 0, index[start:stop].reshape(-1))
-        grouped = codes.view(rows, k // group_size, group_size)
-        if zero is None:
-            grouped = grouped.sub_(float(midpoint(bits)))
+        block = qweight[start:stop]
+        z = zero if isinstance(zero, float) else zero[start:stop]
+        s = scale[start:stop]
+        if bits == 8:
+            parts = [block]
+        elif split:
+            parts = [block & 0x0F, block >> 4]
         else:
-            grouped = grouped.sub_(zero[start:stop].unsqueeze(-1))
-        weight = grouped.mul_(scale[start:stop].unsqueeze(-1)).view(rows, k)
-        out[:, start:stop] = torch.mm(x, weight.t())
+            parts = [torch.stack((block & 0x0F, block >> 4), dim=-1).view(stop - start, k)]
+        group = group_size // 2 if split else group_size
+        result = torch.mm(halves[0], _dequantized(parts[0], z, s, group).t())
+        if split:
+            result.addmm_(halves[1], _dequantized(parts[1], z, s, group).t())
+        out[:, start:stop] = result
     return out
 
 
