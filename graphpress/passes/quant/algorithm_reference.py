@@ -10,8 +10,9 @@ with the same final weights, quantized independently:
 2. **quantized part**: the input program with every weight the algorithms changed (the folded
    ones, GPTQ's quantized weights) run through
    :class:`~graphpress.passes.quant.reference.QuantizedReference` (the independent
-   quantize-dequantize on every recorded operand with the recorded qparams), and each bias
-   correction added to its layer's output, per channel.
+   quantize-dequantize on every recorded operand with the recorded qparams); corrected biases
+   are among those weights, and a layer that had no bias gets the one the pass created, so the
+   reference computes every layer with the same operands as the pass's program.
 """
 
 from __future__ import annotations
@@ -37,20 +38,24 @@ def _with_weights(program: Program, weights: Mapping[str, torch.Tensor]) -> Prog
     return copy
 
 
-class _Shifted(QuantizedReference):
-    def __init__(self, before: Program, records: Sequence[Any],
-                 shifts: Mapping[str, tuple[torch.Tensor, int]]) -> None:
-        super().__init__(before, records)
-        self.shifts = shifts
+class _WithBiases(QuantizedReference):
+    """QuantizedReference where layers that had no bias get the one bias correction created."""
 
-    def evaluate(self, n: Node) -> Any:
-        value = super().evaluate(n)
-        if n.name not in self.shifts:
-            return value
-        shift, dim = self.shifts[n.name]
-        view = [1] * value.dim()
-        view[dim] = shift.numel()
-        return value + shift.view(view).to(value.dtype)
+    def __init__(self, before: Program, records: Sequence[Any],
+                 biases: Mapping[str, torch.Tensor]) -> None:
+        super().__init__(before, records)
+        self.biases = biases
+
+    def fetch_args_kwargs_from_env(self, n: Node) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        bias = self.biases.get(n.name)
+        if bias is None:
+            return args, kwargs
+        if len(args) > 2:
+            return (*args[:2], bias, *args[3:]), kwargs
+        if len(args) == 2 and "bias" not in kwargs:
+            return (*args, bias), kwargs
+        return args, {**kwargs, "bias": bias}
 
 
 class AlgorithmReference:
@@ -60,7 +65,8 @@ class AlgorithmReference:
                  atol: float) -> None:
         self.before, self.rtol, self.atol = before, rtol, atol
         self.folded = _with_weights(before, plan.folded) if plan.folded else None
-        self.quantized = _Shifted(_with_weights(before, plan.adjusted), records, plan.shifts)
+        self.quantized = _WithBiases(_with_weights(before, plan.adjusted), records,
+                                    plan.new_biases)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.folded is not None:

@@ -286,7 +286,7 @@ class InsertFakeQuant(Pass):
         from graphpress.passes.quant.reference import QuantizedReference
 
         plan = result.details.get("weight_plan")
-        if plan is not None and (plan.adjusted or plan.shifts):
+        if plan is not None and (plan.adjusted or plan.new_biases):
             contract = self.contract
             return AlgorithmReference(before, result.details["quantized"], plan, contract.rtol,
                                       contract.atol)

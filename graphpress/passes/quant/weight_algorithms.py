@@ -14,7 +14,8 @@ calibration runner (:func:`graphpress.quant.algorithms.statistics.collect`):
    the identity on its values);
 3. ``bias_correction=True``: for each weight-quantized linear / conv layer, the mean input,
    then :func:`~graphpress.quant.algorithms.bias_correction.output_shift` with the final
-   quantized weight, added to the bias (a layer without one gets one).
+   quantized weight, added to the bias (a layer without one gets one; a shared or computed
+   bias is refused).
 
 Statistics for 2 and 3 are taken in one run after 1, on the float program with AWQ's folding.
 What the contract's reference needs comes back in a :class:`WeightPlan`.
@@ -66,6 +67,7 @@ class WeightPlan:
     folded: dict[str, torch.Tensor] = field(default_factory=dict)
     shifts: dict[str, tuple[torch.Tensor, int]] = field(default_factory=dict)
     original: dict[str, torch.Tensor] = field(default_factory=dict)  # before gptq replaced them
+    new_biases: dict[str, torch.Tensor] = field(default_factory=dict)  # layer node -> its bias
     summary: list[str] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
 
@@ -169,11 +171,12 @@ def _gptq_and_bias(program: Program, layers: Sequence[Layer], batches: Sequence[
             else:
                 gptq.append((layer, operand, value))
         if bias_correction:
-            if layer.op in _BIASED:
-                corrected.append((layer, operand, value))
+            refusal = (_bias_refusal(program, layer) if layer.op in _BIASED else
+                       f"bias correction: {layer.op} {layer.node.name} has no bias argument")
+            if refusal:
+                plan.skipped.append(Skip(layer.node.name, refusal))
             else:
-                plan.skipped.append(Skip(layer.node.name, f"bias correction: {layer.op} "
-                                         f"{layer.node.name} has no bias argument"))
+                corrected.append((layer, operand, value))
     grams = {v.name: Gram() for _, _, v in gptq}
     means = {v.name: Mean() for _, _, v in corrected}
     collect(program, batches, {name: [c for c in (grams.get(name), means.get(name)) if c]
@@ -209,7 +212,7 @@ def _gptq_and_bias(program: Program, layers: Sequence[Layer], batches: Sequence[
             final = fake_quantize(weight, operand.block_size, operand.spec, scale, zero_point)
         dim = -1 if layer.op == "linear" else 1
         shift = output_shift(_layer_fn(layer), means[value.name].value, weight, final, dim)
-        _add_to_bias(program, layer, shift)
+        _add_to_bias(program, layer, shift, plan)
         plan.shifts[layer.node.name] = (shift, dim)
         plan.summary.append(f"bias correction {layer.node.name}: mean shift "
                             f"{float(shift.abs().mean()):.3g} (max {float(shift.abs().max()):.3g})")
@@ -219,23 +222,37 @@ def _gptq_and_bias(program: Program, layers: Sequence[Layer], batches: Sequence[
         plan.adjusted[name] = tensor
 
 
-def _add_to_bias(program: Program, layer: Layer, shift: torch.Tensor) -> None:
+def _bias_refusal(program: Program, layer: Layer) -> str:
+    bias = _bias_of(layer.node)
+    if bias is None or (isinstance(bias, Node) and program.is_constant(bias)
+                        and len(bias.users) == 1):
+        return ""
+    return (f"bias correction: {layer.op} {layer.node.name} has a shared or computed bias "
+            "(the correction needs a bias of its own)")
+
+
+def _bias_of(node: Node) -> Any:
+    return node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+
+
+def _add_to_bias(program: Program, layer: Layer, shift: torch.Tensor, plan: WeightPlan) -> None:
+    """``b + delta`` stored as the layer's bias (the reference uses the same tensor); a layer
+    without a bias gets ``delta`` as a new one."""
     node = layer.node
-    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    if isinstance(bias, Node) and program.is_constant(bias) and len(bias.users) == 1:
+    bias = _bias_of(node)
+    if isinstance(bias, Node):
         tensor = program.weight(bias).detach()
-        program.replace_weight(bias, (tensor.to(torch.float64) + shift).to(tensor.dtype))
+        corrected = (tensor.to(torch.float64) + shift).to(tensor.dtype)
+        program.replace_weight(bias, corrected)
+        plan.adjusted[program.weight_name(bias)] = corrected
         return
     dtype = program.weight(_weight_operand(layer).value).dtype
     base = program.source_module(node) or node.name
     name = program.free_weight_name(f"{base}.corrected_bias")
-    if isinstance(bias, Node):  # a shared or computed bias: add the shift to it in the graph
-        with GraphBuilder(program, anchor=node, pass_name="insert_fake_quant") as build:
-            extra = build.weight(name, shift.to(dtype), kind="buffer")
-            set_arg(node, "bias", build.call(torch.ops.aten.add.Tensor, bias, extra))
-        return
+    created = shift.to(dtype)
     with GraphBuilder(program, anchor=node, pass_name="insert_fake_quant") as build:
-        set_arg(node, "bias", build.weight(name, shift.to(dtype), kind="buffer"))
+        set_arg(node, "bias", build.weight(name, created, kind="buffer"))
+    plan.new_biases[node.name] = created
 
 
 def plan_weights(program: Program, layers: Sequence[Layer], batches: Sequence[Any],

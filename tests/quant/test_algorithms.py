@@ -1,0 +1,173 @@
+"""The weight-quantization algorithms on plain tensors: GPTQ, AWQ's searches, bias correction,
+the shared grid and the statistics collectors, each against a hand-derived result."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from graphpress.quant.algorithms.awq import AwqReader, awq_clip_search, awq_scale_search
+from graphpress.quant.algorithms.bias_correction import output_shift
+from graphpress.quant.algorithms.gptq import gptq_quantize
+from graphpress.quant.algorithms.grid import fake_quantize, minmax_qparams
+from graphpress.quant.algorithms.statistics import AbsMax, AbsMean, Gram, Mean, Rows
+from graphpress.quant.spec import QuantSpec
+
+INT4_G8 = QuantSpec("int4", "per_group", group_size=8, symmetric=False)
+INT4_ROW = QuantSpec("int4", "per_channel", symmetric=True)
+
+
+def _correlated(rows: int, k: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    mix = torch.eye(k) + 0.3 * torch.randn(k, k, generator=generator)
+    return torch.randn(rows, k, generator=generator) @ mix
+
+
+def _rtn(weight: torch.Tensor, block: list[int], spec: QuantSpec) -> torch.Tensor:
+    return fake_quantize(weight, block, spec, *minmax_qparams(weight, block, spec))
+
+
+def _output_error(weight: torch.Tensor, quantized: torch.Tensor, x: torch.Tensor) -> float:
+    return float(((x @ (weight - quantized).T) ** 2).sum())
+
+
+@pytest.mark.parametrize(("spec", "block", "act_order"), [
+    (INT4_G8, [1, 8], False), (INT4_G8, [1, 8], True), (INT4_ROW, [1, 32], False),
+    (QuantSpec("int8", "per_channel"), [1, 32], True)])
+def test_gptq_beats_round_to_nearest_and_stays_on_its_grid(spec: QuantSpec, block: list[int],
+                                                           act_order: bool) -> None:
+    weight = torch.randn(16, 32, generator=torch.Generator().manual_seed(1))
+    x = _correlated(512, 32)
+    quantized, scale, zero_point = gptq_quantize(weight, x.T @ x, spec, block,
+                                                 act_order=act_order, block=16)
+    assert scale.shape == (16, 32 // block[1])
+    assert (zero_point is None) == spec.symmetric
+    # on the grid its qparams define: the inserted fake-quant is the identity on it
+    assert torch.equal(fake_quantize(quantized, block, spec, scale, zero_point), quantized)
+    assert _output_error(weight, quantized, x) < 0.8 * _output_error(weight, _rtn(weight, block,
+                                                                                  spec), x)
+
+
+def test_gptq_with_uncorrelated_inputs_is_round_to_nearest() -> None:
+    """With H = I no column's error has anywhere to go: every OBS update is 0."""
+    weight = torch.randn(8, 16, generator=torch.Generator().manual_seed(2))
+    quantized, _, _ = gptq_quantize(weight, torch.eye(16), INT4_G8, [1, 8], damp=0.0)
+    assert torch.equal(quantized, _rtn(weight, [1, 8], INT4_G8))
+
+
+def test_gptq_two_columns_by_hand() -> None:
+    """H = [[1, r], [r, 1]]: after column 0 rounds with error e, column 1 becomes w1 + r e
+    (the OBS update -e [H^-1]_01 / [H^-1]_00 = r e) and rounds on the row's grid."""
+    r = 0.6
+    weight = torch.tensor([[0.37, -0.81]])
+    hessian = torch.tensor([[1.0, r], [r, 1.0]])
+    quantized, scale, _ = gptq_quantize(weight, hessian, INT4_ROW, [1, 2], damp=0.0)
+    step = 0.81 / 7.5                                   # symmetric int4: amax / ((7 + 8) / 2)
+    q0 = torch.round(torch.tensor(0.37) / step) * step
+    w1 = -0.81 + r * (0.37 - q0)
+    q1 = torch.clamp(torch.round(w1 / step), -8, 7) * step
+    assert float(scale) == pytest.approx(step)
+    assert quantized[0, 0].item() == pytest.approx(q0.item(), abs=1e-6)
+    assert quantized[0, 1].item() == pytest.approx(q1.item(), abs=1e-6)
+
+
+def test_gptq_refuses_shapes_and_float_grids() -> None:
+    with pytest.raises(ValueError, match=r"\[N, K\] weight and a \[K, K\] Hessian"):
+        gptq_quantize(torch.randn(4, 8), torch.eye(4), INT4_G8, [1, 8])
+    with pytest.raises(ValueError, match="integer grids"):
+        gptq_quantize(torch.randn(4, 8), torch.eye(8), QuantSpec("float8_e4m3fn", "per_channel"),
+                      [1, 8])
+
+
+def test_gptq_dead_inputs_get_zero_columns() -> None:
+    x = _correlated(64, 16)
+    x[:, 3] = 0.0
+    quantized, _, _ = gptq_quantize(torch.randn(4, 16), x.T @ x, INT4_G8, [1, 8])
+    assert torch.all(quantized[:, 3] == 0)
+
+
+def test_awq_scales_protect_a_salient_channel() -> None:
+    """One input channel carries activations 50x the others: scaling it up before rounding
+    lowers the output error; alpha = 0 (the first loss) is plain round-to-nearest."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(256, 16, generator=generator)
+    x[:, 5] *= 50
+    weight = torch.randn(8, 16, generator=generator)
+    reader = AwqReader(x, weight, [1, 8], torch.arange(16))
+    scale, alpha, losses = awq_scale_search(x.abs().mean(0), [reader], INT4_G8,
+                                            power_of_two=False)
+    rtn_loss = _output_error(weight, _rtn(weight, [1, 8], INT4_G8), x)
+    assert losses[0] == pytest.approx(rtn_loss, rel=1e-4)
+    assert alpha > 0 and min(losses) < losses[0]
+    assert float(scale.max() * scale.min()) == pytest.approx(1.0)   # normalized
+    assert int(scale.argmax()) == 5
+
+
+def test_awq_power_of_two_candidates() -> None:
+    x = torch.randn(64, 8).abs() + 0.1
+    reader = AwqReader(x, torch.randn(4, 8), [1, 8], torch.arange(8))
+    scale, _, _ = awq_scale_search(x.mean(0), [reader], INT4_G8, grid=5)
+    assert torch.equal(scale, torch.exp2(torch.round(torch.log2(scale))))
+
+
+def test_awq_clipping_never_loses_to_the_full_range() -> None:
+    generator = torch.Generator().manual_seed(4)
+    weight = torch.randn(6, 16, generator=generator)
+    weight[2, 3] = 8.0                                   # an outlier stretches its group's grid
+    x = torch.randn(128, 16, generator=generator)
+    ratio = awq_clip_search(x, weight, [1, 8], INT4_G8)
+    assert ratio.shape == (6, 2) and float(ratio.min()) >= 0.5 and float(ratio.max()) <= 1.0
+    clipped = fake_quantize(weight, [1, 8], INT4_G8, *minmax_qparams(weight, [1, 8], INT4_G8,
+                                                                     ratio))
+    assert _output_error(weight, clipped, x) <= _output_error(weight, _rtn(weight, [1, 8],
+                                                                           INT4_G8), x)
+    with pytest.raises(ValueError, match="per-row blocks"):
+        awq_clip_search(x, weight, [6, 16], INT4_G8)
+
+
+def test_bias_correction_of_a_linear_is_the_mean_error_by_hand() -> None:
+    x = torch.randn(40, 5, 12, dtype=torch.float64) + 1.0
+    weight = torch.randn(7, 12, dtype=torch.float64)
+    quantized = _rtn(weight.float(), [1, 12], INT4_ROW).double()
+    mean = Mean()
+    mean.update(x)
+    shift = output_shift(lambda a, w: torch.nn.functional.linear(a, w), mean.value, weight,
+                         quantized, -1)
+    expected = (x.reshape(-1, 12) @ (weight - quantized).T).mean(0)
+    assert torch.allclose(shift, expected, atol=1e-12)
+
+
+def test_bias_correction_of_a_conv_counts_borders() -> None:
+    """Zero padding makes border outputs see fewer inputs: the shift is still the mean of
+    conv(x, W - Q) over the data, because the mean input is kept per position."""
+    x = torch.rand(30, 3, 6, 6, dtype=torch.float64)
+    weight = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    quantized = _rtn(weight.float(), [1, 3, 3, 3], QuantSpec("int8", "per_channel")).double()
+
+    def conv(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(a, w, None, 1, 1)
+    mean = Mean()
+    for part in x.split(7):
+        mean.update(part)
+    shift = output_shift(conv, mean.value, weight, quantized, 1)
+    expected = (conv(x, weight) - conv(x, quantized)).mean(dim=(0, 2, 3))
+    assert torch.allclose(shift, expected, atol=1e-12)
+
+
+def test_statistics_collectors() -> None:
+    parts = [torch.randn(2, 3, 4) for _ in range(3)]
+    whole = torch.cat(parts)
+    collectors = {"absmax": AbsMax(-1), "absmean": AbsMean(1), "gram": Gram(), "mean": Mean(),
+                  "rows": Rows(limit=5)}
+    for part in parts:
+        for collector in collectors.values():
+            collector.update(part)
+    rows = whole.reshape(-1, 4).double()
+    assert torch.allclose(collectors["absmax"].value, rows.abs().amax(0))
+    assert torch.allclose(collectors["absmean"].value,
+                          whole.double().abs().movedim(1, -1).reshape(-1, 3).mean(0))
+    assert torch.allclose(collectors["gram"].total, rows.T @ rows)
+    assert collectors["gram"].count == 18
+    assert torch.allclose(collectors["mean"].value, whole.double().mean(0))
+    sample = collectors["rows"].value
+    assert sample.shape == (5, 4) and torch.equal(sample[0], whole.reshape(-1, 4)[0])
