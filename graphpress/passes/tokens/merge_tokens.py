@@ -121,7 +121,11 @@ class MergeTokens(Pass):
             att = blk.attention
             at = att.node if att.kind == "sdpa" else (att.mask_add or att.node)
             sites[at] = blk
-        masks = {blk.attention.mask for blk in blocks if blk.attention.mask is not None}
+        def mask_of(blk: Any) -> Node | None:
+            mask = blk.attention.mask
+            return None if mask is None or mask.name in plan.trivial_masks else mask
+
+        masks = {mask_of(blk) for blk in blocks} - {None}
         state, fake_mode, cache = None, program.fake_mode(), {}
         record: dict[str, Any] = {"merges": [], "attention": [], "protected": plan.protected,
                                   "proportional": self.proportional and self.mode == "merge",
@@ -133,7 +137,7 @@ class MergeTokens(Pass):
                 continue
             if state is not None and node in sites:
                 self._attention(program, sites[node], node, state, cache, attention_bias,
-                                record, old)
+                                record, old, mask_of(sites[node]))
             if state is not None and node.op == "call_function":
                 try:
                     respecialize(node, old, plan.protected, fake_mode)
@@ -147,14 +151,13 @@ class MergeTokens(Pass):
                 before = set(program.graph.nodes)
                 with GraphBuilder(program, anchor=node, pass_name=self.name, after=True) as b:
                     if state is None:
-                        mask = blk.attention.mask if self.mode == "merge" else None
+                        mask = mask_of(blk) if self.mode == "merge" else None
                         valid = key_validity(b, mask, node) if mask is not None else None
                         record["validity_mask"] = mask.name if valid is not None else None
                         state = initial_state(b, node, valid, self.unmerge,
                                               self.mode == "merge", bool(masks))
                     if self.mode == "prune":
-                        importance = attention_importance(b, blk.attention,
-                                                          node.meta["val"].shape[0])
+                        importance = attention_importance(b, blk.attention, node)
                         merged, state = prune_step(b, node, importance, rate, plan.protected,
                                                    state)
                     else:
@@ -171,19 +174,25 @@ class MergeTokens(Pass):
 
     def _attention(self, program: Program, blk: Any, node: Node, state: Any,
                    cache: dict[Any, Node], attention_bias: Any, record: dict[str, Any],
-                   old: dict[Node, Any]) -> None:
+                   old: dict[Node, Any], mask: Node | None) -> None:
+        """Give a block after a merge its gathered mask and ``log size`` (``mask``: the
+        block's mask, None where it allows everything and is dropped)."""
+        from graphpress.passes.tokens.matching import _batch
+
         att = blk.attention
-        batch = blk.stream_in.meta["val"].shape[0]
         query = att.query.meta["val"].shape
-        heads = query[0] // batch if len(query) == 3 else None
-        if heads is not None and att.mask is not None:
+        heads = query[0] // blk.stream_in.meta["val"].shape[0] if len(query) == 3 else None
+        if heads is not None and not isinstance(heads, int):
+            raise PassError(f"merge_tokens: {blk.describe()} has [B * H, N, D] attention and "
+                            "a dynamic batch size; trace it with a static batch")
+        if heads is not None and mask is not None:
             raise PassError(f"merge_tokens: {blk.describe()} has [B * H, N, D] attention with a "
                             "mask, which merge_tokens does not gather")
-        key = (att.mask, state.stage, heads)
+        key = (mask, state.stage, heads)
         if key not in cache:
             with GraphBuilder(program, anchor=node, pass_name=self.name) as b:
-                cache[key] = attention_bias(b, att.mask, state, batch, self.proportional,
-                                            heads)
+                cache[key] = attention_bias(b, mask, state, _batch(b, blk.stream_in),
+                                            self.proportional, heads)
         bias = cache[key]
         if att.kind == "sdpa":
             record["attention"].append({"at": node.name, "kind": "sdpa"})
@@ -195,7 +204,7 @@ class MergeTokens(Pass):
         elif att.mask_add is not None:
             record["attention"].append({"at": node.name, "kind": "mask_add"})
             index = 1 if node.args[1] is att.mask else 0
-            node.update_arg(index, bias)
+            node.update_arg(index, 0.0 if bias is None else bias)
         else:
             record["attention"].append({"at": node.name, "kind": "softmax"})
             if bias is not None:
@@ -206,10 +215,10 @@ class MergeTokens(Pass):
 
     def _unmerge(self, program: Program, node: Node, old: dict[Node, Any], state: Any) -> None:
         """After the last block: every original token gets its merged token's value back."""
-        from graphpress.passes.tokens.matching import _take
+        from graphpress.passes.tokens.matching import _batch, _take
 
         with GraphBuilder(program, anchor=node, pass_name=self.name, after=True) as b:
-            restored = _take(b, node, state.source, node.meta["val"].shape[0])
+            restored = _take(b, node, state.source, _batch(b, node))
         node.replace_all_uses_with(restored, delete_user_cb=lambda u: u is not restored
                                    and u.meta.get("graphpress_pass") != self.name)
         old[restored] = old[node]

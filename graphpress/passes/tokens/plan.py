@@ -36,6 +36,7 @@ class MergePlan:
     tokens: int
     protected: int
     summary: list[str] = field(default_factory=list)
+    trivial_masks: set[str] = field(default_factory=set)   # all-allowing, input-independent
 
     @property
     def any_merge(self) -> bool:
@@ -58,23 +59,41 @@ def _mlp_width(mid: Any, channels: int) -> int:
     return 4 * channels
 
 
-def _query_varying_masks(program: Program, blocks: list[Any], ctx: PassContext) -> list[str]:
+def _inspect_masks(program: Program, blocks: list[Any], ctx: PassContext
+                   ) -> tuple[list[str], set[str]]:
+    """Masks that differ between queries (refused), and masks computed from no user input that
+    allow everything (ViT's all-True mask): merging can drop those instead of gathering them."""
     from graphpress.ir.runner import ProgramRunner
 
     masks = {b.attention.mask.name: b for b in blocks if b.attention.mask is not None}
     if not masks or not ctx.example_inputs:
-        return []
+        return [], set()
     values: dict[str, torch.Tensor] = {}
     ProgramRunner(program, lambda n, v: values.__setitem__(n.name, v), nodes=masks)(
         *ctx.example_inputs, **ctx.example_kwargs)
-    found = []
+    found, trivial = [], set()
+    user = set(program.user_inputs())
     for name, value in values.items():
         if value.dim() == 4 and value.shape[-2] > 1 and not torch.equal(
                 value, value[..., :1, :].expand_as(value)):
             found.append(f"{masks[name].describe()}: its attention mask %{name} differs "
                          "between queries (causal or windowed attention), so a merged token "
                          "would attend what some of its tokens may not")
-    return found
+        node = masks[name].attention.mask
+        allows_all = bool(value.all()) if value.dtype == torch.bool else bool((value == 0).all())
+        if allows_all and not _ancestors(node) & user:
+            trivial.add(name)
+    return found, trivial
+
+
+def _ancestors(node: Any) -> set[Any]:
+    seen, stack = set(), [node]
+    while stack:
+        for parent in stack.pop().all_input_nodes:
+            if parent not in seen:
+                seen.add(parent)
+                stack.append(parent)
+    return seen
 
 
 def plan_merges(pass_: Any, program: Program, ctx: PassContext) -> MergePlan:
@@ -104,7 +123,7 @@ def plan_merges(pass_: Any, program: Program, ctx: PassContext) -> MergePlan:
             raise _refuse(f"the blocks are not one chain: block {nxt.index} reads "
                           f"%{nxt.stream_in.name}, not block {prev.index}'s output "
                           f"%{prev.output.name}")
-    varying = _query_varying_masks(program, blocks, ctx)
+    varying, trivial = _inspect_masks(program, blocks, ctx)
     if varying:
         raise _refuse(varying[0])
     tokens = blocks[0].tokens
@@ -130,4 +149,7 @@ def plan_merges(pass_: Any, program: Program, ctx: PassContext) -> MergePlan:
         summary.append("lowered to what the tokens allow: " + ", ".join(lowered))
     summary.append("r per block: " + ", ".join(map(str, rates)) + "; tokens per block: "
                    + ", ".join(map(str, counts)) + f" -> {counts[-1] - rates[-1]}")
-    return MergePlan(rates, tokens, protected, summary)
+    if trivial:
+        summary.append("attention mask(s) " + ", ".join(f"%{m}" for m in sorted(trivial))
+                       + " allow everything and depend on no input: merged blocks drop them")
+    return MergePlan(rates, tokens, protected, summary, trivial)

@@ -110,7 +110,11 @@ def _reshape_sizes(node: Node, old_in: tuple, new_in: tuple, old_out: tuple) -> 
                           "token layout, which merging tokens would break")
         (j,) = wide
         if not (isinstance(sizes[j], int) and sizes[j] == -1):
-            sizes[j] = math.prod(new_in[i] for i in inputs)
+            size = math.prod(new_in[i] for i in inputs)
+            if not isinstance(size, int):
+                raise Refusal(f"%{node.name} ({node.target}) folds the token axis into a "
+                              "dynamic dimension; trace with a static batch")
+            sizes[j] = size
     return sizes
 
 

@@ -79,6 +79,21 @@ def test_prune_mode_drops_padding_first(attention: str) -> None:
         torch.testing.assert_close(compiled(ids, mask).logits, compiled(other, mask).logits)
 
 
+def test_a_dynamic_batch() -> None:
+    model = TimmStyleViT(registers=2).eval()
+    compiled = gp.compile(model, (images(),), passes="merge_tokens(r=8)", verify=True,
+                          dynamic_batch=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(images(batch=5)),
+                                   model.forward_tome(images(batch=5), [8, 8, 8]))
+    bert = tiny_bert()
+    compiled = gp.compile(bert, padded_tokens(), passes="merge_tokens(r=3, unmerge=True)",
+                          verify=True, dynamic_batch=True)
+    with torch.no_grad():
+        out = compiled(*padded_tokens(batch=3, real=(16, 9, 4)))
+    assert out.last_hidden_state.shape == (3, 16, 32)
+
+
 def test_r_zero_is_exact_and_changes_nothing() -> None:
     model, x = TimmStyleViT().eval(), images()
     compiled = gp.compile(model, (x,), passes="merge_tokens(r=0)", verify=True)
