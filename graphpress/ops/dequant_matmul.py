@@ -21,13 +21,16 @@ the int8 qparams ``(s_x, z_x)`` with the formula of ``choose_qparams_affine`` an
 The integer sum is exact (int32, ``torch._int_mm``; |sum| < 2**31 for K < 2**16), so the result
 differs from the fake-quant program's float32 matmul only by that program's own rounding.
 
-Kernels (the CPU one lives here, the Triton ones in :mod:`graphpress.kernels`):
+Kernels (the torch one lives here, the C++ and Triton ones in :mod:`graphpress.kernels`):
 
-* CPU: the rows of ``W`` are dequantized in blocks that stay in cache (``(u - z) * s``, the
-  low and the high nibbles of 4-bit codes as two halves of the sum over K) and multiplied with
-  ``x`` block by block, so no float copy of the whole weight is ever made. Exact to float32 but
-  slower than torch's float32 linear (converting the codes to float costs more than reading
-  float weights; docs/benchmarks.md has the figures);
+* CPU, ``M <= 8`` (decode): the fused C++ kernel of :mod:`graphpress.kernels.cpu_dequant`,
+  built on first use (about a minute, cached per machine; ``GRAPHPRESS_CPU_KERNELS=0`` or no
+  compiler: the next path), which reads the packed codes once and never writes float weights;
+* CPU, larger M: the rows of ``W`` are dequantized in blocks that stay in cache
+  (``(u - z) * s``, the low and the high nibbles of 4-bit codes as two halves of the sum over
+  K) and multiplied with ``x`` block by block by torch's matmul, so no float copy of the whole
+  weight is ever made; exact to float32, and slower than torch's float32 linear by the cost of
+  converting the codes (docs/benchmarks.md has the figures);
 * CUDA: the Triton kernels (split-K GEMV for ``M <= 16``, tiled GEMM otherwise) when triton is
   installed, else the CPU algorithm on the device;
 * ``use_triton()``: run the Triton kernels on CPU tensors too (with ``TRITON_INTERPRET=1``),
@@ -50,6 +53,7 @@ from typing import Any
 import torch
 
 from graphpress.kernels import triton_available
+from graphpress.kernels.cpu_dequant import fused_gemv
 from graphpress.ops.packing import BITS, midpoint, unpack_zeros, zeros_shape
 from graphpress.ops.quant import choose_qparams_affine, quantize_affine
 from graphpress.ops.registry import define_op
@@ -58,6 +62,9 @@ __all__ = ["DEQUANT_MATMUL", "DYNAMIC_QUANT_MATMUL", "cpu_dequant_matmul", "matm
            "use_triton"]
 
 _ROWS_PER_BLOCK = 128       # rows of W dequantized at a time on CPU: 128 x 4096 fp32 = 2 MiB
+# up to this many rows of x the fused C++ kernel beats dequantize-then-matmul (it does not use
+# MKL's GEMM blocking: at M = 16 it is as fast as float32 and then slower)
+_FUSED_CPU_MAX_M = 8
 _STATE: dict[str, Any] = {"triton_on_cpu": False, "accuracy_level": 0}
 
 
@@ -168,11 +175,14 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     """y = x @ W.T + bias with W dequantized from packed ``bits``-bit codes per group."""
     n, k = _check(x, qweight, scales, zeros, bias, bits, group_size)
     x2d = x.reshape(-1, k).to(torch.float32)
+    out = None
     if (x.is_cuda or _STATE["triton_on_cpu"]) and triton_available():
         from graphpress.kernels.dequant_matmul import triton_dequant_matmul
 
         out = triton_dequant_matmul(x2d, qweight, scales, zeros, bits, group_size)
-    else:
+    elif x.device.type == "cpu" and 0 < x2d.shape[0] <= _FUSED_CPU_MAX_M:
+        out = fused_gemv(x2d, qweight, scales, zeros, bits, group_size)
+    if out is None:
         out = cpu_dequant_matmul(x2d.contiguous(), qweight, scales, zeros, bits, group_size)
     if bias is not None:
         out = out + bias.to(torch.float32)
