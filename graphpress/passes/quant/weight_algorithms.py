@@ -7,7 +7,8 @@ calibration runner (:func:`graphpress.quant.algorithms.statistics.collect`):
    layers (:mod:`~graphpress.passes.quant.channel_scaling`), the scale search of
    :mod:`~graphpress.quant.algorithms.awq` on the readers' input rows, the scales folded into
    the producer and the readers' weights (the exact part: recorded in ``folded``), then
-   optionally each reader's clipping search (its qparams recorded in ``qparams``);
+   (``clip``) the clipping search for every weight-quantized linear, on its inputs after the
+   folding (the qparams recorded in ``qparams``);
 2. ``algorithm='gptq'``: for each weight-quantized linear / matmul layer, ``H = X^T X`` of its
    input, then :func:`~graphpress.quant.algorithms.gptq.gptq_quantize`; the quantized weight
    replaces the stored one and its qparams are recorded (the fake-quant inserted on it is then
@@ -134,16 +135,31 @@ def _awq(program: Program, layers: Sequence[Layer], batches: Sequence[Any],
         gain = losses[0] / max(min(losses), 1e-30)
         plan.summary.append(f"awq {chain.where} -> {', '.join(r.node.name for r in chain.readers)}"
                             f": alpha {alpha:.2f}, output error / RTN's {1 / gain:.3f}")
-        if not options["clip"]:
-            continue
-        for reader, operand, sample in zip(chain.readers, operands, readers, strict=True):
-            weight = program.weight(reader.weight).detach()
-            x = sample.x / scale[reader.channel_of].to(torch.float32)
-            ratio = awq_clip_search(x, weight.float(), operand.block_size, operand.spec,
-                                    steps=options["clip_steps"], min_ratio=options["min_ratio"])
-            plan.qparams[program.weight_name(reader.weight)] = minmax_qparams(
-                weight, operand.block_size, operand.spec, ratio)
     plan.adjusted.update(plan.folded)
+
+
+def _awq_clip(program: Program, layers: Sequence[Layer], batches: Sequence[Any],
+              options: dict[str, Any], plan: WeightPlan) -> None:
+    """The clipping search for every weight-quantized linear, on its input rows of the
+    program as AWQ's folding left it."""
+    targets = []
+    for layer in layers:
+        operand, value = _weight_operand(layer), _input_of(layer)
+        if (layer.op == "linear" and operand is not None and value is not None
+                and operand.block_size[0] == 1 and not operand.spec.is_float):
+            targets.append((layer, operand, value))
+    rows = {value.name: Rows(options["rows"]) for _, _, value in targets}
+    collect(program, batches, {name: [c] for name, c in rows.items()}, what="awq clipping")
+    for layer, operand, value in targets:
+        weight = program.weight(operand.value).detach()
+        ratio = awq_clip_search(rows[value.name].value, weight.float(), operand.block_size,
+                                operand.spec, steps=options["clip_steps"],
+                                min_ratio=options["min_ratio"])
+        plan.qparams[program.weight_name(operand.value)] = minmax_qparams(
+            weight, operand.block_size, operand.spec, ratio)
+        plan.summary.append(f"awq clipping {layer.node.name}: range ratio "
+                            f"{float(ratio.min()):.2f}..{float(ratio.max()):.2f}, mean "
+                            f"{float(ratio.mean()):.3f}")
 
 
 def _layer_fn(layer: Layer) -> Any:
@@ -261,6 +277,8 @@ def plan_weights(program: Program, layers: Sequence[Layer], batches: Sequence[An
     plan = WeightPlan()
     if algorithm == "awq":
         _awq(program, layers, batches, options, plan)
+        if options["clip"]:
+            _awq_clip(program, layers, batches, options, plan)
     if algorithm == "gptq" or bias_correction:
         gptq_options = options if algorithm == "gptq" else {}
         _gptq_and_bias(program, layers, batches, algorithm if algorithm == "gptq" else "",
