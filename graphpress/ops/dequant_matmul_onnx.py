@@ -7,8 +7,8 @@
 reshaped to ``[N, K / block, block * bits / 8]`` (the packed format is MatMulNBits' layout, low
 nibble first), ``zero_points`` are ``zeros`` as stored (absent: MatMulNBits' default
 ``2 ** (bits - 1)`` is the format's), scales are cast to ``x``'s type. Other group sizes: the
-dequantization ``(u - zeros) * scales`` in standard ops (BitwiseAnd / BitShift to split the nibbles), then
-MatMul; onnxruntime folds that into one float weight when it loads the model.
+dequantization ``(u - zeros) * scales`` in standard ops (BitwiseAnd / BitShift split the
+nibbles), then MatMul; onnxruntime folds that into one float weight when it loads the model.
 
 ``dynamic_quant_matmul``: per row, ReduceMin / ReduceMax and the qparams formula of
 ``choose_qparams_affine``, ``clip(round(x * (1 / s)) + z)``, then ``(q - z) @ W_int8^T`` as a
