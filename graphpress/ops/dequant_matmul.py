@@ -8,8 +8,9 @@ and ``graphpress::dynamic_quant_matmul`` (W8A8: int8 activations per token times
     y       = x @ W.T + bias                      (x [..., K] -> y [..., N], float32 accumulation)
 
 ``W`` is bit-identical to the fake-quantized weight it was packed from (float32 scales), so the
-op equals ``linear(x, fake_quantize_affine(W_float), bias)`` up to the order of the sums. Half
-and bfloat16 inputs are computed in float32 and the result cast back.
+op equals ``linear(x, fake_quantize_affine(W_float), bias)`` up to the order of the sums. On CPU,
+half and bfloat16 inputs are computed in float32 and the result cast back; the Triton kernels
+multiply them with the weights rounded to their type (tensor cores), accumulating in float32.
 
 ``dynamic_quant_matmul(x, qweight, scales, bias, act_symmetric)``: ``qweight`` int8 ``[N, K]``
 (signed, symmetric), ``scales`` float32 ``[N, 1]``; per row of ``x`` (each token) the op computes
@@ -174,13 +175,15 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                    group_size: int) -> torch.Tensor:
     """y = x @ W.T + bias with W dequantized from packed ``bits``-bit codes per group."""
     n, k = _check(x, qweight, scales, zeros, bias, bits, group_size)
-    x2d = x.reshape(-1, k).to(torch.float32)
+    x2d = x.reshape(-1, k)
     out = None
     if (x.is_cuda or _STATE["triton_on_cpu"]) and triton_available():
         from graphpress.kernels.dequant_matmul import triton_dequant_matmul
 
+        # float16 / bfloat16 inputs meet weights rounded to their type (tensor cores)
         out = triton_dequant_matmul(x2d, qweight, scales, zeros, bits, group_size)
-    elif x.device.type == "cpu" and 0 < x2d.shape[0] <= _FUSED_CPU_MAX_M:
+    x2d = x2d.to(torch.float32)
+    if out is None and x.device.type == "cpu" and 0 < x2d.shape[0] <= _FUSED_CPU_MAX_M:
         out = fused_gemv(x2d, qweight, scales, zeros, bits, group_size)
     if out is None:
         out = cpu_dequant_matmul(x2d.contiguous(), qweight, scales, zeros, bits, group_size)
