@@ -55,6 +55,7 @@ class _Stored:
     bits: int
     group_size: int
     nbytes: int
+    per_channel: bool
 
 
 @register_pass("fuse_dequant_matmul")
@@ -108,9 +109,10 @@ class FuseDequantMatmul(Pass):
             stats["fused"] += 1
             stats["fused_w8a8"] += w8a8
             module = program.source_module(node) or "<top level>"
+            grain = "per channel" if stored.per_channel else f"g{stored.group_size}"
             summary.append(f"{node.name} ({module}): {layer.kind} {tuple(weight.shape)} -> "
-                           f"{'w8a8 int8' if w8a8 else f'int{stored.bits}'} "
-                           f"g{stored.group_size}, {stored.nbytes} bytes "
+                           f"{'w8a8 int8' if w8a8 else f'int{stored.bits}'} {grain}, "
+                           f"{stored.nbytes} bytes "
                            f"({stored.nbytes / float_bytes[layer.weight.weight]:.3f}x)")
         alive = set(program.graph.nodes)  # a fake-quant read only through a transpose is gone
         erase_unused(program, [fq for fq, _ in packed if fq in alive])
@@ -171,7 +173,7 @@ class FuseDequantMatmul(Pass):
                                        kind="buffer") for role, t in tensors.items())
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         return _Stored(nodes if len(nodes) == 3 or w8a8 else (*nodes, None), bits, group,
-                       nbytes)
+                       nbytes, group == q.shape[1])
 
     def _replace(self, program: Program, layer: Layer, stored: _Stored, w8a8: bool) -> None:
         with GraphBuilder(program, anchor=layer.node, pass_name=self.name) as build:
