@@ -8,6 +8,7 @@ import torch
 
 from graphpress.quant.algorithms.awq import AwqReader, awq_clip_search, awq_scale_search
 from graphpress.quant.algorithms.bias_correction import output_shift
+from graphpress.quant.algorithms.eora import eora_factors
 from graphpress.quant.algorithms.gptq import gptq_quantize
 from graphpress.quant.algorithms.grid import fake_quantize, minmax_qparams
 from graphpress.quant.algorithms.statistics import AbsMax, AbsMean, Gram, Mean, Rows
@@ -171,3 +172,32 @@ def test_statistics_collectors() -> None:
     assert torch.allclose(collectors["mean"].value, whole.double().mean(0))
     sample = collectors["rows"].value
     assert sample.shape == (5, 4) and torch.equal(sample[0], whole.reshape(-1, 4)[0])
+
+
+def test_eora_minimizes_the_error_on_the_activations() -> None:
+    """In the norm of H = X^T X the eigenspace projection beats a plain SVD of the error;
+    at full rank it compensates everything."""
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(400, 24, generator=generator, dtype=torch.float64) @ torch.randn(
+        24, 24, generator=generator, dtype=torch.float64)
+    error = torch.randn(10, 24, generator=generator, dtype=torch.float64)
+
+    def on_x(e: torch.Tensor) -> float:
+        return float(((x @ e.T) ** 2).sum())
+    u, s, vt = torch.linalg.svd(error, full_matrices=False)
+    for rank in (1, 3, 6):
+        a, b = eora_factors(error, x.T @ x, rank)
+        assert a.shape == (rank, 24) and b.shape == (10, rank)
+        plain = (u[:, :rank] * s[:rank]) @ vt[:rank]
+        assert on_x(error - b @ a) < on_x(error - plain)
+    a, b = eora_factors(error, x.T @ x, 10)
+    assert on_x(error - b @ a) < 1e-18 * on_x(error)
+
+
+def test_eora_ignores_directions_the_data_never_visits() -> None:
+    x = torch.randn(50, 6, dtype=torch.float64)
+    x[:, 4:] = 0
+    a, _ = eora_factors(torch.randn(3, 6, dtype=torch.float64), x.T @ x, 2)
+    assert torch.all(a[:, 4:].abs() < 1e-12)
+    with pytest.raises(ValueError, match="rank must be in"):
+        eora_factors(torch.randn(3, 6), torch.eye(6), 4)

@@ -12,7 +12,9 @@ with the same final weights, quantized independently:
    :class:`~graphpress.passes.quant.reference.QuantizedReference` (the independent
    quantize-dequantize on every recorded operand with the recorded qparams); corrected biases
    are among those weights, and a layer that had no bias gets the one the pass created, so the
-   reference computes every layer with the same operands as the pass's program.
+   reference computes every layer with the same operands as the pass's program; EoRA's
+   branches are added to their layers' outputs with the same ops, reading the layers'
+   unquantized inputs.
 """
 
 from __future__ import annotations
@@ -39,12 +41,23 @@ def _with_weights(program: Program, weights: Mapping[str, torch.Tensor]) -> Prog
 
 
 class _WithBiases(QuantizedReference):
-    """QuantizedReference where layers that had no bias get the one bias correction created."""
+    """QuantizedReference where layers that had no bias get the one bias correction created,
+    and EoRA's branches ``linear(linear(x, A), B)`` are added to their layers' outputs."""
 
     def __init__(self, before: Program, records: Sequence[Any],
-                 biases: Mapping[str, torch.Tensor]) -> None:
+                 biases: Mapping[str, torch.Tensor],
+                 low_rank: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         super().__init__(before, records)
-        self.biases = biases
+        self.biases, self.low_rank = biases, low_rank
+
+    def evaluate(self, n: Node) -> Any:
+        value = super().evaluate(n)
+        if n.name not in self.low_rank:
+            return value
+        a, b = self.low_rank[n.name]
+        x = self.env[n.args[0]]
+        linear = torch.ops.aten.linear.default
+        return torch.ops.aten.add.Tensor(value, linear(linear(x, a), b))
 
     def fetch_args_kwargs_from_env(self, n: Node) -> tuple[tuple[Any, ...], dict[str, Any]]:
         args, kwargs = super().fetch_args_kwargs_from_env(n)
@@ -66,7 +79,7 @@ class AlgorithmReference:
         self.before, self.rtol, self.atol = before, rtol, atol
         self.folded = _with_weights(before, plan.folded) if plan.folded else None
         self.quantized = _WithBiases(_with_weights(before, plan.adjusted), records,
-                                    plan.new_biases)
+                                     plan.new_biases, plan.low_rank)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.folded is not None:

@@ -23,14 +23,15 @@ the range and the weight's SQNR. It must run after ``fold_bn``, ``prune_channels
 ``smooth_quant`` and ``equalize`` (quantizing weights that are folded, pruned or rescaled
 afterwards would quantize the wrong values).
 
-Weight algorithms (``algorithm='gptq' | 'awq'``, ``bias_correction=True``;
+Weight algorithms (``algorithm='gptq' | 'awq'``, ``bias_correction=True``, ``eora_rank=r``;
 :mod:`~graphpress.passes.quant.weight_algorithms`) change the weights on calibration data
 before the fake-quant goes in: AWQ folds scales into the producers and picks clipped qparams,
 GPTQ stores its quantized weights with their qparams, bias correction adds the mean output
-shift to the biases. The contract stays the same statement about the same weights: the
-reference (:mod:`~graphpress.passes.quant.algorithm_reference`) runs the input program with
-the algorithms' final weights through the independent quantize-dequantize, and AWQ's folding,
-an exact rewrite, is checked exactly on its own first.
+shift to the biases, EoRA adds a float rank-r branch beside each quantized linear. The
+contract stays the same statement about the same weights: the reference
+(:mod:`~graphpress.passes.quant.algorithm_reference`) runs the input program with the
+algorithms' final weights (and EoRA's branches) through the independent quantize-dequantize,
+and AWQ's folding, an exact rewrite, is checked exactly on its own first.
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ class InsertFakeQuant(Pass):
     algorithm: str = "rtn"                        # "rtn" | "gptq" | "awq" (weight_algorithms)
     algorithm_options: dict[str, Any] | None = None  # e.g. {"act_order": True} for gptq
     bias_correction: bool = False                 # fold the mean output shift into biases
+    eora_rank: int = 0                            # rank of EoRA's error-compensating branch
 
     contract = Contract.against_reference(
         "equal to the input program with each quantized tensor passed through the independent "
@@ -136,9 +138,15 @@ class InsertFakeQuant(Pass):
                 kwargs[name] = value
         self._config = self._placement(scheme(self.scheme, skip=list(self.skip), **kwargs))
 
+    def _uses_data(self) -> bool:
+        return self.algorithm != "rtn" or self.bias_correction or self.eora_rank > 0
+
     def _algorithm_options(self) -> dict[str, Any]:
         from graphpress.passes.quant.weight_algorithms import ALGORITHMS, OPTIONS
 
+        if self.eora_rank < 0:
+            raise ValueError(f"eora_rank must be >= 0 (0: no low-rank branch), got "
+                             f"{self.eora_rank}")
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {self.algorithm!r}; known: "
                              f"{', '.join(ALGORITHMS)}")
@@ -168,9 +176,9 @@ class InsertFakeQuant(Pass):
         layers, skipped, groups = self._place(program)
         batches = ctx.calibration_data[: self.calibration_batches]
         plan = WeightPlan()
-        if self.algorithm != "rtn" or self.bias_correction:
+        if self._uses_data():
             plan = plan_weights(program, layers, batches, self.algorithm, self._options,
-                                self.bias_correction)
+                                self.bias_correction, self.eora_rank)
             skipped = skipped + plan.skipped
         static = [op for layer in layers for op in layer.operands
                   if op.role == "activation" and not op.spec.dynamic]
@@ -198,10 +206,10 @@ class InsertFakeQuant(Pass):
                  "not_quantized": len(skipped)}
         if groups:
             stats["shared_qparam_groups"] = len(set(groups.values()))
-        if self.algorithm != "rtn" or self.bias_correction:
+        if self._uses_data():
             stats.update({"gptq_layers": sum(n in plan.original for n in plan.qparams),
                           "awq_folded_weights": len(plan.folded),
-                          "bias_corrected": len(plan.shifts)})
+                          "bias_corrected": len(plan.shifts), "eora_layers": len(plan.low_rank)})
         details = {"quantized": records, "summary": summary + plan.summary,
                    "config": self._config.describe(), "weight_plan": plan}
         return PassResult(bool(records), stats, skipped, details)
@@ -286,7 +294,7 @@ class InsertFakeQuant(Pass):
         from graphpress.passes.quant.reference import QuantizedReference
 
         plan = result.details.get("weight_plan")
-        if plan is not None and (plan.adjusted or plan.new_biases):
+        if plan is not None and (plan.adjusted or plan.new_biases or plan.low_rank):
             contract = self.contract
             return AlgorithmReference(before, result.details["quantized"], plan, contract.rtol,
                                       contract.atol)

@@ -1,4 +1,5 @@
-"""insert_fake_quant's data-aware weight algorithms, on the Program: AWQ, GPTQ, bias correction.
+"""insert_fake_quant's data-aware weight algorithms, on the Program: AWQ, GPTQ, bias correction,
+EoRA.
 
 They run before any fake-quant is inserted, on the calibration batches, through the
 calibration runner (:func:`graphpress.quant.algorithms.statistics.collect`):
@@ -16,9 +17,14 @@ calibration runner (:func:`graphpress.quant.algorithms.statistics.collect`):
 3. ``bias_correction=True``: for each weight-quantized linear / conv layer, the mean input,
    then :func:`~graphpress.quant.algorithms.bias_correction.output_shift` with the final
    quantized weight, added to the bias (a layer without one gets one; a shared or computed
-   bias is refused).
+   bias is refused);
+4. ``eora_rank=r``: for each weight-quantized linear, ``H = X^T X`` of its input, then
+   :func:`~graphpress.quant.algorithms.eora.eora_factors` of ``W - Q`` (``Q``: the final
+   quantized weight of 1-3): a parallel branch ``linear(linear(x, A), B)`` in float, added to
+   the layer's output (the branch reads the unquantized input); bias correction then corrects
+   what the branch leaves, ``W - Q - B A``.
 
-Statistics for 2 and 3 are taken in one run after 1, on the float program with AWQ's folding.
+Statistics for 2 to 4 are taken in one run after 1, on the float program with AWQ's folding.
 What the contract's reference needs comes back in a :class:`WeightPlan`.
 """
 
@@ -39,6 +45,7 @@ from graphpress.passes.quant.placement import Layer, Operand
 from graphpress.pipeline.base import Skip
 from graphpress.quant.algorithms.awq import AwqReader, awq_clip_search, awq_scale_search
 from graphpress.quant.algorithms.bias_correction import output_shift
+from graphpress.quant.algorithms.eora import eora_factors
 from graphpress.quant.algorithms.gptq import gptq_quantize
 from graphpress.quant.algorithms.grid import fake_quantize, minmax_qparams
 from graphpress.quant.algorithms.statistics import AbsMean, Gram, Mean, Rows, collect
@@ -69,6 +76,7 @@ class WeightPlan:
     shifts: dict[str, tuple[torch.Tensor, int]] = field(default_factory=dict)
     original: dict[str, torch.Tensor] = field(default_factory=dict)  # before gptq replaced them
     new_biases: dict[str, torch.Tensor] = field(default_factory=dict)  # layer node -> its bias
+    low_rank: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # (A, B)
     summary: list[str] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
 
@@ -173,8 +181,8 @@ def _layer_fn(layer: Layer) -> Any:
 
 def _gptq_and_bias(program: Program, layers: Sequence[Layer], batches: Sequence[Any],
                    algorithm: str, options: dict[str, Any], bias_correction: bool,
-                   plan: WeightPlan) -> None:
-    gptq, corrected = [], []
+                   eora_rank: int, plan: WeightPlan) -> None:
+    gptq, corrected, compensated = [], [], []
     for layer in layers:
         operand, value = _weight_operand(layer), _input_of(layer)
         if operand is None or value is None:
@@ -186,6 +194,15 @@ def _gptq_and_bias(program: Program, layers: Sequence[Layer], batches: Sequence[
                                          "linear and matmul layers on integer grids)"))
             else:
                 gptq.append((layer, operand, value))
+        if eora_rank:
+            if layer.op != "linear":
+                plan.skipped.append(Skip(layer.node.name, f"eora: {layer.op} "
+                                         f"{layer.node.name} is not a linear layer"))
+            elif min(program.weight(operand.value).shape) < eora_rank:
+                plan.skipped.append(Skip(layer.node.name, f"eora: rank {eora_rank} is above "
+                                         f"the weight's smaller dim in {layer.node.name}"))
+            else:
+                compensated.append((layer, operand, value))
         if bias_correction:
             refusal = (_bias_refusal(program, layer) if layer.op in _BIASED else
                        f"bias correction: {layer.op} {layer.node.name} has no bias argument")
@@ -193,11 +210,11 @@ def _gptq_and_bias(program: Program, layers: Sequence[Layer], batches: Sequence[
                 plan.skipped.append(Skip(layer.node.name, refusal))
             else:
                 corrected.append((layer, operand, value))
-    grams = {v.name: Gram() for _, _, v in gptq}
+    grams = {v.name: Gram() for _, _, v in [*gptq, *compensated]}
     means = {v.name: Mean() for _, _, v in corrected}
     collect(program, batches, {name: [c for c in (grams.get(name), means.get(name)) if c]
                                for name in grams.keys() | means.keys()},
-            what=algorithm if gptq else "bias correction")
+            what=algorithm or ("bias correction" if corrected else "eora"))
     quantized: dict[str, torch.Tensor] = {}
     for layer, operand, value in gptq:
         name = program.weight_name(operand.value)
@@ -218,14 +235,26 @@ def _gptq_and_bias(program: Program, layers: Sequence[Layer], batches: Sequence[
         quantized[name] = q.contiguous()
         plan.qparams[name] = (scale.contiguous(), None if zero_point is None
                               else zero_point.contiguous())
+    compensation: dict[str, torch.Tensor] = {}   # EoRA's B A, which bias correction sees
+    for layer, operand, value in compensated:
+        name = program.weight_name(operand.value)
+        weight = program.weight(operand.value).detach()
+        final = _final_weight(weight, operand, quantized.get(name), plan.qparams.get(name))
+        gram = grams[value.name].total
+        a, b = eora_factors(weight - final, gram, eora_rank)
+        _add_low_rank(program, layer, value, a, b)
+        plan.low_rank[layer.node.name] = (a, b)
+        compensation[name] = b @ a
+        before = _gram_error(weight - final, gram)
+        after = _gram_error(weight - final - b @ a, gram)
+        plan.summary.append(f"eora {layer.node.name}: rank {eora_rank}, output error / "
+                            f"quantized's {after / max(before, 1e-30):.3f}")
     for layer, operand, value in corrected:
         name = program.weight_name(operand.value)
         weight = program.weight(operand.value).detach()
-        final = quantized.get(name)
-        if final is None:
-            scale, zero_point = plan.qparams.get(name) or minmax_qparams(
-                weight, operand.block_size, operand.spec)
-            final = fake_quantize(weight, operand.block_size, operand.spec, scale, zero_point)
+        final = _final_weight(weight, operand, quantized.get(name), plan.qparams.get(name))
+        if name in compensation:  # the branch already compensates part of the error
+            final = final + compensation[name]
         dim = -1 if layer.op == "linear" else 1
         shift = output_shift(_layer_fn(layer), means[value.name].value, weight, final, dim)
         _add_to_bias(program, layer, shift, plan)
@@ -236,6 +265,41 @@ def _gptq_and_bias(program: Program, layers: Sequence[Layer], batches: Sequence[
         plan.original[name] = program.weight(name).detach()
         program.replace_weight(name, tensor)
         plan.adjusted[name] = tensor
+
+
+def _final_weight(weight: torch.Tensor, operand: Operand, quantized: torch.Tensor | None,
+                  qparams: tuple[torch.Tensor, torch.Tensor | None] | None) -> torch.Tensor:
+    """The weight the program will compute with: GPTQ's, or the fake-quant of ``weight`` with
+    the chosen (AWQ's clipped) or min-max qparams."""
+    if quantized is not None:
+        return quantized
+    scale, zero_point = qparams or minmax_qparams(weight, operand.block_size, operand.spec)
+    return fake_quantize(weight, operand.block_size, operand.spec, scale, zero_point)
+
+
+def _gram_error(error: torch.Tensor, gram: torch.Tensor) -> float:
+    """``tr(E H E^T)``: the summed squared output error over the calibration rows."""
+    e = error.to(torch.float64)
+    return float(((e @ gram.to(torch.float64)) * e).sum())
+
+
+def _add_low_rank(program: Program, layer: Layer, value: Node, a: torch.Tensor,
+                  b: torch.Tensor) -> None:
+    """``y = layer(x) + linear(linear(x, A), B)``: the branch reads the layer's unquantized
+    input, its output replaces the layer's everywhere."""
+    node = layer.node
+    base = program.source_module(node) or node.name
+    with GraphBuilder(program, anchor=node, pass_name="insert_fake_quant") as build:
+        a_node = build.weight(program.free_weight_name(f"{base}.eora_a"), a)
+        b_node = build.weight(program.free_weight_name(f"{base}.eora_b"), b)
+        down = build.call(torch.ops.aten.linear.default, value, a_node)
+        up = build.call(torch.ops.aten.linear.default, down, b_node)
+    users = list(node.users)
+    with GraphBuilder(program, anchor=node, pass_name="insert_fake_quant", after=True) as build:
+        total = build.call(torch.ops.aten.add.Tensor, node, up)
+    for user in users:
+        user.replace_input_with(node, total)
+    program.sync_output_specs()
 
 
 def _bias_refusal(program: Program, layer: Layer) -> str:
@@ -272,15 +336,16 @@ def _add_to_bias(program: Program, layer: Layer, shift: torch.Tensor, plan: Weig
 
 
 def plan_weights(program: Program, layers: Sequence[Layer], batches: Sequence[Any],
-                 algorithm: str, options: dict[str, Any], bias_correction: bool) -> WeightPlan:
+                 algorithm: str, options: dict[str, Any], bias_correction: bool,
+                 eora_rank: int = 0) -> WeightPlan:
     """Run the algorithms (module docstring) on ``program`` in place; what they decided."""
     plan = WeightPlan()
     if algorithm == "awq":
         _awq(program, layers, batches, options, plan)
         if options["clip"]:
             _awq_clip(program, layers, batches, options, plan)
-    if algorithm == "gptq" or bias_correction:
+    if algorithm == "gptq" or bias_correction or eora_rank:
         gptq_options = options if algorithm == "gptq" else {}
         _gptq_and_bias(program, layers, batches, algorithm if algorithm == "gptq" else "",
-                       gptq_options, bias_correction, plan)
+                       gptq_options, bias_correction, eora_rank, plan)
     return plan

@@ -1,6 +1,6 @@
-"""insert_fake_quant's weight algorithms on tiny programs (GPTQ, AWQ, bias correction): what they
-store, that the contract checks the same final weights (and AWQ's folding exactly), the
-errors, and the zoo's transformers with verify=True."""
+"""insert_fake_quant's weight algorithms on tiny programs (GPTQ, AWQ, bias correction, EoRA):
+what they store, that the contract checks the same final weights (and AWQ's folding exactly),
+the errors, and the zoo's transformers with verify=True."""
 
 from __future__ import annotations
 
@@ -166,20 +166,50 @@ def test_gptq_leaves_convolutions_to_rounding_and_says_so() -> None:
     assert any("rounding to nearest" in why for _, why in record.skipped)
 
 
+def test_eora_adds_a_float_branch_that_lowers_the_error() -> None:
+    model, batches = _norm_mlp()
+    rtn = _compile(model, batches, W4 + ")")
+    for algorithm in ("rtn", "gptq"):
+        plain = _compile(model, batches, W4 + f", algorithm='{algorithm}')")
+        eora = _compile(model, batches, W4 + f", algorithm='{algorithm}', eora_rank=4)")
+        record = eora.report().records[0]
+        assert record.stats["eora_layers"] == 3 and record.max_error <= 1e-5
+        assert _error(eora, model, batches) < 0.5 * _error(plain, model, batches)
+    assert _error(eora, model, batches) < _error(rtn, model, batches)
+    weights = eora.program.weights()
+    assert weights["up.eora_a"].shape == (4, 32) and weights["up.eora_b"].shape == (64, 4)
+    linears = [n for n in eora.program.graph.nodes if n.target == torch.ops.aten.linear.default]
+    assert len(linears) == 3 + 6
+    with pytest.raises(PipelineError, match="eora_rank must be >= 0"):
+        gp.compile(model, batches[0], passes=W4 + ", eora_rank=-1)")
+
+
+def test_eora_branch_reads_the_unquantized_activation() -> None:
+    model, batches = _norm_mlp()
+    compiled = _compile(model, batches, "insert_fake_quant(scheme='int8_static', eora_rank=2, "
+                                        "bias_correction=True)")
+    record = compiled.report().records[0]
+    assert record.stats["eora_layers"] == 3 and record.stats["bias_corrected"] == 3
+    fq = torch.ops.graphpress.fake_quantize_affine.default
+    for node in compiled.program.graph.nodes:
+        if node.target == torch.ops.aten.linear.default and "eora_a" in str(node.args[1]):
+            assert node.args[0].target != fq
+
+
 def _transformers() -> list[pytest.param]:
     return [pytest.param(e, id=e.name, marks=[pytest.mark.slow] if e.name == "minilm" else [])
             for e in zoo_models(include=("transformer",))]
 
 
-@pytest.mark.parametrize("algorithm", ["gptq", "awq"])
+@pytest.mark.parametrize("options", ["algorithm='gptq'", "algorithm='awq'", "eora_rank=4"])
 @pytest.mark.parametrize("entry", _transformers())
-def test_algorithms_on_the_zoo(entry: ZooModel, algorithm: str) -> None:
+def test_algorithms_on_the_zoo(entry: ZooModel, options: str) -> None:
     model, inputs = entry.make()
     batches = [args for args, _ in generate_samples((inputs, {}), 4, seed=1)]
     compiled = gp.compile(model, inputs, calibration_data=batches, verify=True,
-                          passes=f"{W4}, algorithm='{algorithm}')")
+                          passes=f"{W4}, {options})")
     record = compiled.report().records[-1]
     assert record.max_error is not None and record.max_error <= 1e-5
     assert record.metrics["cosine vs input"] > 0.9, record.metrics
-    if algorithm == "gptq":
+    if options == "algorithm='gptq'":
         assert record.stats["gptq_layers"] == record.stats["weights"]
