@@ -11,12 +11,21 @@ Usage::
   8; even sentences calibrate, odd ones are evaluated): cosine of the mean-pooled sentence
   embeddings with float, mean and minimum over the 32 evaluated sentences. int4 weight-only
   (asymmetric, groups of 32 and 128 along K) by round-to-nearest, ``algorithm='gptq'`` (with and
-  without act order) and ``algorithm='awq'``; int8 static and int8 dynamic with and without
+  without act order, and with an EoRA branch of rank 16) and ``algorithm='awq'`` (with and
+  without its clipping search); int8 static and int8 dynamic with and without
   ``smooth_quant`` before them. Every graphpress row is ``gp.compile(..., verify=True)``: the
   contract is checked on every run. NNCF on the same calibration batches and the same exported
   module: ``nncf.compress_weights`` (INT4_ASYM, the same group size, ratio 1, every layer) plain,
   with ``awq=True``, ``gptq=True``, ``scale_estimation=True``, and ``nncf.quantize`` with
   ``model_type=TRANSFORMER`` (its SmoothQuant). A tool's error is shown in place of its figures.
+* lm: a Llama-style causal LM (4 layers, width 128, 4 heads / 2 KV heads, byte-level vocabulary
+  of 128) trained here (seed 0, 400 steps of AdamW, batches of 16 windows) on the docstrings of
+  ``TEXT_MODULES`` from the standard library (every tenth 128-byte window held out):
+  perplexity on the first 256 held-out windows for float, W4 g128 and g32 by RTN, AWQ, GPTQ,
+  GPTQ act order, GPTQ + EoRA and RTN + EoRA (rank 8), NNCF's ``compress_weights`` (plain, AWQ,
+  scale estimation), and W8A8 (int8 dynamic, int8 static) with and without ``smooth_quant``
+  and NNCF's ``quantize`` with SmoothQuant. W3 is not in the table: graphpress has no 3-bit
+  grid (``QuantSpec`` dtypes are int8/uint8/int4/uint4/fp8).
 * gptq_speed: one 4096 x 4096 linear weight, a Hessian from 4096 random rows; wall seconds of
   ``gptq_quantize`` (int4 g128, blocks of 128 columns) against round-to-nearest, one thread, and
   each one's output error ``tr((W - Q) H (W - Q)^T)``.
@@ -104,6 +113,8 @@ def minilm_section() -> None:
         graphpress(f"int4 g{group} AWQ (scales + clipping)", w4 + ", algorithm='awq')")
         graphpress(f"int4 g{group} AWQ scales only",
                    w4 + ", algorithm='awq', algorithm_options={'clip': False})")
+        graphpress(f"int4 g{group} GPTQ + EoRA rank 16",
+                   w4 + ", algorithm='gptq', eora_rank=16)")
         peer(f"compress_weights INT4_ASYM g{group}",
              lambda g=group: _nncf_compress(model, example, calibration, g))
         for option in ("awq", "gptq", "scale_estimation"):
@@ -354,6 +365,10 @@ def lm_section() -> None:
         run("graphpress", f"W4 g{group} GPTQ", graphpress(w4 + ", algorithm='gptq')"), rtn)
         run("graphpress", f"W4 g{group} GPTQ act order", graphpress(
             w4 + ", algorithm='gptq', algorithm_options={'act_order': True})"), rtn)
+        run("graphpress", f"W4 g{group} GPTQ + EoRA rank 8",
+            graphpress(w4 + ", algorithm='gptq', eora_rank=8)"), rtn)
+        run("graphpress", f"W4 g{group} RTN + EoRA rank 8",
+            graphpress(w4 + ", eora_rank=8)"), rtn)
         for option in ("", "awq", "scale_estimation"):
             run("NNCF", f"compress_weights INT4_ASYM g{group}" + (f", {option}=True" if option
                                                                   else ""),
