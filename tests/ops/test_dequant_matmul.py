@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from graphpress.kernels import triton_available
+from graphpress.kernels.cpu_dequant import fused_gemv, kernel_available
 from graphpress.ops import check_op
 from graphpress.ops.dequant_matmul import (
     DEQUANT_MATMUL,
@@ -71,6 +72,24 @@ def test_cpu_kernel_blocks_and_half_inputs() -> None:
         torch.testing.assert_close(out.float(), x.to(dtype).float() @ fake.t(), rtol=1e-2,
                                    atol=1e-2)
     assert _call(torch.randn(0, 64), packed).shape == (0, 70)
+
+
+@pytest.mark.parametrize(("dtype", "group", "symmetric"), [
+    ("int4", 32, False), ("int4", 16, True), ("uint4", 8, False), ("int8", 48, True),
+    ("int8", 96, False)])
+def test_fused_cpu_kernel_matches_the_reference(dtype: str, group: int, symmetric: bool) -> None:
+    if not kernel_available():
+        pytest.skip("the fused CPU kernel could not be built here (no C++ compiler or "
+                    "GRAPHPRESS_CPU_KERNELS=0); the op uses the torch path")
+    fake, packed = _quantized(37, 96, dtype, group, symmetric)
+    for m in (1, 3, 8):
+        x = torch.randn(m, 96)
+        out = fused_gemv(x, packed.qweight, packed.scales, packed.zeros, packed.bits,
+                         packed.group_size)
+        assert out is not None and out.shape == (m, 37)
+        torch.testing.assert_close(out, x @ fake.t(), rtol=1e-5, atol=1e-5)
+    _, odd = _quantized(8, 90, "int4", 45, False)  # groups straddle bytes: not covered
+    assert fused_gemv(torch.randn(1, 90), odd.qweight, odd.scales, odd.zeros, 4, 45) is None
 
 
 def test_opcheck() -> None:
