@@ -37,11 +37,16 @@ from typing import Any
 import torch
 from torch.fx import Node
 
-from graphpress.ir.builder import GraphBuilder
-from graphpress.ir.graph import set_arg
 from graphpress.ir.program import Program
 from graphpress.passes.quant.channel_scaling import apply_scales, find_chains, to_producer
 from graphpress.passes.quant.placement import Layer, Operand
+from graphpress.passes.quant.weight_edits import (
+    add_low_rank,
+    add_to_bias,
+    bias_refusal,
+    gram_error,
+    layer_fn,
+)
 from graphpress.pipeline.base import Skip
 from graphpress.quant.algorithms.awq import AwqReader, awq_clip_search, awq_scale_search
 from graphpress.quant.algorithms.bias_correction import output_shift
@@ -170,15 +175,6 @@ def _awq_clip(program: Program, layers: Sequence[Layer], batches: Sequence[Any],
                             f"{float(ratio.mean()):.3f}")
 
 
-def _layer_fn(layer: Layer) -> Any:
-    """``(x, W) -> layer(x, W)`` without bias, the layer's other arguments as traced."""
-    rest = layer.node.args[3:]
-
-    def apply(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return layer.node.target(x, weight, None, *rest)
-    return apply
-
-
 def _gptq_and_bias(program: Program, layers: Sequence[Layer], batches: Sequence[Any],
                    algorithm: str, options: dict[str, Any], bias_correction: bool,
                    eora_rank: int, plan: WeightPlan) -> None:
@@ -204,7 +200,7 @@ def _gptq_and_bias(program: Program, layers: Sequence[Layer], batches: Sequence[
             else:
                 compensated.append((layer, operand, value))
         if bias_correction:
-            refusal = (_bias_refusal(program, layer) if layer.op in _BIASED else
+            refusal = (bias_refusal(program, layer) if layer.op in _BIASED else
                        f"bias correction: {layer.op} {layer.node.name} has no bias argument")
             if refusal:
                 plan.skipped.append(Skip(layer.node.name, refusal))
@@ -242,11 +238,11 @@ def _gptq_and_bias(program: Program, layers: Sequence[Layer], batches: Sequence[
         final = _final_weight(weight, operand, quantized.get(name), plan.qparams.get(name))
         gram = grams[value.name].total
         a, b = eora_factors(weight - final, gram, eora_rank)
-        _add_low_rank(program, layer, value, a, b)
+        add_low_rank(program, layer, value, a, b)
         plan.low_rank[layer.node.name] = (a, b)
         compensation[name] = b @ a
-        before = _gram_error(weight - final, gram)
-        after = _gram_error(weight - final - b @ a, gram)
+        before = gram_error(weight - final, gram)
+        after = gram_error(weight - final - b @ a, gram)
         plan.summary.append(f"eora {layer.node.name}: rank {eora_rank}, output error / "
                             f"quantized's {after / max(before, 1e-30):.3f}")
     for layer, operand, value in corrected:
@@ -256,8 +252,9 @@ def _gptq_and_bias(program: Program, layers: Sequence[Layer], batches: Sequence[
         if name in compensation:  # the branch already compensates part of the error
             final = final + compensation[name]
         dim = -1 if layer.op == "linear" else 1
-        shift = output_shift(_layer_fn(layer), means[value.name].value, weight, final, dim)
-        _add_to_bias(program, layer, shift, plan)
+        shift = output_shift(layer_fn(layer), means[value.name].value, weight, final, dim)
+        key, bias, new = add_to_bias(program, layer, operand.value, shift)
+        (plan.new_biases if new else plan.adjusted)[key] = bias
         plan.shifts[layer.node.name] = (shift, dim)
         plan.summary.append(f"bias correction {layer.node.name}: mean shift "
                             f"{float(shift.abs().mean()):.3g} (max {float(shift.abs().max()):.3g})")
@@ -275,64 +272,6 @@ def _final_weight(weight: torch.Tensor, operand: Operand, quantized: torch.Tenso
         return quantized
     scale, zero_point = qparams or minmax_qparams(weight, operand.block_size, operand.spec)
     return fake_quantize(weight, operand.block_size, operand.spec, scale, zero_point)
-
-
-def _gram_error(error: torch.Tensor, gram: torch.Tensor) -> float:
-    """``tr(E H E^T)``: the summed squared output error over the calibration rows."""
-    e = error.to(torch.float64)
-    return float(((e @ gram.to(torch.float64)) * e).sum())
-
-
-def _add_low_rank(program: Program, layer: Layer, value: Node, a: torch.Tensor,
-                  b: torch.Tensor) -> None:
-    """``y = layer(x) + linear(linear(x, A), B)``: the branch reads the layer's unquantized
-    input, its output replaces the layer's everywhere."""
-    node = layer.node
-    base = program.source_module(node) or node.name
-    with GraphBuilder(program, anchor=node, pass_name="insert_fake_quant") as build:
-        a_node = build.weight(program.free_weight_name(f"{base}.eora_a"), a)
-        b_node = build.weight(program.free_weight_name(f"{base}.eora_b"), b)
-        down = build.call(torch.ops.aten.linear.default, value, a_node)
-        up = build.call(torch.ops.aten.linear.default, down, b_node)
-    users = list(node.users)
-    with GraphBuilder(program, anchor=node, pass_name="insert_fake_quant", after=True) as build:
-        total = build.call(torch.ops.aten.add.Tensor, node, up)
-    for user in users:
-        user.replace_input_with(node, total)
-    program.sync_output_specs()
-
-
-def _bias_refusal(program: Program, layer: Layer) -> str:
-    bias = _bias_of(layer.node)
-    if bias is None or (isinstance(bias, Node) and program.is_constant(bias)
-                        and len(bias.users) == 1):
-        return ""
-    return (f"bias correction: {layer.op} {layer.node.name} has a shared or computed bias "
-            "(the correction needs a bias of its own)")
-
-
-def _bias_of(node: Node) -> Any:
-    return node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-
-
-def _add_to_bias(program: Program, layer: Layer, shift: torch.Tensor, plan: WeightPlan) -> None:
-    """``b + delta`` stored as the layer's bias (the reference uses the same tensor); a layer
-    without a bias gets ``delta`` as a new one."""
-    node = layer.node
-    bias = _bias_of(node)
-    if isinstance(bias, Node):
-        tensor = program.weight(bias).detach()
-        corrected = (tensor.to(torch.float64) + shift).to(tensor.dtype)
-        program.replace_weight(bias, corrected)
-        plan.adjusted[program.weight_name(bias)] = corrected
-        return
-    dtype = program.weight(_weight_operand(layer).value).dtype
-    base = program.source_module(node) or node.name
-    name = program.free_weight_name(f"{base}.corrected_bias")
-    created = shift.to(dtype)
-    with GraphBuilder(program, anchor=node, pass_name="insert_fake_quant") as build:
-        set_arg(node, "bias", build.weight(name, created, kind="buffer"))
-    plan.new_biases[node.name] = created
 
 
 def plan_weights(program: Program, layers: Sequence[Layer], batches: Sequence[Any],
