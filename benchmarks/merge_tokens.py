@@ -6,7 +6,8 @@ Usage::
     python benchmarks/merge_tokens.py [--section speed|quality|all] [--repeats 6]
 
 speed: one thread (``torch.set_num_threads(1)``), interleaved rounds (each round runs every
-variant once, in a rotating order), medians, speedup = unmerged median / variant median.
+variant once, in a rotating order), medians of wall and CPU time per batch, speedup =
+unmerged median / variant median (on a shared machine the thread's CPU time is steadier).
 
 * ViT-B/16 at 224 (the zoo's ``hf_vit_base``, ``ViTForImageClassification``, random weights),
   batch 8: the unmerged model, ``merge_tokens(r)`` (the graphpress program, eager backend), and
@@ -50,20 +51,23 @@ from graphpress.testing.zoo import digits_data, get_model
 # --------------------------------------------------------------------------------- timing
 
 
-def rounds(variants: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Median seconds per call of each variant, timed in interleaved, rotating rounds."""
+def rounds(variants: dict[str, Callable[[], Any]], repeats: int
+           ) -> dict[str, tuple[float, float]]:
+    """Median (wall, CPU) seconds per call of each variant, timed in interleaved, rotating
+    rounds. On a shared machine the CPU time of the one thread is the steadier of the two."""
     names = list(variants)
-    times: dict[str, list[float]] = {n: [] for n in names}
+    times: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in names}
     with torch.no_grad():
         for name in names:          # warm-up
             variants[name]()
         for index in range(repeats):
             order = names[index % len(names):] + names[:index % len(names)]
             for name in order:
-                start = time.perf_counter()
+                wall, cpu = time.perf_counter(), time.process_time()
                 variants[name]()
-                times[name].append(time.perf_counter() - start)
-    return {n: statistics.median(t) for n, t in times.items()}
+                times[name][1].append(time.process_time() - cpu)
+                times[name][0].append(time.perf_counter() - wall)
+    return {n: (statistics.median(w), statistics.median(c)) for n, (w, c) in times.items()}
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -166,11 +170,12 @@ def speed(repeats: int) -> None:
         print(f"  vit-b r={r}: compiled, {compiled.report().records[0].details['summary'][-1]}",
               flush=True)
     medians = rounds(variants, repeats)
-    for name, seconds in medians.items():
+    for name, (wall, cpu) in medians.items():
         out = outputs.get(name)
-        rows.append((f"ViT-B/16 224, batch 8: {name}", f"{seconds * 1e3:.0f}",
-                     f"{8 / seconds:.2f}", f"{medians['unmerged'] / seconds:.2f}",
-                     f"{medians['tome r=0'] / seconds:.2f}",
+        rows.append((f"ViT-B/16 224, batch 8: {name}", f"{wall * 1e3:.0f}", f"{cpu * 1e3:.0f}",
+                     f"{medians['unmerged'][0] / wall:.2f}",
+                     f"{medians['unmerged'][1] / cpu:.2f}",
+                     f"{medians['tome r=0'][1] / cpu:.2f}",
                      "1" if name == "unmerged" else f"{cosine(out, base):.4f}" if out is not None
                      else "-"))
     bert, inputs = _bert_base(8, 128)
@@ -185,15 +190,16 @@ def speed(repeats: int) -> None:
             bert_outputs[f"graphpress r={r}"] = _pooled(compiled(*inputs), inputs[1])
         print(f"  bert-base r={r}: compiled", flush=True)
     bert_medians = rounds(bert_variants, repeats)
-    for name, seconds in bert_medians.items():
+    for name, (wall, cpu) in bert_medians.items():
         out = bert_outputs.get(name)
-        rows.append((f"BERT-base, batch 8 x 128 (25% padding): {name}", f"{seconds * 1e3:.0f}",
-                     f"{8 / seconds:.2f}", f"{bert_medians['unmerged'] / seconds:.2f}", "-",
+        rows.append((f"BERT-base, batch 8 x 128 (25% padding): {name}", f"{wall * 1e3:.0f}",
+                     f"{cpu * 1e3:.0f}", f"{bert_medians['unmerged'][0] / wall:.2f}",
+                     f"{bert_medians['unmerged'][1] / cpu:.2f}", "-",
                      "1" if out is None else f"{cosine(out, bert_base):.4f}"))
     print(f"\nmerge_tokens throughput; torch {torch.__version__}; 1 thread; {repeats} rounds; "
           f"{platform.machine()}; {datetime.date.today()}\n")
-    print(markdown_table(("variant", "ms / batch", "images/s", "speedup vs unmerged",
-                          "speedup vs tome r=0", "cosine vs unmerged"), rows))
+    print(markdown_table(("variant", "wall ms", "CPU ms", "speedup (wall)", "speedup (CPU)",
+                          "CPU speedup vs tome r=0", "cosine vs unmerged"), rows))
 
 # ------------------------------------------------------------------------------ quality
 
