@@ -33,8 +33,8 @@ Usage::
   torchao's and NNCF's ``quantize_per_*`` ops, activations only, as both store weights as int8
   constants) and the cosine of the flattened outputs against float on the example inputs
   (random weights: a sanity check, not a quality figure), or the error's class, with its first
-  line under the table. An extra row runs graphpress with fold_bn's tolerance loosened where the
-  default flow fails on fp32 rounding (``FOLD_ATOL``); it is not in the count.
+  line under the table. Extra rows (``EXTRA_ROWS``, outside the count) run graphpress with other
+  observers where its default is behind a peer.
 
 torchao's flow ends in a reference Q/DQ graph (``quantize_per_tensor`` / ``dequantize_...``
 around float ops), NNCF's in Q/DQ activations and dequantized constant weights, graphpress's in
@@ -328,9 +328,8 @@ def _attempt(flow: Callable[..., Any], model: torch.nn.Module, inputs: Batch,
 
 
 INT8_STATIC = "insert_fake_quant(scheme='int8_static')"
-# fold_bn's fp32 tolerance where the default is too tight on a zoo model (the one
-# tests/passes/quant/test_quant_zoo.py passes): an extra graphpress row, outside the count
-FOLD_ATOL = {"hf_mobilenet_v2": 5e-5}
+# graphpress with other observers where its default is behind a peer: extra rows, outside the count
+EXTRA_ROWS = {"hf_mobilenet_v2": ("moving_average", "mse", "percentile")}
 ZOO_FLOWS: dict[str, Callable[[torch.nn.Module, Batch, list[Batch], frozenset[str]], Any]] = {
     "graphpress": lambda model, inputs, calibration, tags: graphpress_quantize(
         model, inputs, [*_fold(tags), INT8_STATIC], calibration),
@@ -355,15 +354,18 @@ def zoo_section() -> None:
             if error:
                 failures.append(f"- {entry.name}, {tool}: {error}")
         rows.append((entry.name, *cells))
-    for name, atol in FOLD_ATOL.items():
-        model, inputs = get_model(name).make()
+    for name, observers in EXTRA_ROWS.items():
+        entry = get_model(name)
+        model, inputs = entry.make()
         calibration = [args for args, _ in generate_samples((inputs, {}), 8, seed=1)]
-        passes = [gp.passes.FoldBatchNorm(atol=atol), INT8_STATIC]
-        cell, error = _attempt(lambda model, inputs, calibration, _: graphpress_quantize(
-            model, inputs, passes, calibration), model, inputs, calibration, frozenset())  # noqa: B023
-        rows.append((f"{name} (fold_bn atol={atol})", cell, "-", "-"))
-        if error:
-            failures.append(f"- {name} (fold_bn atol={atol}), graphpress: {error}")
+        for observer in observers:
+            passes = [*_fold(entry.tags),
+                      f"insert_fake_quant(scheme='int8_static', observer='{observer}')"]
+            cell, error = _attempt(lambda model, inputs, calibration, _: graphpress_quantize(
+                model, inputs, passes, calibration), model, inputs, calibration, entry.tags)  # noqa: B023
+            rows.append((f"{name} (observer={observer})", cell, "-", "-"))
+            if error:
+                failures.append(f"- {name} (observer={observer}), graphpress: {error}")
     counts = ", ".join(f"{tool} {count}/{len(entries)}" for tool, count in ok.items())
     print(f"Zoo: default int8 static flow per tool, 8 generated calibration batches; quantized: "
           f"{counts}\n")

@@ -10,7 +10,7 @@ when
 
     max|a - t| <= max(ROUNDING_SLACK * max|e - t|, atol * rms(t))
 
-that is, the rewrite may carry a few times the rounding noise its input already had, and
+that is, the rewrite may carry several times the rounding noise its input already had, and
 nothing more (with no noise in the input, only the contract's own tolerance). A math error
 larger than that noise (a wrong epsilon in a 10-layer net shows at 1e-6 relative, fp32 noise at
 1e-7) still fails. A computation that cannot run in float64 (an op pinning float32) gets no
@@ -34,7 +34,11 @@ if TYPE_CHECKING:
 
 __all__ = ["ROUNDING_SLACK", "float64_referee", "module_in_float64", "program_in_float64"]
 
-ROUNDING_SLACK = 4.0
+# How much noisier than the reference a rounding-only difference may be. The largest error over
+# a few outputs is a noisy statistic: folding MobileNetV2's BatchNorms (one thread), the ratio of
+# the folded program's error to the unfolded one's, both fp32 against float64, was 0.7, 0.8, 0.6
+# and 4.4 on four samples of its 20 logits.
+ROUNDING_SLACK = 8.0
 
 
 def _double(value: Any) -> Any:

@@ -16,7 +16,7 @@ import pytest
 import graphpress as gp
 from graphpress.errors import BackendError
 from graphpress.pipeline.samples import generate_samples
-from graphpress.testing.zoo import get_model
+from graphpress.testing.zoo import ZooModel, get_model, zoo_models
 
 _STATIC = "insert_fake_quant(scheme='int8_static')"
 _DYNAMIC = "insert_fake_quant(scheme='int8_dynamic')"
@@ -63,6 +63,49 @@ def test_qdq_export_of_a_chaotic_model_is_ruled_float_rounding() -> None:
     compiled = _compile("minilm", _STATIC, "qdq")
     line = compiled.report().extra["onnx vs eager max abs error"]
     assert "float rounding only" in line and "against eager run in float64" in line, line
+
+
+_ZOO_SCHEMES = {
+    "int8_dynamic": _DYNAMIC,
+    "int4_weight_only": "insert_fake_quant(scheme='int4_weight_only', group_size=16)",
+    "fp8": "insert_fake_quant(scheme='fp8')",
+}
+
+
+def _through_onnx(entry: ZooModel, quant: str) -> None:
+    """The issue's acceptance run: fold_bn where it applies, the scheme calibrated on 8
+    batches, verify=True (every contract, end to end, and onnxruntime against eager)."""
+    model, inputs = entry.make()
+    batches = [args for args, _ in generate_samples((inputs, {}), 8, seed=1)]
+    passes = (["fold_bn"] if "batchnorm" in entry.tags else []) + [quant]
+    compiled = gp.compile(model, inputs, passes=passes, calibration_data=batches, verify=True,
+                          backend="onnx")
+    assert "onnx vs eager max abs error" in compiled.report().extra
+
+
+# Not quantization: hf_swin's ONNX export fails after any pass that edits its graph (even
+# "dce": the exporter's decomposition then views a transposed tensor whose .contiguous() it
+# dropped); its float export, with no pass, works. Open, recorded in the issue-9 note.
+_SWIN = pytest.mark.xfail(strict=True, reason="hf_swin: torch.onnx decomposition after a pass "
+                                              "views a non-contiguous tensor (not quantization)")
+
+
+def _zoo(include: tuple[str, ...] = ()) -> list[object]:
+    return [pytest.param(e, id=e.name, marks=[_SWIN] if e.name == "hf_swin" else [])
+            for e in zoo_models(include=include)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry", _zoo())
+def test_int8_static_through_onnx_on_every_zoo_model(entry: ZooModel) -> None:
+    _through_onnx(entry, _STATIC)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", list(_ZOO_SCHEMES))
+@pytest.mark.parametrize("entry", _zoo(("transformer",)))
+def test_transformer_schemes_through_onnx(entry: ZooModel, scheme: str) -> None:
+    _through_onnx(entry, _ZOO_SCHEMES[scheme])
 
 
 def test_unknown_quantization_mode_is_refused() -> None:

@@ -32,6 +32,7 @@ from graphpress.backends.onnx.export import OnnxOptions, check_onnx_model
 from graphpress.errors import BackendError, InputError
 from graphpress.ir.artifacts import file_records, read_manifest, verify_files
 from graphpress.ir.program import Program
+from graphpress.ops.quant import AFFINE_QUANT_OPS, has_op
 
 __all__ = ["OnnxArtifact", "check_saved_model"]
 
@@ -59,6 +60,14 @@ def _leaf_paths(spec: pytree.TreeSpec) -> list[tuple[Any, ...]]:
 def _bound(value: Any) -> int | None:
     text = str(value)
     return int(text) if text.lstrip("-").isdigit() else None
+
+
+# onnxruntime fuses DequantizeLinear -> MatMul into MatMulNBits (8- and 4-bit weights); at its
+# default accuracy level 4 that kernel also quantizes the activations to int8, which the program
+# does not do (1.5 int8 output steps off on the zoo's Llama under int8_dynamic); level 1 computes
+# in float32 on the dequantized weights, as the program. backend_options={"session_config":
+# {"session.qdq_matmulnbits_accuracy_level": "4"}} trades that for speed.
+FAITHFUL_SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "1"}
 
 
 class OnnxArtifact:
@@ -90,6 +99,13 @@ class OnnxArtifact:
             check_onnx_model(proto, program)
             source = proto.SerializeToString()
             self.size_bytes = len(source)
+        # onnxruntime's MatMulAddFusion turns a 3-D MatMul + Add into Reshape, Gemm, Reshape
+        # before its QDQ fusions run, which then find DequantizeLinear -> Reshape instead of
+        # DequantizeLinear -> MatMul and keep the float kernel (dequantizing every weight on
+        # every call); without it, those matmuls run as MatMulIntegerToFloat (int8)
+        self.disabled_optimizers = (
+            ["MatMulAddFusion"] if self.options.quantization == "qdq"
+            and has_op(program.graph, AFFINE_QUANT_OPS) else [])
         self.session = self._session(source)
         self._map_signature()
 
@@ -98,11 +114,12 @@ class OnnxArtifact:
         session_options = ort.SessionOptions()
         session_options.graph_optimization_level = _LEVELS[self.options.graph_optimization_level]
         session_options.intra_op_num_threads = self.options.intra_op_threads
-        for key, value in self.options.session_config.items():
+        for key, value in {**FAITHFUL_SESSION_CONFIG, **self.options.session_config}.items():
             session_options.add_session_config_entry(key, value)
         try:
             return ort.InferenceSession(source, session_options,
-                                        providers=list(self.options.providers))
+                                        providers=list(self.options.providers),
+                                        disabled_optimizers=self.disabled_optimizers)
         except Exception as exc:  # onnxruntime raises its own exception types per failure
             raise BackendError(f"onnxruntime could not load the exported model: {exc}") from exc
 
@@ -183,7 +200,9 @@ class OnnxArtifact:
         return {"onnx opset": str(self.opset),
                 "onnx size on disk": _size(self.size_bytes) + external,
                 "onnx export time": f"{self.export_seconds:.2f} s",
-                "onnx providers": ", ".join(self.options.providers)}
+                "onnx providers": ", ".join(self.options.providers)} | (
+                    {"onnx disabled optimizers": ", ".join(self.disabled_optimizers)}
+                    if self.disabled_optimizers else {})
 
     def manifest(self) -> dict[str, Any]:
         """What a consumer of model.onnx needs without graphpress: names, axes, opset."""
@@ -213,6 +232,9 @@ class OnnxArtifact:
             "dims": {str(s): {"min": _bound(r.lower), "max": _bound(r.upper)}
                      for s, r in ranges.items()},
             "pipeline": ", ".join(self.program.passes_applied),
+            # pass these to onnxruntime.InferenceSession(disabled_optimizers=...) for its int8
+            # kernels (see OnnxArtifact.__init__)
+            "disabled_optimizers": list(self.disabled_optimizers),
             "metadata": dict(self.options.metadata),
         }
 
