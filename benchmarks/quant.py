@@ -338,11 +338,14 @@ ZOO_FLOWS: dict[str, Callable[[torch.nn.Module, Batch, list[Batch], frozenset[st
 }
 
 
+ZOO_ONLY: set[str] = set()  # --zoo-models: run these zoo models only (and their extra rows)
+
+
 def zoo_section() -> None:
     rows = []
     failures: list[str] = []
     ok = dict.fromkeys(ZOO_FLOWS, 0)
-    entries = zoo_models()
+    entries = [e for e in zoo_models() if not ZOO_ONLY or e.name in ZOO_ONLY]
     for entry in entries:
         model, inputs = entry.make()
         calibration = [args for args, _ in generate_samples((inputs, {}), 8, seed=1)]
@@ -355,6 +358,8 @@ def zoo_section() -> None:
                 failures.append(f"- {entry.name}, {tool}: {error}")
         rows.append((entry.name, *cells))
     for name, observers in EXTRA_ROWS.items():
+        if ZOO_ONLY and name not in ZOO_ONLY:
+            continue
         entry = get_model(name)
         model, inputs = entry.make()
         calibration = [args for args, _ in generate_samples((inputs, {}), 8, seed=1)]
@@ -380,7 +385,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", default=",".join(SECTIONS))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--zoo-models", default="", help="comma-separated zoo names (zoo only)")
     args = parser.parse_args()
+    ZOO_ONLY.update(filter(None, args.zoo_models.split(",")))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     start = time.perf_counter()
