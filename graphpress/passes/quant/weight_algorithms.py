@@ -61,7 +61,7 @@ ALGORITHMS = ("rtn", "gptq", "awq")
 OPTIONS = {
     "gptq": {"damp": 0.01, "act_order": False, "block": 128},
     "awq": {"grid": 20, "clip": True, "clip_steps": 20, "min_ratio": 0.5, "rows": 2048,
-            "power_of_two": True},
+            "clip_rows": 512, "power_of_two": True},
     "rtn": {},
 }
 _LINEAR = ("linear", "matmul", "mm", "addmm")
@@ -161,7 +161,7 @@ def _awq_clip(program: Program, layers: Sequence[Layer], batches: Sequence[Any],
         if (layer.op == "linear" and operand is not None and value is not None
                 and operand.block_size[0] == 1 and not operand.spec.is_float):
             targets.append((layer, operand, value))
-    rows = {value.name: Rows(options["rows"]) for _, _, value in targets}
+    rows = {value.name: Rows(options["clip_rows"]) for _, _, value in targets}
     collect(program, batches, {name: [c] for name, c in rows.items()}, what="awq clipping")
     for layer, operand, value in targets:
         weight = program.weight(operand.value).detach()
