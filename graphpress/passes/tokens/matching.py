@@ -34,7 +34,8 @@ from torch.fx import Node
 
 from graphpress.ir.builder import GraphBuilder
 
-__all__ = ["TokenState", "initial_state", "key_validity", "merge_step", "attention_bias"]
+__all__ = ["TokenState", "attention_bias", "batch_size", "initial_state", "key_validity",
+           "merge_step", "rank_split", "take_tokens", "token_slice"]
 
 aten = torch.ops.aten
 _NEG_INF = float("-inf")
@@ -53,7 +54,7 @@ class TokenState:
     source: Node | None = None    # [B, N0] int64
 
 
-def _batch(b: GraphBuilder, x: Node) -> Any:
+def batch_size(b: GraphBuilder, x: Node) -> Any:
     size = x.meta["val"].shape[0]
     return size if isinstance(size, int) else b.call(aten.sym_size.int, x, 0)
 
@@ -64,11 +65,11 @@ def _positions(b: GraphBuilder, like: Node, offset: int) -> Node:
     return b.call(aten.add.Scalar, b.call(aten.cumsum.default, ones, 1), offset - 1)
 
 
-def _slice(b: GraphBuilder, t: Node, start: int, end: int, step: int = 1) -> Node:
+def token_slice(b: GraphBuilder, t: Node, start: int, end: int, step: int = 1) -> Node:
     return b.call(aten.slice.Tensor, t, 1, start, end, step)
 
 
-def _take(b: GraphBuilder, t: Node, index: Node, batch: Any) -> Node:
+def take_tokens(b: GraphBuilder, t: Node, index: Node, batch: Any) -> Node:
     """``t[b, index[b, i], ...]`` for a ``[B, n]`` index into ``[B, N]`` or ``[B, N, c]``."""
     shape = t.meta["val"].shape
     if len(shape) == 2:
@@ -104,7 +105,7 @@ def key_validity(b: GraphBuilder, mask: Node, x: Node) -> Node | None:
         floor = torch.finfo(mask.meta["val"].dtype).min / 2
         valid = b.call(aten.gt.Scalar, b.call(aten.amax.default, mask, dims), floor)
     if valid.meta["val"].shape[0] == 1 and x.meta["val"].shape[0] != 1:
-        valid = b.call(aten.expand.default, valid, [_batch(b, x), shape[-1]])
+        valid = b.call(aten.expand.default, valid, [batch_size(b, x), shape[-1]])
     return valid
 
 
@@ -121,15 +122,15 @@ def _metric(b: GraphBuilder, key: Node, batch: Any, tokens: int) -> Node:
 def merge_step(b: GraphBuilder, x: Node, key: Node, r: int, protected: int,
                state: TokenState) -> tuple[Node, TokenState]:
     """Merge ``r`` tokens of ``x``; returns the merged stream and the new state."""
-    batch, tokens, channels = _batch(b, x), state.tokens, x.meta["val"].shape[2]
+    batch, tokens, channels = batch_size(b, x), state.tokens, x.meta["val"].shape[2]
     p = protected
     n_a, n_b = (tokens - p + 1) // 2, (tokens - p) // 2
     metric = _metric(b, key, batch, tokens)
-    m_a, m_b = _slice(b, metric, p, tokens, 2), _slice(b, metric, p + 1, tokens, 2)
+    m_a, m_b = token_slice(b, metric, p, tokens, 2), token_slice(b, metric, p + 1, tokens, 2)
     scores = b.call(aten.matmul.default, m_a, b.call(aten.transpose.int, m_b, -1, -2))
     if state.valid is not None:
-        v_a = _slice(b, state.valid, p, tokens, 2)
-        v_b = _slice(b, state.valid, p + 1, tokens, 2)
+        v_a = token_slice(b, state.valid, p, tokens, 2)
+        v_b = token_slice(b, state.valid, p + 1, tokens, 2)
         same = b.call(aten.eq.Tensor, b.call(aten.unsqueeze.default, v_a, 2),
                       b.call(aten.unsqueeze.default, v_b, 1))
         scores = b.call(aten.where.ScalarOther, same, scores, _NEG_INF)
@@ -140,35 +141,36 @@ def merge_step(b: GraphBuilder, x: Node, key: Node, r: int, protected: int,
                         scores, float("inf"))
     best = b.call(aten.max.dim, scores, -1)
     score, partner = b.call(operator.getitem, best, 0), b.call(operator.getitem, best, 1)
-    src, kept = _rank_split(b, score, r, n_a)
+    src, kept = rank_split(b, score, r, n_a)
     dst = b.call(aten.gather.default, partner, 1, src)
 
     def select(t: Node) -> Node:
         """The kept tokens of a per-token value, in the merged order (dst keeps its own)."""
-        parts = [_slice(b, t, 0, p)] if p else []
+        parts = [token_slice(b, t, 0, p)] if p else []
         if kept is not None:
-            parts.append(_take(b, _slice(b, t, p, tokens, 2), kept, batch))
-        parts.append(_slice(b, t, p + 1, tokens, 2))
+            parts.append(take_tokens(b, token_slice(b, t, p, tokens, 2), kept, batch))
+        parts.append(token_slice(b, t, p + 1, tokens, 2))
         return b.call(aten.cat.default, parts, 1)
 
     weighted = b.call(aten.cat.default, [b.call(aten.mul.Tensor, x, state.size), state.size],
                       -1)
-    t_a = _slice(b, weighted, p, tokens, 2)
-    moved = _take(b, t_a, src, batch)
+    t_a = token_slice(b, weighted, p, tokens, 2)
+    moved = take_tokens(b, t_a, src, batch)
     if state.valid is not None:
-        same_src = b.call(aten.eq.Tensor, _take(b, _slice(b, state.valid, p, tokens, 2), src,
-                                                batch),
-                          _take(b, _slice(b, state.valid, p + 1, tokens, 2), dst, batch))
+        valid_a = token_slice(b, state.valid, p, tokens, 2)
+        valid_b = token_slice(b, state.valid, p + 1, tokens, 2)
+        same_src = b.call(aten.eq.Tensor, take_tokens(b, valid_a, src, batch),
+                          take_tokens(b, valid_b, dst, batch))
         keep = b.call(aten.unsqueeze.default,
                       b.call(aten._to_copy.default, same_src, dtype=x.meta["val"].dtype), -1)
         moved = b.call(aten.mul.Tensor, moved, keep)
     wide_dst = b.call(aten.expand.default, b.call(aten.unsqueeze.default, dst, -1),
                       [batch, r, channels + 1])
-    t_b = b.call(aten.scatter_add.default, _slice(b, weighted, p + 1, tokens, 2), 1, wide_dst,
+    t_b = b.call(aten.scatter_add.default, token_slice(b, weighted, p + 1, tokens, 2), 1, wide_dst,
                  moved)
-    parts = [_slice(b, weighted, 0, p)] if p else []
+    parts = [token_slice(b, weighted, 0, p)] if p else []
     if kept is not None:
-        parts.append(_take(b, t_a, kept, batch))
+        parts.append(take_tokens(b, t_a, kept, batch))
     parts.append(t_b)
     merged = b.call(aten.cat.default, parts, 1)
     size = b.call(aten.slice.Tensor, merged, -1, channels, channels + 1)
@@ -186,7 +188,7 @@ def merge_step(b: GraphBuilder, x: Node, key: Node, r: int, protected: int,
     return out, new
 
 
-def _rank_split(b: GraphBuilder, score: Node, r: int, n_a: int) -> tuple[Node, Node | None]:
+def rank_split(b: GraphBuilder, score: Node, r: int, n_a: int) -> tuple[Node, Node | None]:
     """The ``r`` highest scores (ties: lower index first) by rank, and the rest in index order.
 
     Ranks come from pairwise comparisons, not a sort: ``torch.sort`` is not stable by default,

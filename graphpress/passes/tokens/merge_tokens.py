@@ -177,7 +177,7 @@ class MergeTokens(Pass):
                    old: dict[Node, Any], mask: Node | None) -> None:
         """Give a block after a merge its gathered mask and ``log size`` (``mask``: the
         block's mask, None where it allows everything and is dropped)."""
-        from graphpress.passes.tokens.matching import _batch
+        from graphpress.passes.tokens.matching import batch_size
 
         att = blk.attention
         query = att.query.meta["val"].shape
@@ -191,7 +191,7 @@ class MergeTokens(Pass):
         key = (mask, state.stage, heads)
         if key not in cache:
             with GraphBuilder(program, anchor=node, pass_name=self.name) as b:
-                cache[key] = attention_bias(b, mask, state, _batch(b, blk.stream_in),
+                cache[key] = attention_bias(b, mask, state, batch_size(b, blk.stream_in),
                                             self.proportional, heads)
         bias = cache[key]
         if att.kind == "sdpa":
@@ -215,10 +215,10 @@ class MergeTokens(Pass):
 
     def _unmerge(self, program: Program, node: Node, old: dict[Node, Any], state: Any) -> None:
         """After the last block: every original token gets its merged token's value back."""
-        from graphpress.passes.tokens.matching import _batch, _take
+        from graphpress.passes.tokens.matching import batch_size, take_tokens
 
         with GraphBuilder(program, anchor=node, pass_name=self.name, after=True) as b:
-            restored = _take(b, node, state.source, _batch(b, node))
+            restored = take_tokens(b, node, state.source, batch_size(b, node))
         node.replace_all_uses_with(restored, delete_user_cb=lambda u: u is not restored
                                    and u.meta.get("graphpress_pass") != self.name)
         old[restored] = old[node]

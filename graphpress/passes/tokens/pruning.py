@@ -24,7 +24,13 @@ from torch.fx import Node
 
 from graphpress.ir.builder import GraphBuilder
 from graphpress.ir.graph import get_arg
-from graphpress.passes.tokens.matching import TokenState, _batch, _rank_split, _slice, _take
+from graphpress.passes.tokens.matching import (
+    TokenState,
+    batch_size,
+    rank_split,
+    take_tokens,
+    token_slice,
+)
 
 __all__ = ["attention_importance", "prune_step"]
 
@@ -52,21 +58,21 @@ def attention_importance(b: GraphBuilder, attention: Any, stream: Node) -> Node:
         probs = b.call(aten.softmax.int, logits, -1)
     shape = probs.meta["val"].shape
     if len(shape) == 3:  # [B * H, N, N]
-        probs = b.call(aten.view.default, probs, [_batch(b, stream), -1, shape[-2], shape[-1]])
+        probs = b.call(aten.view.default, probs, [batch_size(b, stream), -1, shape[-2], shape[-1]])
     return b.call(aten.mean.dim, probs, [1, 2])
 
 
 def prune_step(b: GraphBuilder, x: Node, importance: Node, r: int, protected: int,
                state: TokenState) -> tuple[Node, TokenState]:
     """Drop the ``r`` least important unprotected tokens of ``x``."""
-    batch, tokens, p = _batch(b, x), state.tokens, protected
+    batch, tokens, p = batch_size(b, x), state.tokens, protected
     rest = tokens - p
-    scores = b.call(aten.neg.default, _slice(b, importance, p, tokens))
-    _, kept = _rank_split(b, scores, r, rest)   # the r lowest importances go, the rest stay
+    scores = b.call(aten.neg.default, token_slice(b, importance, p, tokens))
+    _, kept = rank_split(b, scores, r, rest)   # the r lowest importances go, the rest stay
 
     def select(t: Node) -> Node:
-        parts = [_slice(b, t, 0, p)] if p else []
-        parts.append(_take(b, _slice(b, t, p, tokens), kept, batch))
+        parts = [token_slice(b, t, 0, p)] if p else []
+        parts.append(take_tokens(b, token_slice(b, t, p, tokens), kept, batch))
         return b.call(aten.cat.default, parts, 1)
 
     new = replace(state, tokens=tokens - r, stage=state.stage + 1)
