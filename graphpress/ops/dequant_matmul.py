@@ -48,6 +48,7 @@ activations, onnxruntime's fastest CPU path).
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -218,8 +219,23 @@ def _check_dynamic(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     return n
 
 
-def _at_least_rows(a: torch.Tensor, rows: int = 1) -> torch.Tensor:
-    return a if a.shape[0] >= rows else a.expand(rows, -1)
+# id(qweight) -> (a weak reference to it, its version, its row sums); entries leave with the
+# tensor, and a tensor written in place (a new version) gets its sums again
+_ROW_SUMS: dict[int, tuple[weakref.ref[torch.Tensor], int, torch.Tensor]] = {}
+
+
+def _row_sums(qweight: torch.Tensor) -> torch.Tensor:
+    """``sum_k qweight[n, k]`` as int32 ``[1, N]``, computed once per weight: an int8 matmul
+    with a row of ones (torch's int8 reduction is an order of magnitude slower)."""
+    key = id(qweight)
+    cached = _ROW_SUMS.get(key)
+    if cached is not None and cached[0]() is qweight and cached[1] == qweight._version:
+        return cached[2]
+    ones = torch.ones((1, qweight.shape[1]), dtype=torch.int8, device=qweight.device)
+    sums = torch._int_mm(ones, qweight.t())
+    _ROW_SUMS[key] = (weakref.ref(qweight, lambda _, key=key: _ROW_SUMS.pop(key, None)),
+                      qweight._version, sums)
+    return sums
 
 
 def dynamic_quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -235,10 +251,7 @@ def dynamic_quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
     acc = torch._int_mm(codes, qweight.t()) if x2d.shape[0] else torch.zeros(
         (0, n), dtype=torch.int32, device=x.device)
     if not act_symmetric and x2d.shape[0]:
-        # sum_k qweight[n, k] as an int8 matmul with a row of ones (torch's int8 reduction is
-        # an order of magnitude slower)
-        ones = torch.ones((1, k), dtype=torch.int8, device=x.device)
-        acc = acc - x_zero * torch._int_mm(_at_least_rows(ones), qweight.t())[:1]
+        acc = acc - x_zero * _row_sums(qweight)
     out = acc.to(torch.float32) * (x_scale * scales.to(torch.float32).reshape(1, n))
     if bias is not None:
         out = out + bias.to(torch.float32)
