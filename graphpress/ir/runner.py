@@ -16,6 +16,7 @@ shows a tqdm progress bar when there are many (at least ``progress_from``) or wh
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Collection, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -66,15 +67,22 @@ def run_batches(program: Program, batches: Iterable[tuple[tuple[Any, ...], dict[
                 hook: NodeHook | None = None, *, nodes: Collection[str] | None = None,
                 progress: bool | None = None, progress_from: int = 8,
                 description: str = "calibrating") -> int:
-    """Run every batch through ``program`` with ``hook``; returns the number of batches."""
+    """Run every batch through ``program`` with ``hook``; returns the number of batches.
+
+    The bar shows for ``progress_from`` batches or more (or when ``progress`` is True) on a
+    terminal; never when ``progress`` is False or ``GRAPHPRESS_PROGRESS=0``."""
     runner = ProgramRunner(program, hook, nodes=nodes)
     batches = list(batches)
-    show = progress if progress is not None else len(batches) >= progress_from
+    quiet = os.environ.get("GRAPHPRESS_PROGRESS", "") == "0"
+    show = not quiet and (progress if progress is not None else len(batches) >= progress_from)
     iterator: Iterable[Any] = batches
     if show:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(batches, desc=description, unit="batch")
+        # disable=None: tqdm stays silent when its stream is not a terminal (CI logs, pipes),
+        # unless progress=True asked for it
+        iterator = tqdm(batches, desc=description, unit="batch",
+                        disable=False if progress else None)
     for args, kwargs in iterator:
         runner(*args, **kwargs)
     return len(batches)

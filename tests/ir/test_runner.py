@@ -82,3 +82,17 @@ def test_calibration_batches_are_normalized_or_refused() -> None:
         normalize_batches(t)
     with pytest.raises(InputError, match="calibration batch 1"):
         normalize_batches([(t,), ("text only",)])
+
+
+def test_the_progress_bar_is_quiet_off_a_terminal_and_when_asked(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU()).eval()
+    program = trace(model, (torch.randn(2, 3),))
+    batches = [((torch.randn(2, 3),), {}) for _ in range(8)]
+    run_batches(program, batches)  # 8 batches, but pytest's capture is not a terminal
+    assert "calibrating" not in capsys.readouterr().err
+    run_batches(program, batches, progress=True)  # asked for: shown anyway
+    assert "calibrating" in capsys.readouterr().err
+    monkeypatch.setenv("GRAPHPRESS_PROGRESS", "0")
+    run_batches(program, batches, progress=True)
+    assert "calibrating" not in capsys.readouterr().err
