@@ -65,7 +65,8 @@ def test_intact_folder_records_checksums_and_round_trips(saved: Path) -> None:
     manifest = _manifest(saved)
     assert manifest["format"] == 2 and manifest["graphpress"] == gp.__version__
     assert manifest["torch"] == torch.__version__ and manifest["op_libraries"] == {}
-    assert set(manifest["files"]) == {"program.pt2", "program.txt", "report.txt"}
+    assert set(manifest["files"]) == {"program.pt2", "program.txt", "report.txt", "report.html",
+                                      "report.json"}
     for name, record in manifest["files"].items():
         assert record == file_record(saved / name)
         assert record["size"] == (saved / name).stat().st_size and len(record["sha256"]) == 64
