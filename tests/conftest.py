@@ -1,9 +1,19 @@
-"""Shared fixtures: deterministic seeds and the tiny models of tests/models.py."""
+"""Shared fixtures: deterministic seeds and the tiny models of tests/models.py.
+
+Without CUDA, Triton kernels run in its CPU interpreter, which Triton reads from
+``TRITON_INTERPRET`` when it is first imported: set here, before any test module (or a library
+like torch's inductor or transformers) imports it, so the suite's order does not matter."""
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 
 from graphpress.frontends import trace
 from graphpress.ir.program import Program
