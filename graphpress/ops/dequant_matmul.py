@@ -64,8 +64,8 @@ __all__ = ["DEQUANT_MATMUL", "DYNAMIC_QUANT_MATMUL", "cpu_dequant_matmul", "matm
            "use_triton"]
 
 _ROWS_PER_BLOCK = 128       # rows of W dequantized at a time on CPU: 128 x 4096 fp32 = 2 MiB
-# up to this many rows of x the fused C++ kernel beats dequantize-then-matmul (it does not use
-# MKL's GEMM blocking: at M = 16 it is as fast as float32 and then slower)
+# up to this many rows of x the fused C++ kernel beats dequantize-then-matmul (it re-reads the
+# codes for every row of x and has none of a GEMM's blocking)
 _FUSED_CPU_MAX_M = 8
 _STATE: dict[str, Any] = {"triton_on_cpu": False, "accuracy_level": 0}
 
