@@ -195,8 +195,8 @@ class InsertFakeQuant(Pass):
                     inserted[key] = (fq, record)
                     summary.append(line + _group_note(operand, groups))
                 fq, record = inserted[key]
-                _replace_operand(layer.node, operand, fq)
-                records.append(_Quantized(layer.node.name, operand.index, operand.role,
+                _replace_operand(operand.layer, operand, fq)
+                records.append(_Quantized(operand.layer.name, operand.index, operand.role,
                                           operand.value.name, tuple(operand.block_size),
                                           operand.spec, record.scale, record.zero_point,
                                           operand.position))
@@ -241,7 +241,7 @@ class InsertFakeQuant(Pass):
         qmin, qmax = spec.qrange()
         value: Node = operand.value
         where = layer.module or layer.node.name
-        with GraphBuilder(program, anchor=layer.node, pass_name=self.name) as build:
+        with GraphBuilder(program, anchor=operand.layer, pass_name=self.name) as build:
             # a symbolic (dynamic) block length is the dim's size, read in the graph
             block_args = [b if b is not None else build.call(torch.ops.aten.sym_size.int,
                                                               value, dim)
@@ -285,7 +285,7 @@ class InsertFakeQuant(Pass):
             fq = build.call(torch.ops.graphpress.fake_quantize_affine.default, value,
                             block_args, scale_node, zp_node, float(qmin),
                             float(qmax), spec.dtype)
-        record = _Quantized(layer.node.name, operand.index, operand.role, value.name,
+        record = _Quantized(operand.layer.name, operand.index, operand.role, value.name,
                             tuple(operand.block_size), spec, scale, zero_point)
         return fq, record, line
 

@@ -54,7 +54,8 @@ _TRANSPOSES = (torch.ops.aten.t.default, torch.ops.aten.transpose.int,
 
 @dataclass
 class Operand:
-    """One tensor to fake-quantize: ``value`` as read by ``layer`` at argument ``index``."""
+    """One tensor to fake-quantize: ``value`` as read by ``layer`` at argument ``index``
+    (``layer`` is the transpose a weight is read through, where there is one)."""
 
     role: str                  # "weight" or "activation"
     layer: Node
@@ -149,7 +150,10 @@ def find_layers(program: Program, config: QuantConfig) -> tuple[list[Layer], lis
         if layer_config.weight is not None:
             shape = tuple(weight.meta["val"].shape)
             block = weight_block_size(layer_config.weight, shape, out_axis, k_axis, where)
-            operands.append(Operand("weight", node, index, weight, layer_config.weight, block))
+            # a weight read through a transpose is quantized where the transpose reads it
+            reader = node.args[index] if node.args[index] is not weight else node
+            operands.append(Operand("weight", reader, 0 if reader is not node else index,
+                                    weight, layer_config.weight, block))
         activation = _activation_operand(node, op)
         spec = layer_config.activation
         if spec is not None and activation is not None:

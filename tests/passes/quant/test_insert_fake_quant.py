@@ -154,3 +154,28 @@ def test_unknown_scheme_and_misplaced_arguments() -> None:
 def _mlp_args() -> tuple[nn.Module, tuple[torch.Tensor]]:
     model, x = _mlp()
     return model, (x,)
+
+
+class TransposedWeight(nn.Module):
+    """One weight read through a transpose by addmm and by matmul."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(16, 32))
+        self.bias = nn.Parameter(torch.randn(16))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, h, self.weight.t()) + h @ self.weight.t()
+
+
+@pytest.mark.parametrize("scheme", ["int8_weight_only", "int4_weight_only"])
+def test_a_weight_read_through_a_transpose_is_quantized_before_it(scheme: str) -> None:
+    extra = ", group_size=16" if scheme.startswith("int4") else ""
+    compiled = gp.compile(TransposedWeight().eval(), (torch.randn(4, 32),),
+                          passes=f"insert_fake_quant(scheme='{scheme}'{extra})", verify=True)
+    transposes = [n for n in compiled.program.graph.nodes
+                  if n.target in (torch.ops.aten.t.default, torch.ops.aten.permute.default,
+                                  torch.ops.aten.transpose.int)]
+    assert transposes and all(t.args[0].target is FQ for t in transposes)
+    (record,) = compiled.report().records
+    assert record.max_error is not None and record.max_error <= 1e-5
