@@ -6,6 +6,7 @@ model is never modified: the frontend clones its weights unless ``inplace=True``
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Iterable
@@ -177,6 +178,7 @@ def _check_backend(artifact: Artifact, program: Program,
     quantized = has_op(program.graph, QUANTIZING_OPS)
     worst, allowed = 0.0, atol
     chaotic: list[str] = []
+    reference64 = functools.cache(lambda: program_in_float64(program))  # on need, once
     for index, (args, kwargs) in enumerate(samples):
         with torch.no_grad():
             got, want = artifact(*args, **kwargs), program(*args, **kwargs)
@@ -189,7 +191,7 @@ def _check_backend(artifact: Artifact, program: Program,
             leaf_atol = max(atol, _output_step(b)) if quantized else atol
             found = compare_outputs(a, b, rtol=rtol, atol=leaf_atol)
             if not found.ok and quantized and not ruled:
-                why = float64_referee(lambda: program_in_float64(program), (args, kwargs),
+                why = float64_referee(reference64, (args, kwargs),
                                       got, want, atol=0.0,
                                       names=(f"the {artifact.name} backend", "eager"))
                 if why is not None:

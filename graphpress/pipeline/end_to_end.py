@@ -17,6 +17,7 @@ restored afterwards). What it must meet is the composition of the contracts that
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -69,10 +70,11 @@ def check_end_to_end(model: torch.nn.Module, program: Program, samples: Samples,
     rtol, atol = tolerance
     worst_error = 0.0
     rounding: list[str] = []
+    reference64 = functools.cache(lambda: module_in_float64(model))  # built on need, once
     for i, (got, want) in enumerate(zip(actual, expected)):
         found = compare_outputs(got, want, rtol=rtol, atol=atol, scale_atol=True)
         if not found.ok:
-            why = float64_referee(lambda: module_in_float64(model), samples[i], got, want, atol,
+            why = float64_referee(reference64, samples[i], got, want, atol,
                                   names=("the compiled program", "the model"))
             if why is not None:
                 rounding.append(f"sample {i}: {why}")

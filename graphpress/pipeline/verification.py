@@ -21,6 +21,7 @@ the contract; the report says which samples needed the referee.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -143,11 +144,12 @@ def check_contract(pass_: Pass, contract: Contract, before: Program, after: Prog
     worst: Comparison | None = None
     worst_sample = 0
     rounding: list[str] = []
+    reference64 = functools.cache(lambda: program_in_float64(before))  # built on need, once
     for i, (got, want) in enumerate(zip(actual, reference)):
         found = compare_outputs(got, want, rtol=contract.rtol, atol=contract.atol,
                                 scale_atol=True)
         if not found.ok and contract.kind == "exact":
-            why = float64_referee(lambda: program_in_float64(before), samples[i], got, want,
+            why = float64_referee(reference64, samples[i], got, want,
                                   contract.atol)
             if why is not None:
                 rounding.append(f"sample {i}: {why}")

@@ -28,6 +28,7 @@ from graphpress.passes.quant.placement import (
     Operand,
     activation_block,
     activation_refusal,
+    layer_context,
 )
 from graphpress.pipeline.base import Skip
 from graphpress.quant.config import QuantConfig
@@ -62,9 +63,7 @@ def attention_layers(program: Program, config: QuantConfig, taken: set[Node]
         sides = _sides(program, node, op)
         if not sides:
             continue
-        module = program.source_module(node)
-        where = f"{op} {node.name}" + (f" in {module!r}" if module else "")
-        layer_config = config.for_layer(module, op)
+        module, where, layer_config = layer_context(program, config, node, op)
         spec = layer_config.activation if layer_config is not None else None
         if spec is None:
             skipped.append(Skip(node.name, f"{where}: attention kept in float by an override"))

@@ -43,7 +43,8 @@ from graphpress.pipeline.base import Skip
 from graphpress.quant.config import QuantConfig
 from graphpress.quant.spec import QuantSpec, weight_block_size
 
-__all__ = ["Layer", "Operand", "activation_block", "activation_refusal", "find_layers"]
+__all__ = ["Layer", "Operand", "activation_block", "activation_refusal", "find_layers",
+           "layer_context"]
 
 _CONV = ("conv1d", "conv2d", "conv3d", "convolution")
 _CONV_T = ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
@@ -122,13 +123,11 @@ def find_layers(program: Program, config: QuantConfig) -> tuple[list[Layer], lis
             skipped.append(Skip(node.name, "first/last layer kept in float (keep_first_last)"))
         candidates = [(n, op) for n, op in candidates if n not in ends]
     for node, op in candidates:
-        module = program.source_module(node)
-        where = f"{op} {node.name}" + (f" in {module!r}" if module else "")
+        module, where, layer_config = layer_context(program, config, node, op)
         if op == "embedding" and not config.embeddings:
             skipped.append(Skip(node.name, "embedding tables are kept in float "
                                            "(QuantConfig(embeddings=True) quantizes them)"))
             continue
-        layer_config = config.for_layer(module, op)
         if layer_config is None:
             skipped.append(Skip(node.name, f"kept in float by an override ({where})"))
             continue
@@ -175,6 +174,15 @@ def _activation_operand(node: Node, op: str) -> tuple[int, Node] | None:
     index = 1 if op == "addmm" else 0
     value = node.args[index]
     return (index, value) if isinstance(value, Node) else None
+
+
+def layer_context(program: Program, config: QuantConfig, node: Node, op: str
+                  ) -> tuple[str, str, QuantConfig | None]:
+    """``node``'s module path, its description for messages (``op name in 'module'``), and
+    the config that applies to it (None: kept in float by an override)."""
+    module = program.source_module(node)
+    where = f"{op} {node.name}" + (f" in {module!r}" if module else "")
+    return module, where, config.for_layer(module, op)
 
 
 def activation_block(spec: QuantSpec, value: Node, *, columns: bool = False) -> list[int | None]:

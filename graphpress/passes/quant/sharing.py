@@ -30,6 +30,7 @@ from graphpress.passes.quant.placement import (
     Operand,
     activation_block,
     activation_refusal,
+    layer_context,
 )
 from graphpress.pipeline.base import Skip
 from graphpress.quant.config import QuantConfig
@@ -86,9 +87,7 @@ def shared_groups(program: Program, config: QuantConfig
         members = _members(program, node, op)
         if not members:
             continue
-        module = program.source_module(node)
-        where = f"{op} {node.name}" + (f" in {module!r}" if module else "")
-        layer_config = config.for_layer(module, op)
+        module, where, layer_config = layer_context(program, config, node, op)
         spec = layer_config.activation if layer_config is not None else None
         if spec != config.activation:
             skipped.append(Skip(node.name, f"{where}: no shared qparams: an override gives it "
