@@ -8,7 +8,8 @@ qparams of shape ``[1, ..., 1]``; per-channel on axis 0: ``[1, K]``, qparams ``[
 per-group: ``[1, g]``, qparams ``[N, K // g]``; per-token: ``[1, ..., 1, K]``). A 0-d input has
 ``block_size = []`` and 0-d qparams. ``zero_point`` None means 0 (symmetric and fp8).
 
-Integer types (``int8``, ``uint8``, ``int4``, ``uint4``; int4/uint4 stored in int8/uint8)::
+Integer types (``int8``, ``uint8``, ``int4``, ``uint4``, ``int3``, ``uint3``; the 3- and 4-bit
+types stored in int8/uint8)::
 
     q     = clamp(round(x * (1 / scale)) + zero_point, quant_min, quant_max)
     x_hat = (q - zero_point) * scale
@@ -65,6 +66,8 @@ STORAGE_DTYPES: dict[str, torch.dtype] = {
     "uint8": torch.uint8,
     "int4": torch.int8,
     "uint4": torch.uint8,
+    "int3": torch.int8,
+    "uint3": torch.uint8,
     "float8_e4m3fn": torch.float8_e4m3fn,
     "float8_e5m2": torch.float8_e5m2,
 }

@@ -28,6 +28,7 @@ Presets (``scheme`` names in pipeline strings):
 | ``int8_dynamic`` | int8 per channel, symmetric | int8 per token, dynamic, asymmetric |
 | ``int8_static`` | int8 per channel, symmetric | int8 per tensor, calibrated, asymmetric |
 | ``int4_weight_only(group_size)`` | int4 per group along K, asymmetric | float |
+| ``int3_weight_only(group_size)`` | int3 ([-4, 3]) per group along K, asymmetric | float |
 | ``fp8(dynamic)`` | float8_e4m3fn per channel | float8_e4m3fn per token (dynamic) or tensor |
 | ``w4a8(group_size)`` | int4 per group along K, symmetric | int8 per token, dynamic |
 """
@@ -41,8 +42,8 @@ from typing import Any
 
 from graphpress.quant.spec import QuantSpec
 
-__all__ = ["PRESETS", "SHARED_QPARAM_OPS", "QuantConfig", "fp8", "int4_weight_only",
-           "int8_dynamic",
+__all__ = ["PRESETS", "SHARED_QPARAM_OPS", "QuantConfig", "fp8", "int3_weight_only",
+           "int4_weight_only", "int8_dynamic",
            "int8_static", "int8_weight_only", "scheme", "w4a8"]
 
 Matcher = str | Callable[[str, str], bool]
@@ -152,6 +153,15 @@ def int4_weight_only(group_size: int = 128, *, symmetric: bool = False,
         name=f"int4_weight_only(group_size={group_size})"), skip, keep_first_last)
 
 
+def int3_weight_only(group_size: int = 128, *, symmetric: bool = False,
+                     skip: Sequence[str] = (), keep_first_last: bool = False) -> QuantConfig:
+    """3-bit weights (8 levels a group, W3 in the GPTQ / AWQ papers); fake-quant only: the
+    packed-weight ops and the ONNX backend take 4- and 8-bit types."""
+    return _finish(QuantConfig(
+        weight=QuantSpec("int3", "per_group", group_size=group_size, symmetric=symmetric),
+        name=f"int3_weight_only(group_size={group_size})"), skip, keep_first_last)
+
+
 def fp8(*, dynamic: bool = True, dtype: str = "float8_e4m3fn", observer: str = "minmax",
         skip: Sequence[str] = (), keep_first_last: bool = False) -> QuantConfig:
     activation = (QuantSpec(dtype, "per_token", dynamic=True) if dynamic
@@ -174,6 +184,7 @@ PRESETS: dict[str, Callable[..., QuantConfig]] = {
     "int8_dynamic": int8_dynamic,
     "int8_static": int8_static,
     "int4_weight_only": int4_weight_only,
+    "int3_weight_only": int3_weight_only,
     "fp8": fp8,
     "w4a8": w4a8,
 }

@@ -18,7 +18,8 @@ shape ``[s // b for s, b in zip(shape, block_size)]``):
 * ``per_token``: one block per row of the last dim (activations ``[..., tokens, K]``).
 
 Integer ranges: int8 [-128, 127] (symmetric narrow range [-127, 127] on request), uint8
-[0, 255], int4 [-8, 7], uint4 [0, 15]. Symmetric specs have zero point 0 (unsigned symmetric
+[0, 255], int4 [-8, 7], uint4 [0, 15], int3 [-4, 3], uint3 [0, 7] (the 3- and 4-bit grids are
+stored one value a byte in int8 / uint8). Symmetric specs have zero point 0 (unsigned symmetric
 types are refused: their grid cannot hold negative values). fp8 ranges are the types' largest
 finite values: e4m3fn 448, e5m2 57344.
 """
@@ -39,6 +40,8 @@ DTYPES: dict[str, tuple[float, float, torch.dtype]] = {
     "uint8": (0, 255, torch.uint8),
     "int4": (-8, 7, torch.int8),
     "uint4": (0, 15, torch.uint8),
+    "int3": (-4, 3, torch.int8),
+    "uint3": (0, 7, torch.uint8),
     "float8_e4m3fn": (-448.0, 448.0, torch.float8_e4m3fn),
     "float8_e5m2": (-57344.0, 57344.0, torch.float8_e5m2),
 }

@@ -29,7 +29,7 @@ import torch
 __all__ = ["reference_fake_quantize", "reference_qparams"]
 
 _FLOAT8 = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
-_INTEGER = {"int8", "uint8", "int4", "uint4"}
+_INTEGER = {"int8", "uint8", "int4", "uint4", "int3", "uint3"}
 
 
 def _split(shape: Sequence[int], block_size: Sequence[int]) -> tuple[list[int], list[int]]:

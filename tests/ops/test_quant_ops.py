@@ -231,8 +231,8 @@ def test_bad_arguments_name_the_problem() -> None:
         gq.fake_quantize_affine(x, [1, 3], torch.ones(4, 2), None, -128, 127, "int8")
     with pytest.raises(ValueError, match=r"needs \(4, 2\)"):
         gq.fake_quantize_affine(x, [1, 4], torch.ones(4, 1), None, -128, 127, "int8")
-    with pytest.raises(ValueError, match="unknown quantized dtype 'int3'"):
-        gq.quantize_affine(x, [1, 8], torch.ones(4, 1), None, -4, 3, "int3")
+    with pytest.raises(ValueError, match="unknown quantized dtype 'int2'"):
+        gq.quantize_affine(x, [1, 8], torch.ones(4, 1), None, -2, 1, "int2")
     with pytest.raises(ValueError, match="scale-only"):
         gq.fake_quantize_affine(x, [1, 8], torch.ones(4, 1), torch.zeros(4, 1),
                                 -448.0, 448.0, "float8_e4m3fn")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import graphpress as gp
 from graphpress.quant import QuantConfig, QuantSpec
@@ -14,6 +15,9 @@ def test_ranges_and_storage() -> None:
     assert QuantSpec("uint8", symmetric=False).qrange() == (0, 255)
     assert QuantSpec("int4").qrange() == (-8, 7)
     assert QuantSpec("uint4", symmetric=False).qrange() == (0, 15)
+    assert QuantSpec("int3").qrange() == (-4, 3)
+    assert QuantSpec("uint3", symmetric=False).qrange() == (0, 7)
+    assert QuantSpec("int3").storage_dtype == torch.int8
     assert QuantSpec("float8_e4m3fn").qrange() == (-448.0, 448.0)
     assert QuantSpec("float8_e5m2").qrange() == (-57344.0, 57344.0)
 
@@ -30,13 +34,14 @@ def test_block_sizes() -> None:
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"dtype": "int3"}, "unknown quantized dtype"),
+    ({"dtype": "int2"}, "unknown quantized dtype"),
     ({"granularity": "per_row"}, "unknown granularity"),
     ({"observer": "magic"}, "unknown observer"),
     ({"granularity": "per_group"}, "needs group_size"),
     ({"group_size": 32}, "group_size is for per_group"),
     ({"dtype": "float8_e4m3fn", "symmetric": False}, "scale-only"),
     ({"dtype": "uint8"}, "cannot be symmetric"),
+    ({"dtype": "uint3"}, "cannot be symmetric"),
     ({"symmetric": False, "narrow_range": True}, "narrow_range"),
 ])
 def test_bad_specs_name_the_problem(kwargs: dict[str, object], message: str) -> None:
@@ -50,6 +55,9 @@ def test_presets_and_overrides() -> None:
     assert static.for_layer("model.classifier", "linear") is None
     assert static.for_layer("model.features.0", "conv2d") is static
     assert gp.quant.scheme("int4_weight_only", group_size=64).weight.group_size == 64
+    w3 = gp.quant.scheme("int3_weight_only", group_size=64)
+    assert (w3.weight.dtype, w3.weight.group_size, w3.weight.symmetric) == ("int3", 64, False)
+    assert w3.activation is None and w3.name == "int3_weight_only(group_size=64)"
     mixed = gp.quant.int8_dynamic().with_overrides(
         ("op:conv2d", gp.quant.int8_weight_only()),
         (lambda path, op: path.startswith("lm_head"), None))
@@ -59,8 +67,8 @@ def test_presets_and_overrides() -> None:
 
 
 def test_bad_schemes_and_configs() -> None:
-    with pytest.raises(ValueError, match="unknown quantization scheme 'int3'.*int8_static"):
-        gp.quant.scheme("int3")
+    with pytest.raises(ValueError, match="unknown quantization scheme 'int2'.*int8_static"):
+        gp.quant.scheme("int2")
     with pytest.raises(ValueError, match="does not take"):
         gp.quant.scheme("int8_dynamic", group_size=32)
     with pytest.raises(ValueError, match="cannot be dynamic"):

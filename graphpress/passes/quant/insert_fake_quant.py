@@ -58,7 +58,7 @@ __all__ = ["InsertFakeQuant"]
 def _sqnr_db(quantized: torch.Tensor, reference: torch.Tensor) -> float:
     return output_metrics(quantized, reference, ("sqnr_db",))["sqnr_db"]
 
-_SCHEME_ARGS = {"group_size": ("int4_weight_only", "w4a8"),
+_SCHEME_ARGS = {"group_size": ("int4_weight_only", "int3_weight_only", "w4a8"),
                 "observer": ("int8_static", "fp8")}
 
 

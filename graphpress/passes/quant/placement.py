@@ -23,8 +23,9 @@ Attention's own products (``config.attention``) are placed by
 :mod:`~graphpress.passes.quant.attention`, the inputs of cat and residual adds that share one
 scale (``config.shared_qparams``) by :mod:`~graphpress.passes.quant.sharing`.
 
-Per-group weight specs (``int4_weight_only``, ``w4a8``) apply to linear and matmul layers, as
-in the LLM recipes they come from; convolutions stay float under them, reported. A layer the
+Per-group weight specs (``int4_weight_only``, ``int3_weight_only``, ``w4a8``) apply to linear
+and matmul layers, as in the LLM recipes they come from; convolutions stay float under them,
+reported. A layer the
 config keeps in float (an override to None, ``keep_first_last``) or a weight that is computed
 in the graph becomes a refusal with its reason, never a silent omission; a group size that does
 not divide a linear layer's K is an error naming the layer and K.
