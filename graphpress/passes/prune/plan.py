@@ -37,7 +37,7 @@ from graphpress.ir.builder import GraphBuilder
 from graphpress.ir.graph import get_arg
 from graphpress.ir.program import Program
 
-__all__ = ["GroupPlan", "PrunePlan", "apply_plan", "masked_copy"]
+__all__ = ["GroupPlan", "PrunePlan", "apply_plan", "kept_elements", "masked_copy"]
 
 Key = tuple[str, int, int, int]
 
@@ -70,7 +70,7 @@ class PrunePlan:
     def weight_indices(self, program: Program) -> list[tuple[str, int, list[int]]]:
         """(parameter, axis, kept element indices) for every pruned weight axis."""
         return [(w, axis, mask.nonzero().flatten().tolist())
-                for (w, axis), mask in _kept_elements(self, program).items()]
+                for (w, axis), mask in kept_elements(self, program).items()]
 
     def to_json(self) -> str:
         return json.dumps({"groups": [vars(g) for g in self.groups]})
@@ -93,7 +93,8 @@ def key_of(group: ChannelGroup) -> list[Key]:
     return sorted((s.weight, s.axis, s.offset, s.rep) for s in group.slices)
 
 
-def _kept_elements(plan: PrunePlan, program: Program) -> dict[tuple[str, int], torch.Tensor]:
+def kept_elements(plan: PrunePlan, program: Program) -> dict[tuple[str, int], torch.Tensor]:
+    """(weight, axis) -> bool mask of the elements kept along that axis (pruned axes only)."""
     out = {}
     for (weight, axis), drop in plan.removed().items():
         n = program.weight(weight).shape[axis]
@@ -106,7 +107,7 @@ def _kept_elements(plan: PrunePlan, program: Program) -> dict[tuple[str, int], t
 def masked_copy(program: Program, plan: PrunePlan) -> Program:
     """The original program with every removed channel zeroed in every slice of its group."""
     masked = program.copy()
-    for (weight, axis), mask in _kept_elements(plan, program).items():
+    for (weight, axis), mask in kept_elements(plan, program).items():
         tensor = masked.weight(weight).detach().clone()
         shape = [1] * tensor.dim()
         shape[axis] = -1
@@ -126,7 +127,7 @@ def apply_plan(program: Program, plan: PrunePlan, analysis: ChannelAnalysis) -> 
         if len(gp_.keep) < gp_.size:
             kept[group.id] = len(gp_.keep)
     before = 0
-    for (weight, axis), mask in _kept_elements(plan, program).items():
+    for (weight, axis), mask in kept_elements(plan, program).items():
         tensor = program.weight(weight)
         before += tensor.numel()
         index = mask.nonzero().flatten()

@@ -11,7 +11,10 @@ group by the same ratio; ``ratios={"module.path": r}`` overrides the ratio per m
 Contract (checked by ``verify=True``): the pruned program equals the *masked original*, the
 program before the pass with the removed channels zeroed in every weight slice of their group
 (producers, their biases and norms, and consumers' input slices), to fp32 rounding. Pruning
-channels whose weights are all zero therefore changes nothing.
+channels whose weights are all zero therefore changes nothing. With ``importance="variance"``
+the removed channels' calibration means are folded into the layers that read them, and the
+reference is the input program with those channels replaced by their means where they are read
+(``variance.py``).
 """
 
 from __future__ import annotations
@@ -25,13 +28,23 @@ import torch
 
 from graphpress.analysis.channels.solver import ChannelAnalysis, ChannelGroup, channel_groups
 from graphpress.ir.program import Program
+from graphpress.passes.prune import variance
 from graphpress.passes.prune.importance import (
     CRITERIA,
+    GRADIENT_CRITERIA,
     REDUCTIONS,
+    gradient_moments,
     group_importance,
     weight_gradients,
 )
-from graphpress.passes.prune.plan import GroupPlan, PrunePlan, apply_plan, key_of, masked_copy
+from graphpress.passes.prune.plan import (
+    GroupPlan,
+    PrunePlan,
+    apply_plan,
+    kept_elements,
+    key_of,
+    masked_copy,
+)
 from graphpress.pipeline.base import Contract, Pass, PassContext, PassResult, Skip
 from graphpress.pipeline.registry import register_pass
 
@@ -44,7 +57,7 @@ class PruneChannels(Pass):
     """Replaces every coupled channel group with its most important channels."""
 
     ratio: float = 0.5                      # fraction of each group's channels to remove
-    importance: str | Callable[..., Any] = "l2"   # l1 | l2 | bn_scale | random | callable
+    importance: str | Callable[..., Any] = "l2"   # one of CRITERIA, or a callable
     reduce: str = "mean"                    # combine slice scores: mean | sum | max
     global_ranking: bool = False            # one ranking across groups instead of per group
     prune_heads: bool = True                # attention: whole heads, or (False) head_dim
@@ -52,13 +65,16 @@ class PruneChannels(Pass):
     round_to: int = 1                       # kept channels are a multiple of this
     ignore: tuple[str, ...] | Callable[[str], bool] = ()     # module paths, or predicate(weight)
     plan: PrunePlan | None = None           # apply this plan instead of computing one
-    batches: list[tuple[Any, ...]] | None = None   # taylor: inputs (default: example inputs)
-    loss: Callable[[Any], torch.Tensor] | None = None  # taylor: outputs -> scalar loss
+    batches: list[tuple[Any, ...]] | None = None   # taylor, hessian, variance: input tuples
+    loss: Callable[[Any], torch.Tensor] | None = None  # taylor, hessian: outputs -> scalar loss
     seed: int = 0                           # for importance="random"
 
     contract: ClassVar[Contract] = Contract.against_reference(
         "equals the input program with the removed channels zeroed in every slice of their group",
         rtol=1e-5, atol=1e-5)
+    mean_contract: ClassVar[Contract] = Contract.against_reference(
+        "equals the input program with each removed channel replaced by its calibration mean "
+        "where a layer reads it", rtol=1e-5, atol=1e-5)
     rewrites_weights = True
 
     def __post_init__(self) -> None:
@@ -70,6 +86,10 @@ class PruneChannels(Pass):
                              f"got {self.importance!r}")
         if self.reduce not in REDUCTIONS:
             raise ValueError(f"reduce must be one of {REDUCTIONS}, got {self.reduce!r}")
+        if self.importance == "variance" and not self.prune_heads:
+            raise ValueError("importance='variance' prunes whole heads only (prune_heads=True): "
+                             "head_dim positions are contracted by attention, not read by a "
+                             "layer whose bias can take their mean")
         if self.round_to < 1:
             raise ValueError(f"round_to must be >= 1, got {self.round_to}")
         if isinstance(self.ignore, str):
@@ -96,9 +116,17 @@ class PruneChannels(Pass):
             return program.analysis("channel_groups")
         return channel_groups(program, head_dim=True)
 
+    def contract_for(self, program: Program) -> Contract:
+        return self.mean_contract if self.importance == "variance" else self.contract
+
     def make_plan(self, program: Program, ctx: PassContext | None = None
                   ) -> tuple[PrunePlan, list[Skip]]:
         """Score and select: which channels of which group to keep."""
+        plan, skips, _ = self._plan(program, ctx)
+        return plan, skips
+
+    def _plan(self, program: Program, ctx: PassContext | None
+              ) -> tuple[PrunePlan, list[Skip], Any]:
         analysis = self._analysis(program)
         ignored = self._ignored(program)
         skips, chosen = [], []
@@ -111,13 +139,20 @@ class PruneChannels(Pass):
                 skips.append(Skip(where, "group touches an ignored module"))
             else:
                 chosen.append(g)
+        calibration = None
+        if self.importance == "variance":
+            chosen, calibration = self._calibrate(program, analysis, chosen, skips, ctx)
         if not chosen:
             reasons = "; ".join(f"{s.node}: {s.reason}" for s in skips[:5])
             raise ValueError(f"nothing prunable in this program ({reasons})")
         generator = torch.Generator().manual_seed(self.seed)
-        grads = self._gradients(program, ctx) if self.importance == "taylor" else None
-        scores = [group_importance(program, g, self.importance, self.reduce, generator, grads)
-                  for g in chosen]
+        grads, fisher = self._gradients(program, ctx)
+        if calibration is not None:
+            scores = [variance.variance_scores(g, calibration[0], calibration[1], self.reduce)
+                      for g in chosen]
+        else:
+            scores = [group_importance(program, g, self.importance, self.reduce, generator,
+                                       grads, fisher) for g in chosen]
         counts = self._global_counts(chosen, scores) if self.global_ranking else [
             g.size - math.floor(self._ratio(g) * g.size) for g in chosen]
         plan = PrunePlan()
@@ -126,18 +161,55 @@ class PruneChannels(Pass):
             k = min(g.size, max(m, math.ceil(k / m) * m))
             keep = sorted(torch.argsort(s, descending=True, stable=True)[:k].tolist())
             plan.groups.append(GroupPlan(key_of(g), g.size, keep))
-        return plan, skips
+        return plan, skips, calibration
 
-    def _gradients(self, program: Program, ctx: PassContext | None) -> dict[str, torch.Tensor]:
+    def _calibrate(self, program: Program, analysis: ChannelAnalysis, groups: list[ChannelGroup],
+                   skips: list[Skip], ctx: PassContext | None) -> tuple[list[ChannelGroup], Any]:
+        """variance: the groups mean folding handles (the others skipped, with why), and the
+        activation statistics at their readers' inputs."""
+        readers, unsupported = variance.find_readers(program)
+        chosen = []
+        for g in groups:
+            why = variance.refusal(program, analysis, g, readers, unsupported)
+            if why:
+                skips.append(Skip(g.slices[0].weight, why))
+            else:
+                chosen.append(g)
+        sites = {(r.activation, r.dim) for g in chosen for s in g.slices
+                 for r in readers.get((s.weight, s.axis), [])}
+        if not sites:
+            return chosen, None
+        return chosen, (readers, variance.activation_stats(program, self._batches(ctx), sites))
+
+    def _batches(self, ctx: PassContext | None) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+        """Calibration data, else ``batches=``, else the example inputs, as (args, kwargs)."""
+        if ctx is not None and ctx.calibration_data:
+            return list(ctx.calibration_data)
+        if self.batches:
+            return [(tuple(b), {}) for b in self.batches]
+        if ctx is not None and ctx.example_inputs:
+            return [(tuple(ctx.example_inputs), dict(ctx.example_kwargs))]
+        return []
+
+    def _gradients(self, program: Program, ctx: PassContext | None
+                   ) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
+        """taylor: summed gradients; hessian: mean and mean squared gradients; else None."""
+        if self.importance not in GRADIENT_CRITERIA:
+            return None, None
         batches = self.batches or ([tuple(ctx.example_inputs)] if ctx and ctx.example_inputs
                                    else [])
         if not batches or self.loss is None:
-            raise ValueError("importance='taylor' needs loss=callable(outputs) and batches= "
-                             "(or example inputs)")
-        return weight_gradients(program, batches, self.loss)
+            raise ValueError(f"importance={self.importance!r} needs loss=callable(outputs) and "
+                             "batches= (or example inputs)")
+        if self.importance == "taylor":
+            return weight_gradients(program, batches, self.loss), None
+        return gradient_moments(program, batches, self.loss)
 
     def _global_counts(self, groups: list[ChannelGroup], scores: list[torch.Tensor]) -> list[int]:
-        normed = [s / s.mean().clamp_min(1e-12) for s in scores]
+        """LAMP scores are comparable across groups as they are; others are divided by their
+        group's mean."""
+        normed = scores if self.importance == "lamp" else [
+            s / s.mean().clamp_min(1e-12) for s in scores]
         flat = torch.cat(normed)
         cut = math.floor(self.ratio * flat.numel())
         if cut == 0:
@@ -147,21 +219,42 @@ class PruneChannels(Pass):
 
     # --------------------------------------------------------------------- run
     def run(self, program: Program, ctx: PassContext) -> PassResult:
-        plan, skips = (self.plan, []) if self.plan is not None else self.make_plan(program, ctx)
+        if self.plan is not None:
+            plan, skips, calibration = self.plan, [], None
+            if self.importance == "variance":   # re-applying a variance plan: fold again
+                analysis = self._analysis(program)
+                keys = {tuple(sorted(g.slices)) for g in plan.groups if len(g.keep) < g.size}
+                groups = [g for g in analysis.groups if tuple(key_of(g)) in keys]
+                calibration = self._calibrate(program, analysis, groups, skips, ctx)[1]
+                if skips:
+                    raise ValueError(f"plan group over {skips[0].node}: {skips[0].reason}")
+        else:
+            plan, skips, calibration = self._plan(program, ctx)
         pruned = [g for g in plan.groups if len(g.keep) < g.size]
         if not pruned:
             return PassResult(changed=False, skipped=skips, details={"plan": plan})
+        folds = variance.compute_folds(program, plan.removed(), *calibration) \
+            if calibration is not None else []
+        kept = {k: m.nonzero().flatten() for k, m in kept_elements(plan, program).items()}
         removed = apply_plan(program, plan, self._analysis(program))
+        variance.apply_folds(program, folds, kept)
+        if folds:
+            program.refresh_shapes()
         stats = {"groups": len(plan.groups), "groups_pruned": len(pruned),
                  "channels_before": sum(g.size for g in plan.groups),
                  "channels_after": sum(len(g.keep) for g in plan.groups),
                  "weight_elements_removed": removed}
         summary = [f"{g.slices[0][0]} (+{len(g.slices) - 1} coupled): {g.size} -> "
                    f"{len(g.keep)} channels" for g in pruned]
-        return PassResult(changed=True, stats=stats, skipped=skips,
-                          details={"plan": plan, "summary": summary})
+        details = {"plan": plan, "summary": summary}
+        if calibration is not None:
+            stats["readers_mean_folded"] = len(folds)
+            details["mean_folds"] = [fold for fold, _ in folds]
+        return PassResult(changed=True, stats=stats, skipped=skips, details=details)
 
     def reference(self, before: Program, result: PassResult) -> Callable[..., Any]:
+        if "mean_folds" in result.details:
+            return variance.MeanReplaced(before, result.details["mean_folds"])
         return masked_copy(before, result.details["plan"])
 
 
