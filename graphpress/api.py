@@ -1,7 +1,9 @@
 """The user-facing API: ``compile``, ``CompiledModel`` and ``load``.
 
 ``compile`` = frontend (trace) -> PassManager (rewrite, check) -> backend (lower). The user's
-model is never modified: the frontend clones its weights unless ``inplace=True``.
+model is never modified: the frontend clones its weights unless ``inplace=True``. Each long
+step shows a progress bar on a terminal (:mod:`graphpress.ir.progress`; ``GRAPHPRESS_PROGRESS=0``
+turns them off).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from graphpress.frontends import trace
 from graphpress.frontends.inputs import normalize_batches, normalize_inputs
 from graphpress.ir.printer import format_program
 from graphpress.ir.program import Program
+from graphpress.ir.progress import progress_bar, progress_status
 from graphpress.numerics import compare_outputs
 from graphpress.ops.quant import QUANTIZING_OPS, has_op
 from graphpress.pipeline.base import PassContext
@@ -146,7 +149,8 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, *,
         collector.close()
     if verify:
         check_end_to_end(model, program, samples, report)
-    artifact = build_backend(backend, program, **(backend_options or {}))
+    with progress_status(f"lowering to {backend}"):  # an ONNX export can take minutes
+        artifact = build_backend(backend, program, **(backend_options or {}))
     if verify and backend != "eager":
         _check_backend(artifact, program, samples, report)
     report.extra.update(getattr(artifact, "info", dict)())
@@ -179,7 +183,8 @@ def _check_backend(artifact: Artifact, program: Program,
     worst, allowed = 0.0, atol
     chaotic: list[str] = []
     reference64 = functools.cache(lambda: program_in_float64(program))  # on need, once
-    for index, (args, kwargs) in enumerate(samples):
+    checking = progress_bar(samples, desc=f"checking {artifact.name} vs eager", unit="sample")
+    for index, (args, kwargs) in enumerate(checking):
         with torch.no_grad():
             got, want = artifact(*args, **kwargs), program(*args, **kwargs)
         got_leaves, want_leaves = pytree.tree_leaves(got), pytree.tree_leaves(want)

@@ -6,6 +6,7 @@
     graphpress compile (MODULE:FACTORY | --hf PATH | --hf-config JSON --hf-class CLASS)
                        [--inputs SPEC] [--passes PIPELINE] [--backend eager]
                        [--frontend export] [--verify] [--seed N] [-o DIR] [--report HTML]
+                       [--quiet]
     graphpress report DIR [-o HTML]
     graphpress passes
 
@@ -19,6 +20,10 @@ with random weights (``--hf-config``, ``--hf-class``), with inputs made from its
 ``--inputs`` is given. It writes the HTML report (``DIR/report.html`` with ``-o``, else
 ``--report``, default ``graphpress-report.html``). ``report`` rebuilds the HTML report of a
 saved folder. ``passes`` lists every registered pass, plugins included.
+
+Long steps show progress bars on stderr when it is a terminal (never on stdout, whose lines
+stay parseable); ``--quiet`` or ``GRAPHPRESS_PROGRESS=0`` turns them off
+(:mod:`graphpress.ir.progress`).
 
 Errors graphpress raises on purpose (:class:`~graphpress.errors.GraphpressError`) and bad
 command-line input print one line ``graphpress: error: ...`` to stderr and exit with status 2;
@@ -46,6 +51,7 @@ from graphpress.api import rebuild_report
 from graphpress.demo import DEMO_MODEL, PRUNE_PIPELINE, QUANT_PIPELINE, run_demo
 from graphpress.errors import GraphpressError
 from graphpress.frontends import FRONTENDS
+from graphpress.ir.progress import progress_mode
 from graphpress.numerics import compare_outputs
 from graphpress.pipeline.registry import available_passes
 
@@ -347,6 +353,7 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("--report", metavar="HTML",
                           help=f"HTML report path (default: DIR/report.html with -o, else "
                                f"{DEFAULT_REPORT})")
+    compile_.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     compile_.set_defaults(handler=_run_compile)
 
     report = commands.add_parser("report", help="rebuild the HTML report of a saved folder",
@@ -371,7 +378,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (0 ok, 2 error)."""
     try:
         args = _parser().parse_args(argv)
-        return args.handler(args)
+        with progress_mode(False if getattr(args, "quiet", False) else None):
+            return args.handler(args)
     except GraphpressError as exc:
         if os.environ.get("GRAPHPRESS_DEBUG", "0") != "0":
             traceback.print_exc()

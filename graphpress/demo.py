@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 import graphpress as gp
+from graphpress.ir.progress import progress_bar, progress_mode
 from graphpress.pipeline.report import Report
-from graphpress.pipeline.report_graph import progress_enabled
 from graphpress.pipeline.samples import generate_samples
 
 __all__ = ["DEMO_MODEL", "FINETUNE_EPOCHS", "PRUNE_PIPELINE", "QUANT_PIPELINE", "DemoResult",
@@ -82,10 +82,8 @@ def _per_sample(fn: Callable[..., Any], x: torch.Tensor) -> torch.Tensor:
         return torch.cat([_first_tensor(fn(x[i: i + 1])) for i in range(len(x))])
 
 
-def _latency_ms(stages: dict[str, Callable[[], Any]], disable: bool | None) -> dict[str, float]:
+def _latency_ms(stages: dict[str, Callable[[], Any]]) -> dict[str, float]:
     """Median ms per call, one thread, stages interleaved in every round."""
-    from tqdm.auto import tqdm
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     times: dict[str, list[float]] = {name: [] for name in stages}
@@ -93,8 +91,7 @@ def _latency_ms(stages: dict[str, Callable[[], Any]], disable: bool | None) -> d
         with torch.no_grad():
             for fn in stages.values():
                 fn()  # warm-up
-            for _ in tqdm(range(LATENCY_ROUNDS), desc="latency", unit="round",
-                          disable=disable, leave=False):
+            for _ in progress_bar(range(LATENCY_ROUNDS), desc="latency", unit="round"):
                 for name, fn in stages.items():
                     start = time.perf_counter()
                     for _ in range(LATENCY_CALLS):
@@ -105,18 +102,14 @@ def _latency_ms(stages: dict[str, Callable[[], Any]], disable: bool | None) -> d
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def _finetune(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int,
-              disable: bool | None) -> None:
-    from tqdm.auto import tqdm
-
+def _finetune(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int) -> None:
     generator = torch.Generator().manual_seed(0)
     optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny batches: one thread is fastest and deterministic
     try:
         with torch.enable_grad():
-            for _ in tqdm(range(epochs), desc="fine-tuning", unit="epoch", disable=disable,
-                          leave=False):
+            for _ in progress_bar(range(epochs), desc="fine-tuning", unit="epoch"):
                 for batch in torch.randperm(len(x), generator=generator).split(64):
                     optimizer.zero_grad()
                     F.cross_entropy(module(x[batch]), y[batch]).backward()
@@ -137,10 +130,16 @@ def _eval_mode(module: torch.nn.Module) -> torch.nn.Module:
 def run_demo(model_name: str = DEMO_MODEL, *, verify: bool = True,
              output: str | Path = "graphpress-demo", epochs: int = FINETUNE_EPOCHS,
              progress: bool | None = None, log: Callable[[str], None] = print) -> DemoResult:
-    """Run the demo's job (see the module docstring); return the rows and the report."""
+    """Run the demo's job (see the module docstring); return the rows and the report.
+    ``progress`` shows or hides every progress bar of the job (None: on a terminal)."""
+    with progress_mode(progress):
+        return _run(model_name, verify=verify, output=output, epochs=epochs, log=log)
+
+
+def _run(model_name: str, *, verify: bool, output: str | Path, epochs: int,
+         log: Callable[[str], None]) -> DemoResult:
     from graphpress.testing.zoo import digits_data, get_model
 
-    disable = progress_enabled(progress)
     entry = get_model(model_name)
     model, inputs = entry.make()
     log(f"graphpress demo: {entry.name}: {entry.description}")
@@ -175,7 +174,7 @@ def run_demo(model_name: str = DEMO_MODEL, *, verify: bool = True,
     pruned_quality = quality(prune, True)
     tuned = _eval_mode(prune.program.module())
     if trained:
-        _finetune(tuned, x_train, y_train, epochs, disable)
+        _finetune(tuned, x_train, y_train, epochs)
     # verify=True also checks onnxruntime against the eager int8 program (gp.compile's
     # backend check: within one int8 step of each output)
     quant = gp.compile(tuned, prune_example, passes=QUANT_PIPELINE, verify=verify,
@@ -191,7 +190,7 @@ def run_demo(model_name: str = DEMO_MODEL, *, verify: bool = True,
     stages["+ int8 fake-quant (eager)"] = (quant.program, _state(quant.program), trained)
     stages["+ ONNX (onnxruntime int8)"] = (onnx, _state(quant.program), trained)
     latency = _latency_ms({name: (lambda fn=fn: fn(*example))  # batch 1
-                           for name, (fn, _, _) in stages.items()}, disable)
+                           for name, (fn, _, _) in stages.items()})
     onnx_bytes = getattr(onnx, "size_bytes", None)
     result = DemoResult(compiled=quant)
     for name, (fn, state, batched) in stages.items():

@@ -347,3 +347,27 @@ def test_bad_hugging_face_arguments(factory_dir: Path, capsys: pytest.CaptureFix
                                     argv: list[str], message: str) -> None:
     (factory_dir / "bert.json").write_text(json.dumps(_BERT_CONFIG))
     assert message in _error(capsys, argv)
+
+
+def test_progress_bars_go_to_stderr_and_quiet_turns_them_off(
+        factory_dir: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forced bars (GRAPHPRESS_PROGRESS=1, no delay) cover tracing, the passes, verification
+    and the end-to-end check, all on stderr: stdout holds the same lines as a quiet run."""
+    from graphpress.ir import progress
+
+    monkeypatch.setenv("GRAPHPRESS_PROGRESS", "1")
+    monkeypatch.setattr(progress, "DELAY", 0.0)
+    argv = ["compile", f"{FACTORY_MODULE}:make_with_inputs", "--verify"]
+    assert main([*argv, "--report", str(factory_dir / "a.html")]) == 0
+    shown = capsys.readouterr()
+    for bar in ("tracing Net", "passes", "verifying fold_bn", "end-to-end: the model",
+                "lowering to eager"):
+        assert bar in shown.err, bar
+    assert "\r" not in shown.out and "it/s" not in shown.out
+    assert main([*argv, "--report", str(factory_dir / "b.html"), "--quiet"]) == 0
+    quiet = capsys.readouterr()
+    assert quiet.err == ""
+    lines, quiet_lines = shown.out.splitlines(), quiet.out.splitlines()
+    assert len(lines) == len(quiet_lines) and lines[0] == quiet_lines[0]
+    assert [line.split()[:1] for line in lines] == [line.split()[:1] for line in quiet_lines]

@@ -13,6 +13,10 @@ back in the same type.
 A failure to trace is classified and re-raised as :class:`TraceError` with the likely fix:
 data-dependent control flow, a dynamic dimension the model specializes, an untraceable Python
 construct.
+
+Tracing a large model takes a while: a status bar (:mod:`graphpress.ir.progress`: on a
+terminal, after a second) shows the stage (torch.export, functionalize, clone weights, shapes)
+and the elapsed time.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from graphpress.errors import InputError, TraceError
 from graphpress.frontends.functionalize import functionalize
 from graphpress.frontends.inputs import normalize_inputs
 from graphpress.ir.program import Program
+from graphpress.ir.progress import progress_status
 from graphpress.ir.shapes import propagate_shapes
 
 __all__ = ["batch_dynamic_shapes", "export_program", "program_from_exported"]
@@ -55,10 +60,19 @@ def _clone_weights(ep: ExportedProgram) -> None:
 
 
 def program_from_exported(ep: ExportedProgram, *, frontend: str = "export",
-                          inplace: bool = False) -> Program:
+                          inplace: bool = False, status: Any = None) -> Program:
+    """The Program of an exported program (``status``: a :func:`progress_status` bar whose
+    stage it names)."""
+    def stage(name: str) -> None:
+        if status is not None:
+            status.set_postfix_str(name, refresh=False)
+
+    stage("functionalize")
     ep, rewritten = functionalize(ep)
     if not inplace:
+        stage("clone weights")
         _clone_weights(ep)
+    stage("shapes")
     program = Program(ep, frontend=frontend)
     # torch.export computed every node's meta["val"] by fake propagation; only the nodes the
     # functionalization created carry a value it did not compute, so only they are re-checked
@@ -102,14 +116,17 @@ def export_program(model: torch.nn.Module, example_inputs: Any = None,
         arg_shapes, kwarg_shapes = batch_dynamic_shapes(args, kwargs)
         dynamic_shapes = arg_shapes if not kwargs else {
             **dict(zip(_positional_names(model, len(args)), arg_shapes)), **kwarg_shapes}
-    try:
-        ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
-    except Exception as exc:
-        raise TraceError(
-            f"could not trace {type(model).__name__} with torch.export: {_diagnose(exc)}\n"
-            f"cause: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
-        ) from exc
-    return program_from_exported(ep, inplace=inplace)
+    with progress_status(f"tracing {type(model).__name__}") as status:
+        status.set_postfix_str("torch.export", refresh=False)
+        try:
+            ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes,
+                                     strict=False)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise TraceError(
+                f"could not trace {type(model).__name__} with torch.export: "
+                f"{_diagnose(exc)}\ncause: {type(exc).__name__}: {first}") from exc
+        return program_from_exported(ep, inplace=inplace, status=status)
 
 
 def _positional_names(model: torch.nn.Module, count: int) -> list[str]:

@@ -9,6 +9,8 @@ parameter names (symbolic_trace keeps the module hierarchy).
 Where it differs from the export frontend: arguments in ``concrete_args`` are baked in, so the
 Program no longer takes them; ``nn_module_stack`` source paths are those of the traced
 GraphModule, which match the original module paths for modules symbolic_trace does not inline.
+Both traces show a status bar on a terminal when they take over a second
+(:mod:`graphpress.ir.progress`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from graphpress.errors import InputError, TraceError
 from graphpress.frontends.export import export_program
 from graphpress.ir.program import Program
+from graphpress.ir.progress import progress_status
 
 __all__ = ["fx_program"]
 
@@ -46,7 +49,9 @@ def fx_program(model: torch.nn.Module, example_inputs: Any = None,
         traced = model
     else:
         try:
-            traced = torch.fx.symbolic_trace(model, concrete_args=concrete_args)
+            with progress_status(f"tracing {type(model).__name__}") as status:
+                status.set_postfix_str("torch.fx.symbolic_trace", refresh=False)
+                traced = torch.fx.symbolic_trace(model, concrete_args=concrete_args)
         except Exception as exc:
             raise TraceError(
                 f"torch.fx.symbolic_trace could not trace {type(model).__name__}: "

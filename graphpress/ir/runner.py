@@ -16,7 +16,6 @@ shows a tqdm progress bar when there are many (at least ``progress_from``) or wh
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Collection, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -69,20 +68,17 @@ def run_batches(program: Program, batches: Iterable[tuple[tuple[Any, ...], dict[
                 description: str = "calibrating") -> int:
     """Run every batch through ``program`` with ``hook``; returns the number of batches.
 
-    The bar shows for ``progress_from`` batches or more (or when ``progress`` is True) on a
-    terminal; never when ``progress`` is False or ``GRAPHPRESS_PROGRESS=0``."""
+    The bar is considered for ``progress_from`` batches or more (or when ``progress`` is
+    True) and follows :mod:`graphpress.ir.progress` (on a terminal only; never when
+    ``progress`` is False or ``GRAPHPRESS_PROGRESS=0``)."""
+    from graphpress.ir.progress import progress_bar
+
     runner = ProgramRunner(program, hook, nodes=nodes)
     batches = list(batches)
-    quiet = os.environ.get("GRAPHPRESS_PROGRESS", "") == "0"
-    show = not quiet and (progress if progress is not None else len(batches) >= progress_from)
     iterator: Iterable[Any] = batches
-    if show:
-        from tqdm.auto import tqdm
-
-        # disable=None: tqdm stays silent when its stream is not a terminal (CI logs, pipes),
-        # unless progress=True asked for it
-        iterator = tqdm(batches, desc=description, unit="batch",
-                        disable=False if progress else None)
+    if progress is not False and (progress or len(batches) >= progress_from):
+        iterator = progress_bar(batches, desc=description, unit="batch", progress=progress,
+                                delay=0.0)
     for args, kwargs in iterator:
         runner(*args, **kwargs)
     return len(batches)

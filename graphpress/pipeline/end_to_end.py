@@ -13,6 +13,9 @@ restored afterwards). What it must meet is the composition of the contracts that
 * otherwise (pruning, quantization, unchecked plugins change values on purpose) the deviation
   is measured and reported, not judged: max abs error, SQNR and cosine similarity against the
   model, in the report under "end-to-end vs model".
+
+Both runs show a progress bar on a terminal when they take over a second
+(:mod:`graphpress.ir.progress`).
 """
 
 from __future__ import annotations
@@ -57,8 +60,8 @@ def check_end_to_end(model: torch.nn.Module, program: Program, samples: Samples,
         report.extra["end-to-end vs model"] = (
             "not checked: the model is in training mode (call model.eval() for a check)")
         return
-    expected = run_samples(model, samples)
-    actual = run_samples(program, samples)
+    expected = run_samples(model, samples, description="end-to-end: the model")
+    actual = run_samples(program, samples, description="end-to-end: the program")
     tolerance = _exact_tolerance(report.records)
     if tolerance is None:
         worst = compare_outputs(actual, expected, rtol=0.0, atol=float("inf"))

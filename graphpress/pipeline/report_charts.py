@@ -48,15 +48,21 @@ def _style(axes: Any) -> None:
 
 
 def cost_chart(records: list[dict[str, Any]]) -> tuple[str, str]:
-    """Nodes, parameters and MACs after each pass, relative to the traced program."""
+    """Nodes, parameters, MACs and (when every record has them) weight bytes after each pass,
+    relative to the traced program."""
     figure = _figure(7.5, 2.8)
     axes = figure.add_subplot()
     labels = ["traced"] + [r["name"] for r in records]
-    for key, colour in (("nodes", _GREY), ("parameters", _BLUE), ("macs", _ORANGE)):
+    series = [("nodes", _GREY), ("parameters", _BLUE), ("macs", _ORANGE)]
+    if all("bytes" in r for r in records):
+        series.append(("bytes", _GREEN))
+    for key, colour in series:
         first = records[0][key][0] or 1
         values = [100.0] + [100.0 * r[key][1] / first for r in records]
         axes.step(range(len(values)), values, where="post", color=colour, marker="o",
-                  markersize=3, label=f"{key} (traced: {records[0][key][0]:,})")
+                  markersize=3,
+                  label=f"{'weight bytes' if key == 'bytes' else key} "
+                        f"(traced: {records[0][key][0]:,})")
     axes.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
     axes.set_ylabel("% of traced", fontsize=8)
     axes.legend(fontsize=7, frameon=False)
@@ -121,14 +127,32 @@ def quantization_chart(chart: dict[str, Any], pass_name: str) -> tuple[str, str]
 
 
 def tokens_chart(chart: dict[str, Any], pass_name: str) -> tuple[str, str]:
+    """Tokens left after each block's merge (green) over those its attention saw (light),
+    when the pass reports both (``chart["attention"]``)."""
     blocks = list(chart["blocks"].items())[:MAX_BARS]
-    figure = _figure(7.5, 2.6)
+    attention = chart.get("attention") or {}
+    figure = _figure(7.5, 2.8)
     axes = figure.add_subplot()
-    axes.bar(range(len(blocks)), [v for _, v in blocks], color=_GREEN)
-    axes.set_xticks(range(len(blocks)), [k for k, _ in blocks], rotation=45, ha="right")
+    positions = range(len(blocks))
+    if attention:
+        axes.bar(positions, [attention.get(k, v) for k, v in blocks], color=_LIGHT,
+                 label="tokens into the block (attention)")
+    axes.bar(positions, [v for _, v in blocks], color=_GREEN,
+             label="tokens after merging (MLP and next block)")
+    for i, (name, value) in enumerate(blocks):
+        text = f"{attention[name]}→{value}" if name in attention else f"{value}"
+        axes.text(i, attention.get(name, value), text, ha="center", va="bottom", fontsize=7)
+    axes.set_xticks(list(positions), [k for k, _ in blocks], rotation=30, ha="right",
+                    fontsize=7)
     axes.set_ylabel("tokens", fontsize=8)
+    axes.margins(y=0.15)
+    if attention:
+        axes.legend(fontsize=7, frameon=False, ncols=2, loc="lower left",
+                    bbox_to_anchor=(0, 1))
     _style(axes)
-    return f"{pass_name}: tokens per block", _svg(figure)
+    more = len(chart["blocks"]) - len(blocks)
+    suffix = f" (first {len(blocks)} of {len(chart['blocks'])})" if more > 0 else ""
+    return f"{pass_name}: tokens per block after merging{suffix}", _svg(figure)
 
 
 _UNITS = {"accuracy": "accuracy (test set)", "cosine": "cosine vs original",

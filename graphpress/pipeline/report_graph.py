@@ -11,9 +11,14 @@ records into the report:
   placeholder, when the pass stored a new tensor for the weight. A graph is a list of nodes
   ``{"n": name, "k": kind, "t": label, "s": shape, "m": module path, "p": pass that created
   it, "i": [input node names]}``, in graph order.
-* ``charts``: channels kept per pruning group (from a ``PrunePlan`` in the pass's details),
-  tokens per block (a pass's ``details["tokens_per_block"]``: a list of counts, or a dict of
-  block name to count), and, for a pass that inserts quantization (fake-quantize nodes, or
+* ``charts``: the bytes of the program's weights (parameters, buffers, constants: packed
+  weights count at their packed size) before and after every pass (``{"kind": "size",
+  "record": i, "bytes": [before, after]}``); channels kept per pruning group (from a
+  ``PrunePlan`` in the pass's details); tokens per block (a pass's
+  ``details["tokens_per_block"]``: a list of ``{"block", "tokens_in", "tokens_out"}``, the
+  tokens a block's attention sees and those left after its merge, as merge_tokens records,
+  or a list of counts, or a dict of block name to count), and, for a pass that inserts
+  quantization (fake-quantize nodes, or
   quantize -> dequantize pairs), one entry per quantized operand measured on the example
   inputs: SQNR ``10 log10(sum x^2 / sum (x - q(x))^2)`` between the operand ``x`` and its
   quantized value ``q(x)``, the observed range ``[min x, max x]`` and the representable range
@@ -21,21 +26,21 @@ records into the report:
 
 Reading details goes by duck typing, so this layer imports no pass. Measuring quantization
 runs the program once with :class:`graphpress.ir.runner.ProgramRunner`, which never changes
-the program's state. The collector also shows a progress bar over the passes (tqdm, shown
-only on a terminal and when the pipeline takes more than two seconds; ``progress=False`` or
-``GRAPHPRESS_PROGRESS=0`` turns it off).
+the program's state. The collector also shows a progress bar over the passes
+(:mod:`graphpress.ir.progress`: on a terminal, once the pipeline has run a second;
+``progress=False`` or ``GRAPHPRESS_PROGRESS=0`` turns it off).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.fx import Node
 
 from graphpress.ir.printer import format_value
+from graphpress.ir.progress import progress_bar
 from graphpress.ir.purity import qualified_name
 from graphpress.ir.runner import ProgramRunner
 
@@ -44,7 +49,7 @@ if TYPE_CHECKING:
     from graphpress.pipeline.base import Pass
     from graphpress.pipeline.report import PassRecord, Report
 
-__all__ = ["MAX_GRAPH_NODES", "ReportCollector", "progress_enabled", "snapshot"]
+__all__ = ["MAX_GRAPH_NODES", "ReportCollector", "snapshot", "weight_bytes"]
 
 MAX_GRAPH_NODES = 20_000
 """Graphs with more nodes are not recorded (the report says so): the page stays loadable."""
@@ -58,11 +63,10 @@ _FAKE_QUANT_ARGS: dict[str, tuple[int, int, int, int]] = {
 _QUANTIZE, _DEQUANTIZE = "graphpress::quantize_affine", "graphpress::dequantize_affine"
 
 
-def progress_enabled(progress: bool | None) -> bool | None:
-    """tqdm's ``disable`` argument: None (show on a terminal only) unless turned off."""
-    if progress is False or os.environ.get("GRAPHPRESS_PROGRESS", "") == "0":
-        return True
-    return None if progress is None else False
+def weight_bytes(program: Program) -> int:
+    """Bytes of the program's parameters, buffers and constant tensors (the costs analysis)."""
+    costs = program.analysis("costs")
+    return int(costs.parameter_bytes + costs.buffer_bytes)
 
 
 def _label(node: Node, weight: str | None) -> str:
@@ -194,13 +198,19 @@ def _pruning(details: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _tokens(details: dict[str, Any]) -> dict[str, int]:
+def _tokens(details: dict[str, Any]) -> dict[str, Any]:
+    """``{"blocks": {block: tokens after it}, "attention": {block: tokens it attends}}``
+    (``attention`` only when the pass reports it), or {} when there is nothing to chart."""
     tokens = details.get("tokens_per_block")
     if isinstance(tokens, dict):
-        return {str(k): int(v) for k, v in tokens.items()}
-    if isinstance(tokens, list | tuple):
-        return {f"block {i}": int(v) for i, v in enumerate(tokens)}
-    return {}
+        return {"blocks": {str(k): int(v) for k, v in tokens.items()}}
+    if not isinstance(tokens, list | tuple) or not tokens:
+        return {}
+    if all(isinstance(t, dict) and {"block", "tokens_in", "tokens_out"} <= t.keys()
+           for t in tokens):
+        return {"blocks": {str(t["block"]): int(t["tokens_out"]) for t in tokens},
+                "attention": {str(t["block"]): int(t["tokens_in"]) for t in tokens}}
+    return {"blocks": {f"block {i}": int(v) for i, v in enumerate(tokens)}}
 
 
 class ReportCollector:
@@ -216,7 +226,8 @@ class ReportCollector:
         self._runs = 0
         self._last: list[dict[str, Any]] | None = None
         self._weights: dict[str, object] = {}
-        self._disable = progress_enabled(progress)
+        self._bytes = 0
+        self._progress = progress
         self._bar: Any = None
 
     def before_pass(self, pass_: Pass, program: Program, index: int) -> None:
@@ -225,6 +236,7 @@ class ReportCollector:
         if self._bar is not None:
             self._bar.set_postfix_str(pass_.name)
         self._weights = {**program.state_dict, **program.constants}
+        self._bytes = weight_bytes(program)
 
     def _start(self, program: Program) -> None:
         if program.num_nodes() > self.max_nodes:
@@ -234,16 +246,15 @@ class ReportCollector:
         else:
             self._last = snapshot(program)
             self.report.graphs.append({"record": None, "graph": self._last})
-        from tqdm.auto import tqdm
-
-        self._bar = tqdm(desc="passes", unit="pass", disable=self._disable, delay=2.0,
-                         leave=False)
+        self._bar = progress_bar(desc="passes", unit="pass", progress=self._progress)
 
     def after_pass(self, pass_: Pass, program: Program, record: PassRecord, index: int) -> None:
         position = self._offset + self._runs
         self._runs += 1
         if self._bar is not None:
             self._bar.update()
+        self.report.charts.append({"kind": "size", "record": position,
+                                   "bytes": [self._bytes, weight_bytes(program)]})
         if not record.changed:
             return
         if self._last:  # graphs are recorded (not over max_nodes)
@@ -263,8 +274,7 @@ class ReportCollector:
             self.report.charts.append({"kind": "pruning", "record": position,
                                        "groups": groups})
         if tokens := _tokens(record.details):
-            self.report.charts.append({"kind": "tokens", "record": position,
-                                       "blocks": tokens})
+            self.report.charts.append({"kind": "tokens", "record": position, **tokens})
         if self.example is not None and _inserted_quantization(program, record.name):
             operands = quantization_operands(program, *self.example)
             if operands:

@@ -1,7 +1,8 @@
 """The report as one self-contained HTML page.
 
 :func:`render_html` writes the summary, the measured figures, the pass table (time, nodes,
-parameters, MACs, contract, error, statistics, and where each pass did not apply and why), a
+parameters, MACs, weight bytes, contract, error, statistics, and where each pass did not apply
+and why), a
 graph viewer and the charts into one file. Nothing is fetched when the page opens: the style
 sheet and the script (``report_assets/``, shipped in the package) are inlined, the charts are
 matplotlib SVGs embedded as data URIs, and the graphs are JSON in the page.
@@ -109,6 +110,11 @@ def _pair(pair: tuple[int, int] | list[int]) -> str:
     return _count(a) if a == b else f"{_count(a)} → {_count(b)}"
 
 
+def _bytes(pair: tuple[int, int]) -> str:
+    a, b = pair
+    return f"{_count(a)}B" if a == b else f"{_count(a)}B → {_count(b)}B"
+
+
 def _error(record: PassRecord) -> str:
     text = "&ndash;" if record.max_error is None else f"{record.max_error:.2e}"
     if record.metrics:
@@ -117,8 +123,15 @@ def _error(record: PassRecord) -> str:
     return text
 
 
+def _sizes(report: Report) -> dict[int, tuple[int, int]]:
+    """Weight bytes (before, after) per record index, as the collector measured them."""
+    return {chart["record"]: (int(chart["bytes"][0]), int(chart["bytes"][1]))
+            for chart in report.charts if chart.get("kind") == "size"}
+
+
 def _pass_rows(report: Report) -> str:
     rows = []
+    sizes = _sizes(report)
     for i, r in enumerate(report.records):
         stats = ", ".join(f"{_e(k)}={_e(v)}" for k, v in r.stats.items())
         summary = "".join(f"<li>{_e(line)}</li>" for line in r.details.get("summary", []))
@@ -139,6 +152,7 @@ def _pass_rows(report: Report) -> str:
             f"<td><b>{_e(r.name)}</b>{'' if r.iteration == 1 else f' ({r.iteration})'}</td>"
             f"<td class=num>{r.seconds * 1e3:.1f}</td><td class=num>{_pair(r.nodes)}</td>"
             f"<td class=num>{_pair(r.parameters)}</td><td class=num>{_pair(r.macs)}</td>"
+            f"<td class=num>{_bytes(sizes[i]) if i in sizes else '&ndash;'}</td>"
             f"<td title='{_e(r.contract)}'>{_e(r.contract_kind or r.contract)}{tolerance}</td>"
             f"<td class=num>{_error(r)}</td>"
             f"<td>{'changed' if r.changed else 'no change'}<br><small>{stats}</small>{notes}"
@@ -177,10 +191,12 @@ def _charts(report: Report) -> list[tuple[str, str]]:
 
     made = []
     records = report.records
+    sizes = _sizes(report)
     if records:
         made.append(charts.cost_chart([{"name": r.name, "nodes": r.nodes,
-                                        "parameters": r.parameters, "macs": r.macs}
-                                       for r in records]))
+                                        "parameters": r.parameters, "macs": r.macs,
+                                        **({"bytes": sizes[i]} if i in sizes else {})}
+                                       for i, r in enumerate(records)]))
     draw = {"pruning": charts.pruning_chart, "quantization": charts.quantization_chart,
             "tokens": charts.tokens_chart}
     for chart in report.charts:
@@ -224,7 +240,8 @@ graphpress {_e(__version__)}</p></header>
 {_measurements(report)}
 <section><h2>Passes</h2><table class=grid>
 <tr><th>#</th><th>pass</th><th>ms</th><th>nodes</th><th>params</th><th>MACs</th>
-<th>contract</th><th>max error</th><th>result</th></tr>{_pass_rows(report)}</table>
+<th>weight bytes</th><th>contract</th><th>max error</th><th>result</th></tr>
+{_pass_rows(report)}</table>
 <table class=extra>{extra}</table></section>
 <section id="graph-section"><h2>Graph</h2>{no_graph}
 <div class=controls><label>view <select id="gp-view"></select></label>

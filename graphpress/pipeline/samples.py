@@ -105,11 +105,16 @@ def _copy_inputs(sample: Sample) -> Sample:
     return pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, sample)
 
 
-def run_samples(fn: Any, samples: Samples) -> list[Any]:
-    """``fn`` on each sample under no_grad, from the same state each time, leaving none."""
+def run_samples(fn: Any, samples: Samples, *, description: str | None = None) -> list[Any]:
+    """``fn`` on each sample under no_grad, from the same state each time, leaving none; with
+    a ``description``, a progress bar over the samples (:mod:`graphpress.ir.progress`)."""
+    from graphpress.ir.progress import progress_bar
+
     outputs = []
+    iterator = samples if description is None else progress_bar(
+        samples, desc=description, unit="sample")
     with torch.no_grad(), preserved_state(fn):
-        for sample in samples:
+        for sample in iterator:
             with preserved_state(fn):
                 args, kwargs = _copy_inputs(sample)
                 outputs.append(fn(*args, **kwargs))

@@ -17,6 +17,9 @@ since their values may differ on purpose (fold_bn's conv now computes the old ba
 An exact violation is first put to the float64 referee (:mod:`graphpress.pipeline.rounding`):
 a difference that is only fp32 rounding, no larger than the input program's own, does not fail
 the contract; the report says which samples needed the referee.
+
+Runs over the samples show a progress bar on a terminal when they take over a second
+(:mod:`graphpress.ir.progress`).
 """
 
 from __future__ import annotations
@@ -123,13 +126,14 @@ def check_contract(pass_: Pass, contract: Contract, before: Program, after: Prog
                    result: PassResult, samples: Samples, expected: list[Any] | None,
                    history: list[str]) -> Verdict:
     """Check ``contract`` (``pass_``'s, for ``before``) on every sample."""
-    actual = run_samples(after, samples)
+    actual = run_samples(after, samples, description=f"verifying {pass_.name}")
     if contract.kind == "unchecked":
         return Verdict(float("nan"), actual)
     if contract.kind == "exact" and expected is not None:
         reference = expected
     else:
-        reference = run_samples(pass_.reference(before, result), samples)
+        reference = run_samples(pass_.reference(before, result), samples,
+                                description=f"{pass_.name}: reference")
     ran = ", ".join(history) or "none"
     if contract.kind == "statistical":
         metrics = output_metrics(actual, reference, tuple(m for m, _ in contract.minimums))

@@ -142,7 +142,58 @@ def test_tokens_per_block_are_charted() -> None:
     from graphpress.pipeline.report_charts import tokens_chart
 
     title, svg = tokens_chart({"blocks": {"block 0": 197, "block 1": 189}}, "merge_tokens")
-    assert title == "merge_tokens: tokens per block" and svg.startswith("<?xml")
+    assert title == "merge_tokens: tokens per block after merging" and svg.startswith("<?xml")
+
+
+def test_merge_tokens_feeds_the_tokens_chart_with_its_counts() -> None:
+    """A tiny ViT through merge_tokens(r=2): the chart holds, per block, the tokens its
+    attention saw and those left after its merge, as the pass computed them."""
+    model, inputs = get_model("hf_vit").make()
+    compiled = gp.compile(model, inputs, passes="merge_tokens(r=2)")
+    record = compiled.report().records[0]
+    chart = next(c for c in compiled.report().charts if c["kind"] == "tokens")
+    assert chart["record"] == 0
+    names = list(chart["blocks"])
+    assert [name.split(" (")[0] for name in names] == ["block 0", "block 1"]
+    assert names[0].endswith("(vit.layers.0.attention)")
+    tokens = record.stats["tokens_in"]  # 16 patches and the CLS token
+    assert tokens == 17 and list(chart["attention"].values()) == [17, 15]
+    assert list(chart["blocks"].values()) == [15, 13] == [
+        t - 2 for t in chart["attention"].values()]
+    assert list(chart["blocks"].values())[-1] == record.stats["tokens_out"]
+    # the sequence the graph now carries after the last block is that count
+    sizes = [n.meta["val"].shape[1] for n in compiled.program.graph.nodes
+             if n.op == "call_function" and n.target is torch.ops.aten.layer_norm.default]
+    assert sizes[-1] == 13
+    page = render_html(compiled.report())
+    assert "merge_tokens: tokens per block after merging" in page
+
+
+def test_weight_bytes_follow_packing() -> None:
+    """fuse_dequant_matmul packs int4 weights: the size record of each pass is the program's
+    real weight bytes, shown in the pass table and the size chart."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(),
+                                torch.nn.Linear(128, 32)).eval()
+    compiled = gp.compile(model, (torch.randn(4, 64),), passes=[
+        gp.passes.InsertFakeQuant(gp.quant.int4_weight_only(group_size=32)),
+        "fuse_dequant_matmul"])
+    report = compiled.report()
+    sizes = [c["bytes"] for c in report.charts if c["kind"] == "size"]
+    floats = sum(p.numel() * 4 for p in model.parameters())
+    assert len(sizes) == 2 and sizes[0][0] == floats
+    assert sizes[0][1] > floats  # fake-quant keeps the float weights and adds the qparams
+    fused = report.records[1].stats  # the packed weights and their scales, then the biases
+    assert sizes[1] == [sizes[0][1], fused["weight_bytes_after"] + 4 * (128 + 32)]
+    assert sizes[1][1] < floats / 5
+    page = render_html(report)
+    assert "<th>weight bytes</th>" in page and "49.79kB → " in page
+    from graphpress.pipeline.report_charts import cost_chart
+
+    _, svg = cost_chart([{"name": r.name, "nodes": r.nodes, "parameters": r.parameters,
+                          "macs": r.macs, "bytes": size}
+                         for r, size in zip(report.records, sizes)])
+    assert "weight bytes (traced: 49,792)" in svg
 
 
 @pytest.mark.slow

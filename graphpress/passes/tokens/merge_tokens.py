@@ -92,10 +92,12 @@ class MergeTokens(Pass):
         plan = plan_merges(self, program, ctx)
         if not plan.any_merge:
             return PassResult(False, {"blocks": len(plan.rates), "merged_tokens": 0},
-                              details={"summary": plan.summary, "rates": plan.rates})
+                              details={"summary": plan.summary, "rates": plan.rates,
+                                       "tokens_per_block": plan.tokens_per_block()})
         self._apply(program.copy(), plan)  # a refusal found here leaves the program untouched
         details = self._apply(program, plan)
         details["summary"] = plan.summary
+        details["tokens_per_block"] = plan.tokens_per_block()
         stats = {"blocks": len(plan.rates), "merged_tokens": sum(plan.rates),
                  "tokens_in": plan.tokens, "tokens_out": plan.tokens - sum(plan.rates),
                  "protected": plan.protected}

@@ -37,10 +37,20 @@ class MergePlan:
     protected: int
     summary: list[str] = field(default_factory=list)
     trivial_masks: set[str] = field(default_factory=set)   # all-allowing, input-independent
+    blocks: list[str] = field(default_factory=list)        # block names, as in the summary
 
     @property
     def any_merge(self) -> bool:
         return any(self.rates)
+
+    def tokens_per_block(self) -> list[dict[str, Any]]:
+        """Per block: its name, the tokens its attention sees and those left after its merge
+        (the report charts them)."""
+        rows, tokens = [], self.tokens
+        for name, rate in zip(self.blocks, self.rates):
+            rows.append({"block": name, "tokens_in": tokens, "tokens_out": tokens - rate})
+            tokens -= rate
+        return rows
 
 
 def _refuse(why: str) -> PassError:
@@ -152,4 +162,5 @@ def plan_merges(pass_: Any, program: Program, ctx: PassContext) -> MergePlan:
     if trivial:
         summary.append("attention mask(s) " + ", ".join(f"%{m}" for m in sorted(trivial))
                        + " allow everything and depend on no input: merged blocks drop them")
-    return MergePlan(rates, tokens, protected, summary, trivial)
+    return MergePlan(rates, tokens, protected, summary, trivial,
+                     blocks=[shape.name for shape in shapes])
