@@ -16,13 +16,14 @@ largest channel of every group scores 1 and the scores of different groups are c
 a global ranking needs no per-layer ratios (within one group LAMP orders like ``l2``).
 
 ``hessian`` is the second-order Taylor estimate of the loss change when channel ``c`` is
-removed (``delta w = -w_c``, every element of the channel in every trainable slice at once),
-with the Hessian replaced by the diagonal empirical Fisher (the mean of squared gradients over
-the user's batches, each batch one sample of it):
-``|dL_c| ~= | -sum_e gbar_e w_e + 1/2 sum_e F_e w_e^2 |``, ``gbar = mean_b g_b``,
-``F = mean_b g_b^2`` (NViT's Hessian-aware saliency; OBD when ``gbar = 0``). Batches of one
-example give the per-sample Fisher. ``variance`` (activation variance, see ``variance.py``)
-scores channels by data, not weights.
+removed (``delta = -w_c``: every element of the channel in every trainable slice at once),
+``dL ~= gbar^T delta + 1/2 delta^T H delta``, with the Hessian replaced by the empirical Fisher
+of the user's batches, ``F = mean_b g_b g_b^T`` (NViT's Hessian-aware saliency). Restricted to
+the channel's block the Fisher's quadratic form is a mean of squared directional gradients,
+exact and cheap: with ``t_b = g_b . w_c``, ``|dL_c| ~= | -mean_b t_b + 1/2 mean_b t_b^2 |``.
+Each batch is one sample of the Fisher: batches of one example give the per-sample Fisher
+(batch-mean gradients cancel across examples and underestimate it). ``variance`` (activation
+variance, see ``variance.py``) scores channels by data, not weights.
 """
 
 from __future__ import annotations
@@ -35,12 +36,11 @@ import torch
 from graphpress.analysis.channels.solver import ChannelGroup, ChannelSlice
 from graphpress.ir.program import Program
 
-__all__ = ["CRITERIA", "GRADIENT_CRITERIA", "REDUCTIONS", "gradient_moments", "group_importance",
-           "lamp_scores", "weight_gradients"]
+__all__ = ["CRITERIA", "REDUCTIONS", "group_importance", "hessian_saliency", "lamp_scores",
+           "weight_gradients"]
 
 Criterion = Callable[[Program, ChannelGroup], torch.Tensor]
 CRITERIA = ("l1", "l2", "bn_scale", "taylor", "random", "lamp", "hessian", "variance")
-GRADIENT_CRITERIA = ("taylor", "hessian")
 REDUCTIONS = ("mean", "sum", "max")
 
 
@@ -73,27 +73,32 @@ def weight_gradients(program: Program, batches: list[tuple[Any, ...]],
     return grads
 
 
-def gradient_moments(program: Program, batches: list[tuple[Any, ...]],
-                     loss: Callable[[Any], torch.Tensor]
-                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Per trainable weight, the mean gradient and the mean squared gradient over ``batches``
-    (one backward per batch; the diagonal empirical Fisher is the second)."""
+def hessian_saliency(program: Program, groups: list[ChannelGroup],
+                     batches: list[tuple[Any, ...]], loss: Callable[[Any], torch.Tensor]
+                     ) -> list[torch.Tensor]:
+    """Per group, ``|-mean_b t_b + 1/2 mean_b t_b^2|`` per channel, ``t_b = g_b . w_c`` over the
+    channel's elements in every trainable slice (one backward per batch; the program's weights
+    are left without gradients)."""
     params = {n: t for n, t in program.state_dict.items() if isinstance(t, torch.nn.Parameter)}
-    mean: dict[str, torch.Tensor] = {}
-    square: dict[str, torch.Tensor] = {}
+    first = [torch.zeros(g.size, dtype=torch.float64) for g in groups]
+    second = [torch.zeros(g.size, dtype=torch.float64) for g in groups]
     for batch in batches:
         for t in params.values():
             t.grad = None
         with torch.enable_grad():
             loss(program(*batch)).backward()
-        for n, t in params.items():
-            if t.grad is not None:
-                g = t.grad.detach().double()
-                mean[n] = mean.get(n, 0) + g / len(batches)
-                square[n] = square.get(n, 0) + g * g / len(batches)
+        for g, f, q in zip(groups, first, second, strict=True):
+            t = torch.zeros(g.size, dtype=torch.float64)
+            for s in g.slices:
+                w = params.get(s.weight)
+                if w is not None and w.grad is not None:
+                    product = w.detach().double() * w.grad.double()
+                    t += _rows(product, s, g.size, torch.float64).sum(1)
+            f += t / len(batches)
+            q += t * t / len(batches)
     for t in params.values():
         t.grad = None
-    return mean, square
+    return [(-f + 0.5 * q).abs().float() for f, q in zip(first, second, strict=True)]
 
 
 def lamp_scores(magnitudes: torch.Tensor) -> torch.Tensor:
@@ -118,10 +123,10 @@ def _bn_weights(program: Program) -> set[str]:
 
 def group_importance(program: Program, group: ChannelGroup, criterion: str | Criterion,
                      reduce: str = "mean", generator: torch.Generator | None = None,
-                     grads: dict[str, torch.Tensor] | None = None,
-                     fisher: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """One score per channel of ``group`` (higher = more important). ``grads``: summed
-    gradients (taylor) or mean gradients (hessian, with ``fisher`` the mean squared ones)."""
+                     grads: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """One score per channel of ``group`` (higher = more important); ``grads``: the summed
+    gradients of taylor. ``hessian`` and ``variance`` score all groups at once from data
+    (:func:`hessian_saliency`, ``variance.variance_scores``)."""
     if callable(criterion):
         scores = torch.as_tensor(criterion(program, group), dtype=torch.float32).flatten()
         if scores.numel() != group.size:
@@ -139,8 +144,9 @@ def group_importance(program: Program, group: ChannelGroup, criterion: str | Cri
             slices, criterion = scaled, "l1"
     if not slices:
         slices = list(group.slices)
-    if criterion == "hessian":
-        return _hessian(program, group, slices, grads or {}, fisher or {})
+    if criterion in ("hessian", "variance"):
+        raise ValueError(f"importance={criterion!r} scores every group at once from data: "
+                         "run PruneChannels (or hessian_saliency / variance.variance_scores)")
     if criterion == "taylor":
         grads = grads or {}
         slices = [s for s in slices if s.weight in grads]
@@ -155,19 +161,6 @@ def group_importance(program: Program, group: ChannelGroup, criterion: str | Cri
         scores = torch.stack([_slice_scores(program.weight(s.weight), s, group.size, p)
                               for s in slices])
     return _reduced(scores, reduce)
-
-
-def _hessian(program: Program, group: ChannelGroup, slices: list[ChannelSlice],
-             mean: dict[str, torch.Tensor], fisher: dict[str, torch.Tensor]) -> torch.Tensor:
-    """|-gbar . w_c + 1/2 w_c^T diag(F) w_c| over every element of channel c in every slice."""
-    change = torch.zeros(group.size, dtype=torch.float64)
-    for s in slices:
-        if s.weight not in mean:
-            continue
-        w = program.weight(s.weight).detach().double()
-        term = -mean[s.weight] * w + 0.5 * fisher[s.weight] * w * w
-        change += _rows(term, s, group.size, torch.float64).sum(1)
-    return change.abs().float()
 
 
 def _reduced(scores: torch.Tensor, reduce: str) -> torch.Tensor:

@@ -31,10 +31,9 @@ from graphpress.ir.program import Program
 from graphpress.passes.prune import variance
 from graphpress.passes.prune.importance import (
     CRITERIA,
-    GRADIENT_CRITERIA,
     REDUCTIONS,
-    gradient_moments,
     group_importance,
+    hessian_saliency,
     weight_gradients,
 )
 from graphpress.passes.prune.plan import (
@@ -146,13 +145,16 @@ class PruneChannels(Pass):
             reasons = "; ".join(f"{s.node}: {s.reason}" for s in skips[:5])
             raise ValueError(f"nothing prunable in this program ({reasons})")
         generator = torch.Generator().manual_seed(self.seed)
-        grads, fisher = self._gradients(program, ctx)
         if calibration is not None:
             scores = [variance.variance_scores(g, calibration[0], calibration[1], self.reduce)
                       for g in chosen]
+        elif self.importance == "hessian":
+            scores = hessian_saliency(program, chosen, *self._loss_batches(ctx))
         else:
+            grads = weight_gradients(program, *self._loss_batches(ctx)) \
+                if self.importance == "taylor" else None
             scores = [group_importance(program, g, self.importance, self.reduce, generator,
-                                       grads, fisher) for g in chosen]
+                                       grads) for g in chosen]
         counts = self._global_counts(chosen, scores) if self.global_ranking else [
             g.size - math.floor(self._ratio(g) * g.size) for g in chosen]
         plan = PrunePlan()
@@ -191,19 +193,15 @@ class PruneChannels(Pass):
             return [(tuple(ctx.example_inputs), dict(ctx.example_kwargs))]
         return []
 
-    def _gradients(self, program: Program, ctx: PassContext | None
-                   ) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
-        """taylor: summed gradients; hessian: mean and mean squared gradients; else None."""
-        if self.importance not in GRADIENT_CRITERIA:
-            return None, None
+    def _loss_batches(self, ctx: PassContext | None
+                      ) -> tuple[list[tuple[Any, ...]], Callable[[Any], torch.Tensor]]:
+        """taylor, hessian: the batches (default: the example inputs) and the loss."""
         batches = self.batches or ([tuple(ctx.example_inputs)] if ctx and ctx.example_inputs
                                    else [])
         if not batches or self.loss is None:
             raise ValueError(f"importance={self.importance!r} needs loss=callable(outputs) and "
                              "batches= (or example inputs)")
-        if self.importance == "taylor":
-            return weight_gradients(program, batches, self.loss), None
-        return gradient_moments(program, batches, self.loss)
+        return batches, self.loss
 
     def _global_counts(self, groups: list[ChannelGroup], scores: list[torch.Tensor]) -> list[int]:
         """LAMP scores are comparable across groups as they are; others are divided by their

@@ -12,7 +12,7 @@ from graphpress.analysis.channels.solver import channel_groups
 from graphpress.frontends import trace
 from graphpress.passes import PassContext, PassManager, PruneChannels
 from graphpress.passes.prune import variance
-from graphpress.passes.prune.importance import group_importance, lamp_scores
+from graphpress.passes.prune.importance import group_importance, hessian_saliency, lamp_scores
 from graphpress.testing import assert_equivalent
 
 
@@ -75,21 +75,19 @@ def test_lamp_global_ranking_cuts_the_lowest_lamp_scores_across_groups() -> None
 
 def test_hessian_scores_by_hand() -> None:
     """L = sum(y), y = x (c a + d b) with fc1 = [a, b] = [1, 2], fc2 = [c, d] = [3, -1]; batches
-    x = 1 and x = 3. Gradients per batch: (a, b, c, d) -> x (c, d, a, b): mean (6, -2, 2, 4),
-    mean square (45, 5, 5, 20). Channel 0 (a, c): -6*1 + 45/2 - 2*3 + 5*9/2 = 33; channel 1
-    (b, d): 2*2 + 5*4/2 + 4*1 + 20/2 = 28."""
+    x = 1 and x = 3. Gradients (a, b, c, d) -> x (c, d, a, b), so t_b = g_b . w_c is 6x for
+    channel 0 (a, c) and -4x for channel 1 (b, d): means 12 and -8, mean squares 180 and 80.
+    |-12 + 180/2| = 78, |8 + 80/2| = 48."""
     model = MLP((1, 2, 1), relu=False)
     _set(model.fc1, [[1], [2]])
     _set(model.fc2, [[3, -1]])
     batches = [(torch.tensor([[1.0]]),), (torch.tensor([[3.0]]),)]
     program = trace(model, batches[0])
-    pass_ = PruneChannels(ratio=0.5, importance="hessian", batches=batches, loss=torch.sum)
-    mean, fisher = pass_._gradients(program, PassContext())
-    scores = group_importance(program, _hidden_group(program), "hessian", grads=mean,
-                              fisher=fisher)
-    assert torch.allclose(scores, torch.tensor([33.0, 28.0]))
+    (scores,) = hessian_saliency(program, [_hidden_group(program)], batches, torch.sum)
+    assert torch.allclose(scores, torch.tensor([78.0, 48.0]))
     assert all(t.grad is None for t in program.state_dict.values())
     before = program.copy()
+    pass_ = PruneChannels(ratio=0.5, importance="hessian", batches=batches, loss=torch.sum)
     result = pass_.run(program, PassContext())
     assert result.details["plan"].groups[0].keep == [0]
     assert_equivalent(program, pass_.reference(before, result), batches, rtol=1e-6, atol=1e-6)
