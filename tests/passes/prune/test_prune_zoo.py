@@ -75,3 +75,16 @@ def test_prunes_heads_of_matmul_attention(name: str) -> None:
 @pytest.mark.parametrize("zoo", zoo_models(include=["large"], exclude=()), ids=lambda z: z.name)
 def test_prunes_large_zoo_models_at_half(zoo: ZooModel) -> None:
     _check(zoo)
+
+
+@pytest.mark.parametrize("name", ["hf_llama", "hf_vit", "hf_gpt2", "hf_resnet", "concat_net"])
+def test_variance_with_mean_folding_on_zoo_models(name: str) -> None:
+    """Transformer MLPs and heads (linear, GPT-2's addmm), ResNet's residual stages (1x1 and
+    padded 3x3 convs), concat: the pruned program equals the model with the removed channels
+    replaced by their means where they are read (checked by verify=True)."""
+    model, inputs = get_model(name).make()
+    prune = gp.passes.PruneChannels(ratio=0.5, importance="variance")
+    record = gp.compile(model, inputs, passes=[prune], verify=True).report().records[-1]
+    assert record.contract.startswith("reference") and "calibration mean" in record.contract
+    assert record.stats["readers_mean_folded"] >= 4 and record.max_error < 1e-5
+    assert record.stats["channels_after"] < record.stats["channels_before"]
