@@ -2,6 +2,8 @@
 
 Timing alternates the two callables (A B, B A, A B, ...) after two warm-up calls each, so the
 slow drifts of a shared, noisy machine hit both alike; compare them by the ratio of medians.
+The rounds show a progress bar on stderr when it is a terminal (graphpress's one convention,
+:mod:`graphpress.ir.progress`), so the tables on stdout stay clean.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from graphpress.ir.progress import progress_bar
 
 __all__ = ["interleaved", "markdown_table"]
 
@@ -24,7 +28,7 @@ def interleaved(first: Callable[[], Any], second: Callable[[], Any], repeats: in
     with torch.no_grad():
         for fn in (first, second, first, second):
             fn()
-        for round_ in range(repeats):
+        for round_ in progress_bar(range(repeats), desc="timing", unit="round"):
             for i in ((0, 1) if round_ % 2 == 0 else (1, 0)):
                 wall, cpu = time.perf_counter(), time.process_time()
                 fns[i]()

@@ -10,7 +10,8 @@
     graphpress report DIR [-o HTML]
     graphpress passes
 
-``demo`` runs the whole job on the zoo's trained ``digits_cnn`` (see :mod:`graphpress.demo`):
+``demo`` runs the whole job on the zoo's trained ``digits_cnn`` (or ``--model NAME``, one of
+:data:`graphpress.demo.DEMO_MODELS`; see :mod:`graphpress.demo`):
 :data:`DEMO_PIPELINE` with a fine-tune after pruning, a before/after table and an HTML report.
 ``compile`` (default pipeline :data:`COMPILE_PIPELINE`) imports ``MODULE`` (the current
 directory is on the import path), calls ``FACTORY()`` for the model, or for
@@ -48,7 +49,14 @@ from torch.utils import _pytree as pytree
 
 import graphpress as gp
 from graphpress.api import rebuild_report
-from graphpress.demo import DEMO_MODEL, PRUNE_PIPELINE, QUANT_PIPELINE, run_demo
+from graphpress.demo import (
+    DEMO_MODEL,
+    DEMO_MODELS,
+    PRUNE_PIPELINE,
+    QUANT_PIPELINE,
+    demo_recipe,
+    run_demo,
+)
 from graphpress.errors import GraphpressError
 from graphpress.frontends import FRONTENDS
 from graphpress.ir.progress import progress_mode
@@ -175,12 +183,7 @@ def _summary(compiled: gp.CompiledModel, model: torch.nn.Module, inputs: Any) ->
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from graphpress.testing.zoo import get_model
-
-    try:
-        get_model(args.model)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    demo_recipe(args.model)  # an unknown model fails before anything runs
     run_demo(args.model, verify=args.verify, output=args.output, epochs=args.epochs,
              progress=False if args.quiet else None)
     return 0
@@ -314,9 +317,9 @@ def _parser() -> argparse.ArgumentParser:
         description=f"Train (seconds) the digits CNN, compile it through {PRUNE_PIPELINE}, "
                     f"fine-tune, then {QUANT_PIPELINE} and ONNX; print accuracy, size and "
                     "latency before and after, and write the HTML report.")
-    demo.add_argument("--model", default=DEMO_MODEL,
-                      help=f"zoo model name (default: {DEMO_MODEL}; other models are not "
-                           "fine-tuned and are compared by output cosine)")
+    demo.add_argument("--model", default=DEMO_MODEL, metavar="NAME",
+                      help=f"one of {', '.join(DEMO_MODELS)} (default: {DEMO_MODEL}; the "
+                           "others are not fine-tuned and are compared by output cosine)")
     demo.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                       help="check every pass's numerical contract (default: on)")
     demo.add_argument("-o", "--output", default="graphpress-demo", metavar="DIR",

@@ -15,8 +15,13 @@ trained for a second on scikit-learn's bundled digits, ~99% test accuracy). The 
    rounds, median) for the trained model and after each step, and one HTML report of both
    compiles (``Report.extend``) with the measurements.
 
-Any other zoo model runs the same steps without fine-tuning, and the table shows the cosine
-between its outputs and the original's on generated inputs instead of accuracy.
+``--model`` takes the models of :data:`DEMO_MODELS` (each one tested end to end): the
+pretrained MiniLM encoder (real weights), and tiny random-weight Hugging
+Face models: a ViT, whose first compile also merges 2 tokens per block (``merge_tokens``), a
+ResNet, a BERT and a Llama. They run the same steps without the fine-tune (there is no task
+to tune on), and the table shows the worst cosine between their outputs and the original's
+on the example and 3 generated inputs instead of accuracy. Any other name is refused with
+the list.
 """
 
 from __future__ import annotations
@@ -33,15 +38,44 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 import graphpress as gp
+from graphpress.errors import InputError
 from graphpress.ir.progress import progress_bar, progress_mode
 from graphpress.pipeline.report import Report
 from graphpress.pipeline.samples import generate_samples
 
-__all__ = ["DEMO_MODEL", "FINETUNE_EPOCHS", "PRUNE_PIPELINE", "QUANT_PIPELINE", "DemoResult",
-           "run_demo"]
+__all__ = ["DEMO_MODEL", "DEMO_MODELS", "FINETUNE_EPOCHS", "PRUNE_PIPELINE", "QUANT_PIPELINE",
+           "DemoRecipe", "DemoResult", "demo_recipe", "run_demo"]
+
+
+@dataclass(frozen=True)
+class DemoRecipe:
+    """The demo's first compile for one model: prune ``prune_ratio`` of the channels, then
+    (``merge_r`` > 0) merge that many tokens per transformer block."""
+
+    prune_ratio: float = 0.5
+    merge_r: int = 0
+
+    def pipeline(self) -> str:
+        merge = f", merge_tokens(r={self.merge_r})" if self.merge_r else ""
+        return (f"fold_bn, prune_channels(ratio={self.prune_ratio}){merge}, "
+                "fixpoint(dce, cse, fold_constants)")
+
+    def stage(self) -> str:
+        merge = f" + merge {self.merge_r} tokens/block" if self.merge_r else ""
+        return f"fold_bn + prune {self.prune_ratio:.0%}{merge}"
+
 
 DEMO_MODEL = "digits_cnn"
-PRUNE_PIPELINE = "fold_bn, prune_channels(ratio=0.5), fixpoint(dce, cse, fold_constants)"
+DEMO_MODELS: dict[str, DemoRecipe] = {
+    "digits_cnn": DemoRecipe(),
+    "minilm": DemoRecipe(),  # real weights; no task to fine-tune on
+    "hf_vit": DemoRecipe(merge_r=2),
+    "hf_resnet": DemoRecipe(),
+    "hf_bert": DemoRecipe(),
+    "hf_llama": DemoRecipe(),
+}
+"""The models ``graphpress demo --model`` runs (tests/test_cli.py runs each)."""
+PRUNE_PIPELINE = DEMO_MODELS[DEMO_MODEL].pipeline()
 QUANT_PIPELINE = "insert_fake_quant(scheme='int8_static')"
 FINETUNE_EPOCHS = 3
 CALIBRATION_IMAGES = 32
@@ -136,10 +170,26 @@ def run_demo(model_name: str = DEMO_MODEL, *, verify: bool = True,
         return _run(model_name, verify=verify, output=output, epochs=epochs, log=log)
 
 
+def demo_recipe(model_name: str) -> DemoRecipe:
+    """The recipe of a demo model; an unknown name is an InputError listing the known ones."""
+    if model_name in DEMO_MODELS:
+        return DEMO_MODELS[model_name]
+    from graphpress.testing.zoo import zoo_models
+
+    known = ", ".join(DEMO_MODELS)
+    in_zoo = any(entry.name == model_name for entry in zoo_models(exclude=()))
+    why = (f"{model_name!r} is a zoo model, but the demo's steps are not tested on it; compile "
+           "it with your own pipeline (gp.compile or graphpress compile)" if in_zoo
+           else f"unknown demo model {model_name!r}")
+    raise InputError(f"{why}. The demo runs: {known} (default {DEMO_MODEL})")
+
+
 def _run(model_name: str, *, verify: bool, output: str | Path, epochs: int,
          log: Callable[[str], None]) -> DemoResult:
     from graphpress.testing.zoo import digits_data, get_model
 
+    recipe = demo_recipe(model_name)
+    prune_pipeline = recipe.pipeline()
     entry = get_model(model_name)
     model, inputs = entry.make()
     log(f"graphpress demo: {entry.name}: {entry.description}")
@@ -165,11 +215,11 @@ def _run(model_name: str, *, verify: bool, output: str | Path, epochs: int,
                 got = [_first_tensor(fn(*p)).flatten().double() for p in probes]
             return min(float(F.cosine_similarity(a, b, dim=0)) for a, b in zip(got, reference))
     metric = "accuracy" if trained else "cosine"
-    log(f"steps: {PRUNE_PIPELINE} -> "
+    log(f"steps: {prune_pipeline} -> "
         f"{f'fine-tune {epochs} epochs -> ' if trained else ''}{QUANT_PIPELINE} -> onnx "
         f"(verify={verify})")
 
-    prune = gp.compile(model, prune_example, passes=PRUNE_PIPELINE, verify=verify,
+    prune = gp.compile(model, prune_example, passes=prune_pipeline, verify=verify,
                        dynamic_batch=trained)
     pruned_quality = quality(prune, True)
     tuned = _eval_mode(prune.program.module())
@@ -184,7 +234,7 @@ def _run(model_name: str, *, verify: bool, output: str | Path, epochs: int,
 
     stages: dict[str, tuple[Callable[..., Any], dict[str, torch.Tensor], bool]] = {
         "trained model (fp32)" if trained else "original (fp32)": (model, _state(model), True),
-        "fold_bn + prune 50%": (prune, _state(prune.program), True)}
+        recipe.stage(): (prune, _state(prune.program), True)}
     if trained:
         stages[f"+ fine-tune {epochs} epochs"] = (tuned, _state(tuned), True)
     stages["+ int8 fake-quant (eager)"] = (quant.program, _state(quant.program), trained)
@@ -194,7 +244,7 @@ def _run(model_name: str, *, verify: bool, output: str | Path, epochs: int,
     onnx_bytes = getattr(onnx, "size_bytes", None)
     result = DemoResult(compiled=quant)
     for name, (fn, state, batched) in stages.items():
-        value = pruned_quality if name == "fold_bn + prune 50%" else quality(fn, batched)
+        value = pruned_quality if name == recipe.stage() else quality(fn, batched)
         is_onnx = name.endswith("(onnxruntime int8)")
         result.rows.append({"stage": name, metric: value, "parameters": _parameters(state),
                             "bytes": onnx_bytes if is_onnx and onnx_bytes else _bytes(state),
