@@ -6,7 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from graphpress.quant.algorithms.awq import AwqReader, awq_clip_search, awq_scale_search
+from graphpress.quant.algorithms.awq import (
+    AwqReader,
+    awq_clip_search,
+    awq_scale_search,
+    weight_salience,
+)
 from graphpress.quant.algorithms.bias_correction import output_shift
 from graphpress.quant.algorithms.eora import eora_factors
 from graphpress.quant.algorithms.gptq import gptq_quantize
@@ -111,19 +116,67 @@ def test_awq_power_of_two_candidates() -> None:
     assert torch.equal(scale, torch.exp2(torch.round(torch.log2(scale))))
 
 
+def test_awq_duo_candidates_weigh_the_weights() -> None:
+    """The duo family (x^alpha / w^(1 - alpha)) is scored after the plain one: twice the
+    losses, the plain family's first is RTN's, and the best of both is kept."""
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(256, 16, generator=generator)
+    x[:, 2] *= 20
+    weight = torch.randn(8, 16, generator=generator)
+    reader = AwqReader(x, weight, [1, 8], torch.arange(16))
+    plain = awq_scale_search(x.abs().mean(0), [reader], INT4_G8, grid=10, power_of_two=False)
+    duo = awq_scale_search(x.abs().mean(0), [reader], INT4_G8, grid=10, power_of_two=False,
+                           duo=True)
+    assert len(plain[2]) == 10 and len(duo[2]) == 20 and duo[2][:10] == plain[2]
+    assert min(duo[2]) <= min(plain[2])
+    assert float(duo[0].max() * duo[0].min()) == pytest.approx(1.0)
+
+
+def test_weight_salience_by_hand() -> None:
+    """mean over rows of |W| / (its block's max |W|), per producer channel; two readers and a
+    channel map that feeds channel 0 twice (GQA-style repeats) average over all of them."""
+    first = torch.tensor([[1.0, -2.0], [4.0, 2.0]])     # blocks [1, 2]: row maxima 2 and 4
+    second = torch.tensor([[3.0, 3.0]])
+    readers = [AwqReader(torch.ones(1, 2), first, [1, 2], torch.tensor([0, 1])),
+               AwqReader(torch.ones(1, 2), second, [1, 2], torch.tensor([0, 0]))]
+    # channel 0: 1/2, 4/4 (first) and 1, 1 (second); channel 1: 2/2, 2/4
+    expected = torch.tensor([(0.5 + 1.0 + 1.0 + 1.0) / 4, (1.0 + 0.5) / 2], dtype=torch.float64)
+    assert torch.allclose(weight_salience(readers, 2), expected)
+
+
 def test_awq_clipping_never_loses_to_the_full_range() -> None:
     generator = torch.Generator().manual_seed(4)
     weight = torch.randn(6, 16, generator=generator)
     weight[2, 3] = 8.0                                   # an outlier stretches its group's grid
     x = torch.randn(128, 16, generator=generator)
-    ratio = awq_clip_search(x, weight, [1, 8], INT4_G8)
-    assert ratio.shape == (6, 2) and float(ratio.min()) >= 0.5 and float(ratio.max()) <= 1.0
+    low, high = awq_clip_search(x, weight, [1, 8], INT4_G8)
+    assert torch.equal(low, high), "one ratio for both ends"
+    assert low.shape == (6, 2) and float(low.min()) >= 0.5 and float(low.max()) <= 1.0
     clipped = fake_quantize(weight, [1, 8], INT4_G8, *minmax_qparams(weight, [1, 8], INT4_G8,
-                                                                     ratio))
+                                                                     low))
     assert _output_error(weight, clipped, x) <= _output_error(weight, _rtn(weight, [1, 8],
                                                                            INT4_G8), x)
     with pytest.raises(ValueError, match="per-row blocks"):
         awq_clip_search(x, weight, [6, 16], INT4_G8)
+
+
+def test_two_sided_clipping_shrinks_the_ends_apart() -> None:
+    """An outlier on the high side only: the two-sided search shrinks the two ends apart, and
+    its error is never above the one-ratio search's (whose pairs it contains)."""
+    generator = torch.Generator().manual_seed(6)
+    weight = torch.rand(4, 8, generator=generator) - 0.5
+    weight[:, 0] = 4.0                                   # every row: one large positive weight
+    x = torch.randn(256, 8, generator=generator)
+    x[:, 0] *= 0.05                                      # ... on an input that barely fires
+    spec = QuantSpec("int3", "per_group", group_size=8, symmetric=False)
+    one = awq_clip_search(x, weight, [1, 8], spec, steps=10)
+    low, high = awq_clip_search(x, weight, [1, 8], spec, steps=10, two_sided=True)
+    assert float(high.max()) < 1.0 and not torch.equal(low, high)
+
+    def error(ratios: tuple[torch.Tensor, torch.Tensor]) -> float:
+        return _output_error(weight, fake_quantize(weight, [1, 8], spec, *minmax_qparams(
+            weight, [1, 8], spec, *ratios)), x)
+    assert error((low, high)) <= error(one) < error((torch.ones(4, 1), torch.ones(4, 1)))
 
 
 def test_bias_correction_of_a_linear_is_the_mean_error_by_hand() -> None:

@@ -60,8 +60,8 @@ __all__ = ["ALGORITHMS", "OPTIONS", "WeightPlan", "plan_weights"]
 ALGORITHMS = ("rtn", "gptq", "awq")
 OPTIONS = {
     "gptq": {"damp": 0.01, "act_order": False, "block": 128},
-    "awq": {"grid": 20, "clip": True, "clip_steps": 20, "min_ratio": 0.5, "rows": 2048,
-            "clip_rows": 512, "power_of_two": True},
+    "awq": {"grid": 20, "duo": True, "clip": True, "clip_steps": 20, "min_ratio": 0.5,
+            "two_sided": False, "rows": 2048, "clip_rows": 512, "power_of_two": True},
     "rtn": {},
 }
 _LINEAR = ("linear", "matmul", "mm", "addmm")
@@ -141,7 +141,8 @@ def _awq(program: Program, layers: Sequence[Layer], batches: Sequence[Any],
                                      operand.block_size, reader.channel_of))
         spec = operands[0].spec
         scale, alpha, losses = awq_scale_search(mean_abs, readers, spec, grid=options["grid"],
-                                                power_of_two=options["power_of_two"])
+                                                power_of_two=options["power_of_two"],
+                                                duo=options["duo"])
         apply_scales(program, chain, scale)
         for param in [*chain.params, *(r.weight for r in chain.readers)]:
             plan.folded[program.weight_name(param)] = program.weight(param).detach()
@@ -165,14 +166,16 @@ def _awq_clip(program: Program, layers: Sequence[Layer], batches: Sequence[Any],
     collect(program, batches, {name: [c] for name, c in rows.items()}, what="awq clipping")
     for layer, operand, value in targets:
         weight = program.weight(operand.value).detach()
-        ratio = awq_clip_search(rows[value.name].value, weight.float(), operand.block_size,
-                                operand.spec, steps=options["clip_steps"],
-                                min_ratio=options["min_ratio"])
+        two_sided = options["two_sided"] and not operand.spec.symmetric
+        low, high = awq_clip_search(rows[value.name].value, weight.float(), operand.block_size,
+                                    operand.spec, steps=options["clip_steps"],
+                                    min_ratio=options["min_ratio"], two_sided=two_sided)
         plan.qparams[program.weight_name(operand.value)] = minmax_qparams(
-            weight, operand.block_size, operand.spec, ratio)
+            weight, operand.block_size, operand.spec, low, high)
+        ratios = torch.cat([low.flatten(), high.flatten()])
         plan.summary.append(f"awq clipping {layer.node.name}: range ratio "
-                            f"{float(ratio.min()):.2f}..{float(ratio.max()):.2f}, mean "
-                            f"{float(ratio.mean()):.3f}")
+                            f"{float(ratios.min()):.2f}..{float(ratios.max()):.2f}, mean "
+                            f"{float(ratios.mean()):.3f}")
 
 
 def _gptq_and_bias(program: Program, layers: Sequence[Layer], batches: Sequence[Any],

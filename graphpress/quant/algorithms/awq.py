@@ -13,13 +13,22 @@ one with the smallest output error over calibration rows ``X`` of every reader:
     L(alpha) = sum_r || X W_r^T - (X / s) Q(W_r s)^T ||^2
 
 (``Q``: the round-to-nearest grid of :mod:`~graphpress.quant.algorithms.grid`). With
-``power_of_two`` each candidate is rounded to powers of two before it is scored, so the
-folding stays bit-exact (the search then picks among those).
+``duo`` the grid also holds AutoAWQ's "duo" candidates, which weigh the activation's magnitude
+against the weight's,
+
+    s(alpha) = mean|X_c|^alpha / mean|W_c|^(1 - alpha)
+
+(``mean|W_c|``: the mean over every reader's rows of ``|W[:, k]|`` divided by its block's
+``max |W|``, for the inputs ``k`` channel ``c`` feeds), and the search keeps the best of both
+families. With ``power_of_two`` each candidate is rounded to powers of two before it is
+scored, so the folding stays bit-exact (the search then picks among those).
 
 **Clipping search.** Per block (one output row of one group), the grid's range is shrunk by a
 ratio ``r`` in ``{1, 1 - 1/n, ...}`` down to ``min_ratio``; each block keeps the ratio with the
 smallest error of its share of the output, ``sum_t (X_t,group . (W - Q_r(W))_row,group)^2``.
-The qparams come from the shrunk range; values beyond it clamp to the grid's ends.
+The qparams come from the shrunk range; values beyond it clamp to the grid's ends. With
+``two_sided`` (asymmetric grids) the low and the high end shrink by ratios searched apart (the
+``(n + 1)^2`` pairs), so a group whose outliers sit on one side keeps the other end.
 """
 
 from __future__ import annotations
@@ -29,10 +38,10 @@ from dataclasses import dataclass
 
 import torch
 
-from graphpress.quant.algorithms.grid import fake_quantize, minmax_qparams
-from graphpress.quant.spec import QuantSpec
+from graphpress.quant.algorithms.grid import fake_quantize, minmax_qparams, qparams_in
+from graphpress.quant.spec import QuantSpec, block_minmax
 
-__all__ = ["AwqReader", "awq_clip_search", "awq_scale_search"]
+__all__ = ["AwqReader", "awq_clip_search", "awq_scale_search", "weight_salience"]
 
 
 @dataclass
@@ -46,8 +55,27 @@ class AwqReader:
     channel_of: torch.Tensor
 
 
-def _candidate(mean_abs: torch.Tensor, alpha: float, power_of_two: bool) -> torch.Tensor:
+def weight_salience(readers: Sequence[AwqReader], channels: int) -> torch.Tensor:
+    """``mean|W_c|`` of the duo candidates (module docstring), float64 ``[channels]``."""
+    total = torch.zeros(channels, dtype=torch.float64)
+    count = torch.zeros(channels, dtype=torch.float64)
+    for reader in readers:
+        rows, columns = reader.weight.shape
+        block_rows, block_columns = reader.block_size
+        blocks = reader.weight.abs().to(torch.float64).reshape(
+            rows // block_rows, block_rows, columns // block_columns, block_columns)
+        relative = blocks / blocks.amax(dim=(1, 3), keepdim=True).clamp(min=1e-12)
+        per_input = relative.reshape(rows, columns).sum(dim=0)
+        total.scatter_add_(0, reader.channel_of, per_input)
+        count.scatter_add_(0, reader.channel_of, torch.full_like(per_input, rows))
+    return total / count.clamp(min=1)
+
+
+def _candidate(mean_abs: torch.Tensor, weight_mean: torch.Tensor | None, alpha: float,
+               power_of_two: bool) -> torch.Tensor:
     scale = mean_abs.to(torch.float64).clamp(min=1e-8) ** alpha
+    if weight_mean is not None:
+        scale = (scale / (weight_mean.clamp(min=1e-8) ** (1 - alpha))).clamp(min=1e-4)
     scale = scale / torch.sqrt(scale.max() * scale.min())
     if power_of_two:
         scale = torch.exp2(torch.round(torch.log2(scale)))
@@ -55,34 +83,39 @@ def _candidate(mean_abs: torch.Tensor, alpha: float, power_of_two: bool) -> torc
 
 
 def awq_scale_search(mean_abs: torch.Tensor, readers: Sequence[AwqReader], spec: QuantSpec, *,
-                     grid: int = 20, power_of_two: bool = True
+                     grid: int = 20, power_of_two: bool = True, duo: bool = False
                      ) -> tuple[torch.Tensor, float, list[float]]:
-    """(best scale per producer channel, its alpha, the loss of every alpha on the grid)."""
+    """(best scale per producer channel, its alpha, the loss of every candidate: the plain
+    grid's, then with ``duo`` the duo grid's; ``losses[0]`` is round-to-nearest's)."""
     references = [r.x @ r.weight.T for r in readers]
-    best, best_alpha, losses = None, 0.0, []
-    for step in range(grid):
-        alpha = step / grid
-        scale = _candidate(mean_abs, alpha, power_of_two)
-        loss = 0.0
-        for reader, reference in zip(readers, references, strict=True):
-            per_input = scale[reader.channel_of].to(torch.float32)
-            scaled = reader.weight * per_input
-            qscale, zero_point = minmax_qparams(scaled, reader.block_size, spec)
-            quantized = fake_quantize(scaled, reader.block_size, spec, qscale, zero_point)
-            out = (reader.x / per_input) @ quantized.T
-            loss += float(((out - reference) ** 2).sum())
-        losses.append(loss)
-        if best is None or loss < losses[best]:
-            best, best_alpha = step, alpha
-    return _candidate(mean_abs, best_alpha, power_of_two), best_alpha, losses
+    families = [None] + ([weight_salience(readers, mean_abs.numel())] if duo else [])
+    best, best_scale, best_alpha, losses = None, None, 0.0, []
+    for weight_mean in families:
+        for step in range(grid):
+            alpha = step / grid
+            scale = _candidate(mean_abs, weight_mean, alpha, power_of_two)
+            loss = 0.0
+            for reader, reference in zip(readers, references, strict=True):
+                per_input = scale[reader.channel_of].to(torch.float32)
+                scaled = reader.weight * per_input
+                qscale, zero_point = minmax_qparams(scaled, reader.block_size, spec)
+                quantized = fake_quantize(scaled, reader.block_size, spec, qscale, zero_point)
+                out = (reader.x / per_input) @ quantized.T
+                loss += float(((out - reference) ** 2).sum())
+            losses.append(loss)
+            if best is None or loss < best:
+                best, best_scale, best_alpha = loss, scale, alpha
+    return best_scale, best_alpha, losses
 
 
 def awq_clip_search(x: torch.Tensor, weight: torch.Tensor, block_size: Sequence[int],
                     spec: QuantSpec, *, steps: int = 20, min_ratio: float = 0.5,
-                    chunk: int = 256) -> torch.Tensor:
-    """The clipping ratio of every block of ``weight`` ``[N, K]`` (blocks ``[1, g]``), shaped
-    like its qparams ``[N, K / g]``: the ratio whose quantization error on the rows ``x``
-    ``[T, K]`` is smallest for that block's output share."""
+                    two_sided: bool = False, chunk: int = 256
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clipping ratios ``(of the low end, of the high end)`` of every block of ``weight``
+    ``[N, K]`` (blocks ``[1, g]``), each shaped like its qparams ``[N, K / g]``: the pair whose
+    quantization error on the rows ``x`` ``[T, K]`` is smallest for that block's output share
+    (one ratio for both ends unless ``two_sided``)."""
     rows, columns = weight.shape
     if block_size[0] != 1:
         raise ValueError("clipping search takes per-row blocks ([1, g]); per-tensor weights "
@@ -91,18 +124,25 @@ def awq_clip_search(x: torch.Tensor, weight: torch.Tensor, block_size: Sequence[
     groups = columns // group
     xs = x.reshape(x.shape[0], groups, group)
     ratios = [1.0 - i * (1.0 - min_ratio) / steps for i in range(steps + 1)]
-    best_ratio = torch.ones(rows, groups)
+    pairs = ([(low, high) for low in ratios for high in ratios] if two_sided
+             else [(r, r) for r in ratios])
+    best_low, best_high = torch.ones(rows, groups), torch.ones(rows, groups)
+    lows, highs = block_minmax(weight, list(block_size))
     for start in range(0, rows, chunk):
         w = weight[start:start + chunk]
+        low, high = lows[start:start + chunk], highs[start:start + chunk]
         best_err = torch.full((w.shape[0], groups), float("inf"))
-        chosen = torch.ones(w.shape[0], groups)
-        for ratio in ratios:
-            scale, zero_point = minmax_qparams(w, block_size, spec, ratio)
+        chosen_low, chosen_high = torch.ones(w.shape[0], groups), torch.ones(w.shape[0], groups)
+        for low_ratio, high_ratio in pairs:
+            scale, zero_point = qparams_in(low * low_ratio, high * high_ratio, spec)
             diff = (w - fake_quantize(w, block_size, spec, scale, zero_point))
             diff = diff.reshape(w.shape[0], groups, group)
             err = (torch.einsum("tgk,ngk->tng", xs, diff) ** 2).sum(dim=0)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
-            chosen = torch.where(better, torch.full_like(chosen, ratio), chosen)
-        best_ratio[start:start + chunk] = chosen
-    return best_ratio
+            chosen_low = torch.where(better, torch.full_like(chosen_low, low_ratio), chosen_low)
+            chosen_high = torch.where(better, torch.full_like(chosen_high, high_ratio),
+                                      chosen_high)
+        best_low[start:start + chunk] = chosen_low
+        best_high[start:start + chunk] = chosen_high
+    return best_low, best_high

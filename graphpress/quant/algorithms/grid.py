@@ -18,18 +18,25 @@ import torch
 from graphpress.ops.quant import fake_quantize_affine, qparams_from_minmax
 from graphpress.quant.spec import QuantSpec, block_minmax
 
-__all__ = ["fake_quantize", "minmax_qparams"]
+__all__ = ["fake_quantize", "minmax_qparams", "qparams_in"]
+
+
+def qparams_in(low: torch.Tensor, high: torch.Tensor, spec: QuantSpec
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(scale, zero_point or None when symmetric) of blocks whose range is ``[low, high]``."""
+    qmin, qmax = spec.qrange()
+    scale, zero_point = qparams_from_minmax(low, high, qmin, qmax, spec.symmetric, spec.dtype)
+    return scale, (None if spec.symmetric or spec.is_float else zero_point)
 
 
 def minmax_qparams(weight: torch.Tensor, block_size: Sequence[int], spec: QuantSpec,
-                   ratio: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(scale, zero_point or None when symmetric) of each block, from its min and max times
-    ``ratio`` (a float, or a tensor of the qparam shape)."""
+                   ratio: torch.Tensor | float = 1.0, high_ratio: torch.Tensor | float | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(scale, zero_point or None when symmetric) of each block, from its min times ``ratio``
+    and its max times ``high_ratio`` (``ratio`` when None; floats, or tensors of the qparam
+    shape)."""
     low, high = block_minmax(weight, list(block_size))
-    qmin, qmax = spec.qrange()
-    scale, zero_point = qparams_from_minmax(low * ratio, high * ratio, qmin, qmax,
-                                            spec.symmetric, spec.dtype)
-    return scale, (None if spec.symmetric or spec.is_float else zero_point)
+    return qparams_in(low * ratio, high * (ratio if high_ratio is None else high_ratio), spec)
 
 
 def fake_quantize(weight: torch.Tensor, block_size: Sequence[int], spec: QuantSpec,

@@ -96,6 +96,19 @@ def test_awq_folds_into_the_norm_exactly_and_beats_rtn() -> None:
             assert torch.equal(folded(*batch), model(*batch))
 
 
+def test_awq_two_sided_clipping_and_exact_scales() -> None:
+    """The options of the search: two-sided clipping picks a low and a high ratio per block
+    (recorded as qparams the contract checks), exact scales fold within the referee."""
+    model, batches = _norm_mlp()
+    rtn = _compile(model, batches, W4 + ")")
+    awq = _compile(model, batches, W4 + ", algorithm='awq', algorithm_options={'two_sided': "
+                   "True, 'power_of_two': False, 'duo': False})")
+    record = awq.report().records[0]
+    assert record.max_error <= 1e-5 and record.details["weight_plan"].qparams
+    assert _error(awq, model, batches) < _error(rtn, model, batches)
+    assert any(line.startswith("awq clipping") for line in record.details["summary"])
+
+
 def test_awq_exact_part_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     """A folding that changes the float function fails the contract, naming the exact part,
     even though the quantized reference uses the same (wrong) weights."""
