@@ -716,8 +716,8 @@ def _hf_vit(*, tiny: bool) -> nn.Module:
     return _instantiate(lambda: ViTForImageClassification(config))
 
 
-def _hf_bert(attention: str = "sdpa") -> nn.Module:
-    from transformers import BertConfig, BertModel
+def _hf_bert(attention: str = "sdpa", *, classifier: bool = False) -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
 
     config = BertConfig(
         vocab_size=100,
@@ -726,8 +726,10 @@ def _hf_bert(attention: str = "sdpa") -> nn.Module:
         num_attention_heads=4,
         intermediate_size=64,
         attn_implementation=attention,
+        num_labels=3,
     )
-    return _instantiate(lambda: BertModel(config))
+    return _instantiate(lambda: (BertForSequenceClassification if classifier else BertModel)(
+        config))
 
 
 def _hf_llama(attention: str = "sdpa") -> nn.Module:
@@ -930,6 +932,14 @@ _MODELS: tuple[ZooModel, ...] = (
         example_inputs=functools.partial(_token_inputs, 100, 2, 8, with_mask=True),
         tags=frozenset({"hf", "attention", "transformer", "token_inputs"}),
         description="hf_bert with attn_implementation='eager' (attention as matmul, softmax).",
+    ),
+    ZooModel(
+        name="hf_bert_classifier",
+        build=functools.partial(_hf_bert, classifier=True),
+        example_inputs=functools.partial(_token_inputs, 100, 2, 8, with_mask=True),
+        tags=frozenset({"hf", "attention", "transformer", "token_inputs"}),
+        description="hf_bert with a sequence-classification head (3 labels): its outputs are "
+        "logits, not the hidden states (the residual stream can be width-pruned).",
     ),
     ZooModel(
         name="hf_llama_eager",

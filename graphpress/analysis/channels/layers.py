@@ -118,7 +118,10 @@ def _norm(t: Tracer, node: Node, program: Program) -> Any:
     layouts = list(dims(t, x))
     k = len(node.args[1])
     axis = len(layouts) - k
-    t.block(layouts[-k:], f"{where} normalises over this dimension")
+    if t.hidden and k == 1:     # width pruning: normalised over the kept channels once pruned
+        t.normalized[node.name] = axis
+    else:
+        t.block(layouts[-k:], f"{where} normalises over this dimension")
     for p in (get_arg(node, "weight"), get_arg(node, "bias")):
         if isinstance(p, Node):
             for i in range(p.meta["val"].dim()):

@@ -223,7 +223,12 @@ def _reduce(t: Tracer, node: Node, program: Program) -> Any:
     if axes is None or axes == [] or not isinstance(node.meta["val"], torch.Tensor):
         axes = list(range(rank))
     axes = {a % rank for a in ([axes] if isinstance(axes, int) else axes)}
-    t.block([layouts[a] for a in axes if not _sums_zeros(t, node, layouts[a])],
+    reduced = axes
+    if t.hidden and name == "mean" and len(axes) == 1 \
+            and any(s not in t.opaque for s, _ in layouts[min(axes)]):
+        t.normalized[node.name] = min(axes)     # width pruning: a mean over the kept channels
+        reduced = set()
+    t.block([layouts[a] for a in reduced if not _sums_zeros(t, node, layouts[a])],
             f"{where} reduces over this dimension")
     if name in ("softmax", "_softmax", "log_softmax", "_log_softmax", "cumsum"):
         return layouts

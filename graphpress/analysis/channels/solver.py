@@ -73,6 +73,9 @@ class ChannelAnalysis:
     groups: list[ChannelGroup]
     # node -> per dim ((group or -1, rep, channels), ...); a tuple of those for several outputs
     layouts: dict[str, object]
+    # hidden mode: node -> the dim of its input it normalises over (layer_norm, rms_norm, mean),
+    # computed over the kept channels once pruned
+    normalized: dict[str, int] = field(default_factory=dict)
 
     def prunable(self) -> list[ChannelGroup]:
         return [g for g in self.groups if g.prunable]
@@ -105,6 +108,8 @@ class Tracer:
         self.grain = grain          # (weight, axis) -> {(start, end): elements per channel}
         self.heads: set[int] = set()
         self.head_dim = False       # C -> (heads, head_dim): channels are head_dim positions
+        self.hidden = False         # normalised dims pass (width pruning of the residual stream)
+        self.normalized: dict[str, int] = {}    # hidden mode: node -> dim it normalises over
         self.opaque: set[int] = set()   # symbols of fixed dimensions (never channels)
         self.dirty = False
         self.values: dict[str, object] = {}
@@ -238,7 +243,7 @@ class Tracer:
         return out
 
 
-def _analyse(program: Program, head_dim: bool) -> Tracer:
+def _analyse(program: Program, head_dim: bool, hidden: bool) -> Tracer:
     from graphpress.analysis.channels.rules import propagate
 
     cuts: dict[tuple[str, int], set[int]] = {}
@@ -246,6 +251,7 @@ def _analyse(program: Program, head_dim: bool) -> Tracer:
     for _ in range(_MAX_ROUNDS):
         tracer = Tracer(cuts, grain)
         tracer.head_dim = head_dim
+        tracer.hidden = hidden
         propagate(program, tracer)
         if not tracer.dirty:
             break
@@ -253,13 +259,17 @@ def _analyse(program: Program, head_dim: bool) -> Tracer:
 
 
 @register_analysis("channel_groups")
-def channel_groups(program: Program, *, head_dim: bool = False) -> ChannelAnalysis:
+def channel_groups(program: Program, *, head_dim: bool = False,
+                   hidden: bool = False) -> ChannelAnalysis:
     """The channel groups of ``program``: which weight slices must be pruned together, and why a
     group cannot be pruned. Needs only shapes (works on ``meta``-device weights).
 
     ``C -> (heads, head_dim)`` reshapes make whole heads the channels; with ``head_dim=True``
-    the channels are instead the head_dim positions, the same ones in every head."""
-    t = _analyse(program, head_dim)
+    the channels are instead the head_dim positions, the same ones in every head. With
+    ``hidden=True`` a ``layer_norm`` / ``rms_norm`` over one dim and a ``mean`` over one channel
+    dim no longer block it: they are recorded in ``normalized``, to be computed over the kept
+    channels (width pruning of a transformer's residual stream)."""
+    t = _analyse(program, head_dim, hidden)
     members: dict[int, list[ChannelSlice]] = {}
     for weight, dims in t.weights.items():
         for axis, layout in enumerate(dims):
@@ -283,5 +293,6 @@ def channel_groups(program: Program, *, head_dim: bool = False) -> ChannelAnalys
                 tuple((ids.get(t.find(s), -1), r, t.size[s]) for s, r in layout)
                 for layout in value]
 
-    return ChannelAnalysis(groups, {k: in_groups(v) for k, v in t.values.items()})
+    return ChannelAnalysis(groups, {k: in_groups(v) for k, v in t.values.items()},
+                           dict(t.normalized))
 

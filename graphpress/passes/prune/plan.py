@@ -37,7 +37,7 @@ from graphpress.ir.builder import GraphBuilder
 from graphpress.ir.graph import get_arg
 from graphpress.ir.program import Program
 
-__all__ = ["GroupPlan", "PrunePlan", "apply_plan", "kept_elements", "masked_copy"]
+__all__ = ["GroupPlan", "PrunePlan", "apply_plan", "kept_elements", "kept_indices", "masked_copy"]
 
 Key = tuple[str, int, int, int]
 
@@ -139,16 +139,34 @@ def apply_plan(program: Program, plan: PrunePlan, analysis: ChannelAnalysis) -> 
         before -= new.numel()
     for node in program.graph.nodes:
         if node.op == "call_function":
-            _rewrite_args(program, node, analysis.layouts, kept)
+            _rewrite_args(program, node, analysis.layouts, kept, analysis.normalized)
     program.refresh_shapes()
     return before
 
 
+def kept_indices(layout: Any, analysis: ChannelAnalysis, plan: PrunePlan) -> torch.Tensor:
+    """The element indices a dimension of layout ``layout`` (an analysis layout: ``(group, rep,
+    channels)`` atoms) keeps under ``plan``."""
+    keep = {tuple(sorted(g.slices)): g.keep for g in plan.groups}
+    by_id = {g.id: keep.get(tuple(key_of(g))) for g in analysis.groups}
+    out, start = [], 0
+    for gid, rep, n in layout:
+        channels = by_id.get(gid)
+        channels = range(n) if channels is None else channels
+        out += [start + c * rep + r for c in channels for r in range(rep)]
+        start += n * rep
+    return torch.tensor(out, dtype=torch.long)
+
+
 def _rewrite_args(program: Program, node: Node, layouts: dict[str, Any],
-                  kept: dict[int, int]) -> None:
+                  kept: dict[int, int], normalized: dict[str, int]) -> None:
     name = op_name(node)
     out = layouts.get(node.name)
     if out is None or (isinstance(out, list) and any(o is None for o in out)):
+        return
+    if node.name in normalized:     # width pruning: over the kept channels
+        if name in ("layer_norm", "rms_norm"):
+            _set(node, 1, [new_size(layouts[node.args[0].name][-1], kept)])
         return
     if name in ("view", "reshape", "_unsafe_view", "expand"):
         old = node.meta["val"].shape

@@ -28,7 +28,7 @@ import torch
 
 from graphpress.analysis.channels.solver import ChannelAnalysis, ChannelGroup, channel_groups
 from graphpress.ir.program import Program
-from graphpress.passes.prune import variance
+from graphpress.passes.prune import hidden, variance
 from graphpress.passes.prune.importance import (
     CRITERIA,
     REDUCTIONS,
@@ -41,6 +41,7 @@ from graphpress.passes.prune.plan import (
     PrunePlan,
     apply_plan,
     kept_elements,
+    kept_indices,
     key_of,
     masked_copy,
 )
@@ -60,6 +61,7 @@ class PruneChannels(Pass):
     reduce: str = "mean"                    # combine slice scores: mean | sum | max
     global_ranking: bool = False            # one ranking across groups instead of per group
     prune_heads: bool = True                # attention: whole heads, or (False) head_dim
+    prune_hidden: bool = False              # also the residual stream (norms over kept channels)
     ratios: dict[str, float] | None = None  # module path -> ratio (first match wins)
     round_to: int = 1                       # kept channels are a multiple of this
     ignore: tuple[str, ...] | Callable[[str], bool] = ()     # module paths, or predicate(weight)
@@ -74,6 +76,11 @@ class PruneChannels(Pass):
     mean_contract: ClassVar[Contract] = Contract.against_reference(
         "equals the input program with each removed channel replaced by its calibration mean "
         "where a layer reads it", rtol=1e-5, atol=1e-5)
+    hidden_contract: ClassVar[Contract] = Contract.against_reference(
+        "equals the input program with the removed channels zeroed in every slice of their group "
+        "and every normalisation over a pruned dimension (layer_norm, rms_norm, mean) computed "
+        "over the kept channels only", rtol=1e-5, atol=1e-5,
+        report_vs_input=("sqnr_db", "cosine", "top1_agreement"))
     rewrites_weights = True
 
     def __post_init__(self) -> None:
@@ -89,6 +96,10 @@ class PruneChannels(Pass):
             raise ValueError("importance='variance' prunes whole heads only (prune_heads=True): "
                              "head_dim positions are contracted by attention, not read by a "
                              "layer whose bias can take their mean")
+        if self.importance == "variance" and self.prune_hidden:
+            raise ValueError("importance='variance' with prune_hidden=True is not supported: "
+                             "the stream's norms read every channel, so a removed channel "
+                             "cannot be replaced by its mean where it is read")
         if self.round_to < 1:
             raise ValueError(f"round_to must be >= 1, got {self.round_to}")
         if isinstance(self.ignore, str):
@@ -111,12 +122,14 @@ class PruneChannels(Pass):
         return self.ratio
 
     def _analysis(self, program: Program) -> ChannelAnalysis:
-        if self.prune_heads:
+        if self.prune_heads and not self.prune_hidden:
             return program.analysis("channel_groups")
-        return channel_groups(program, head_dim=True)
+        return channel_groups(program, head_dim=not self.prune_heads, hidden=self.prune_hidden)
 
     def contract_for(self, program: Program) -> Contract:
-        return self.mean_contract if self.importance == "variance" else self.contract
+        if self.importance == "variance":
+            return self.mean_contract
+        return self.hidden_contract if self.prune_hidden else self.contract
 
     def make_plan(self, program: Program, ctx: PassContext | None = None
                   ) -> tuple[PrunePlan, list[Skip]]:
@@ -234,7 +247,10 @@ class PruneChannels(Pass):
         folds = variance.compute_folds(program, plan.removed(), *calibration) \
             if calibration is not None else []
         kept = {k: m.nonzero().flatten() for k, m in kept_elements(plan, program).items()}
-        removed = apply_plan(program, plan, self._analysis(program))
+        analysis = self._analysis(program)
+        statistics = _kept_statistics(program, analysis, plan)
+        before = program.copy() if self.prune_hidden else None
+        removed = apply_plan(program, plan, analysis)
         variance.apply_folds(program, folds, kept)
         if folds:
             program.refresh_shapes()
@@ -245,6 +261,15 @@ class PruneChannels(Pass):
         summary = [f"{g.slices[0][0]} (+{len(g.slices) - 1} coupled): {g.size} -> "
                    f"{len(g.keep)} channels" for g in pruned]
         details = {"plan": plan, "summary": summary}
+        if self.prune_hidden:
+            details["kept_statistics"] = statistics
+            stats["normalizations_over_kept"] = len(statistics)
+            if ctx.example_inputs and not _on_meta(program):
+                details["deviation"] = hidden.deviation(before, program, ctx.example_inputs,
+                                                        ctx.example_kwargs)
+                summary.append("deviation from the unpruned program on the example inputs: "
+                               + ", ".join(f"{k} {v:.4g}"
+                                           for k, v in details["deviation"].items()))
         if calibration is not None:
             stats["readers_mean_folded"] = len(folds)
             details["mean_folds"] = [fold for fold, _ in folds]
@@ -253,7 +278,27 @@ class PruneChannels(Pass):
     def reference(self, before: Program, result: PassResult) -> Callable[..., Any]:
         if "mean_folds" in result.details:
             return variance.MeanReplaced(before, result.details["mean_folds"])
-        return masked_copy(before, result.details["plan"])
+        masked = masked_copy(before, result.details["plan"])
+        if "kept_statistics" in result.details:
+            return hidden.KeptStatistics(masked, result.details["kept_statistics"])
+        return masked
+
+
+def _kept_statistics(program: Program, analysis: ChannelAnalysis, plan: PrunePlan
+                     ) -> dict[str, tuple[int, torch.Tensor]]:
+    """Hidden mode: each normalisation over a pruned dim -> (that dim, its kept indices)."""
+    nodes = {n.name: n for n in program.graph.nodes}
+    out = {}
+    for name, d in analysis.normalized.items():
+        layout = analysis.layouts[nodes[name].args[0].name][d]
+        index = kept_indices(layout, analysis, plan)
+        if len(index) < sum(n * rep for _, rep, n in layout):
+            out[name] = (d, index)
+    return out
+
+
+def _on_meta(program: Program) -> bool:
+    return any(t.device.type == "meta" for t in program.state_dict.values())
 
 
 def _under(weight: str, path: str) -> bool:
