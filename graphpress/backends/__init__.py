@@ -4,9 +4,8 @@ A backend is a factory ``(Program, **options) -> Artifact``; an artifact is call
 model and has ``save(folder) -> list of files written``. Optional: ``tolerance`` (rtol, atol)
 for checking it against eager when ``verify=True``, and ``info() -> dict`` of facts for the
 report (file size, opset, ...). ``eager`` is built in; ``onnx`` (:mod:`graphpress.backends.onnx`)
-is imported on first use, as onnx and onnxruntime are slow to import. ``triton`` is planned:
-until its module exists, asking for it raises a BackendError that says so (no placeholder
-pretends to run).
+and ``triton`` (:mod:`graphpress.backends.triton`) are imported on first use, as onnx,
+onnxruntime and triton are slow to import.
 """
 
 from __future__ import annotations
@@ -36,8 +35,14 @@ def _onnx(program: Program, **options: Any) -> Artifact:
     return onnx_backend(program, **options)
 
 
-BACKENDS: dict[str, Callable[..., Artifact]] = {"eager": EagerArtifact, "onnx": _onnx}
-_PLANNED = {"triton": "generated Triton kernels"}
+def _triton(program: Program, **options: Any) -> Artifact:
+    from graphpress.backends.triton import triton_backend
+
+    return triton_backend(program, **options)
+
+
+BACKENDS: dict[str, Callable[..., Artifact]] = {"eager": EagerArtifact, "onnx": _onnx,
+                                               "triton": _triton}
 
 
 def register_backend(name: str, factory: Callable[..., Artifact]) -> None:
@@ -53,8 +58,4 @@ def build_backend(name: str, program: Program, **options: Any) -> Artifact:
                 raise BackendError(f"backend {name!r} rejected its options {options}: {exc}"
                                    ) from exc
             raise
-    if name in _PLANNED:
-        raise BackendError(
-            f"backend {name!r} ({_PLANNED[name]}) is not available in this version of "
-            f"graphpress; use backend='eager' (available: {', '.join(BACKENDS)})")
     raise BackendError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")

@@ -25,7 +25,7 @@ from torch.fx.experimental.symbolic_shapes import optimization_hint
 if TYPE_CHECKING:
     from graphpress.ir.program import Program
 
-__all__ = ["Costs", "count_costs"]
+__all__ = ["Costs", "count_costs", "node_macs"]
 
 aten = torch.ops.aten
 
@@ -49,7 +49,8 @@ def _size(val: torch.Tensor, dim: int) -> int:
     return optimization_hint(val.shape[dim], fallback=1)
 
 
-def _node_macs(node: torch.fx.Node) -> int:
+def node_macs(node: torch.fx.Node) -> int:
+    """The multiply-accumulates of one node (0 for anything but a contraction)."""
     target = node.target
     out = node.meta.get("val")
     args = [a.meta.get("val") if isinstance(a, torch.fx.Node) else a for a in node.args]
@@ -86,5 +87,5 @@ def count_costs(program: Program) -> Costs:
         elif spec.kind in (InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
             t = program.weight(spec.target)
             buffer_bytes += t.numel() * t.element_size()
-    macs = sum(_node_macs(n) for n in program.graph.nodes if n.op == "call_function")
+    macs = sum(node_macs(n) for n in program.graph.nodes if n.op == "call_function")
     return Costs(params, param_bytes, buffer_bytes, macs, program.num_nodes())

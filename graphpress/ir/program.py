@@ -18,7 +18,7 @@ the Program owns its memory: :meth:`module` (the thing users train) holds a copy
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -354,6 +354,12 @@ class Program:
         if self._compiled_version != self.version:
             self.graph_module.recompile()
             self._compiled_version = self.version
+        return self.call_flat(self.graph_module, args, kwargs)
+
+    def call_flat(self, runner: Callable[..., Any], args: tuple[Any, ...],
+                  kwargs: dict[str, Any]) -> Any:
+        """Call ``runner`` (the graph module, or a backend's compiled form of it) with the
+        placeholder values of a call, then apply the outputs as :meth:`__call__` documents."""
         flat = self.flat_inputs(args, kwargs)
         user_positions = [i for i, spec in enumerate(self.signature.input_specs)
                           if spec.kind == InputKind.USER_INPUT]
@@ -364,7 +370,7 @@ class Program:
             users = set(user_positions)
             flat = [v.detach() if i not in users and isinstance(v, torch.Tensor) else v
                     for i, v in enumerate(flat)]
-        outputs = self.graph_module(*flat)
+        outputs = runner(*flat)
         user_names = {self.signature.input_specs[i].arg.name: i for i in user_positions}
         results = []
         for spec, value in zip(self.signature.output_specs, outputs):
