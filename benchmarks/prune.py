@@ -3,7 +3,7 @@ side by side; digits CNN accuracy after pruning 50% and a brief fine-tune.
 
 Usage::
 
-    python benchmarks/prune.py [--sections latency,depth,tp,digits,scale] [--repeats 10]
+    python benchmarks/prune.py [--sections latency,depth,tp,digits,hidden,scale] [--repeats 10]
                                [--threads N]
 
 * latency: ``hf_resnet50`` and ``hf_vit_base`` (zoo, batch 1), dense vs pruned at ratios 0.3
@@ -24,8 +24,13 @@ Usage::
   training examples, one per batch (so the Fisher is per-sample; cross-entropy against their
   labels), ``variance`` its activation statistics from 16 training batches of 32; ``l2`` and
   ``lamp`` also with ``global_ranking=True``.
+* hidden: ``prune_hidden=True`` next to the default (heads and MLP channels only) on the tiny
+  Llama, ViT and BERT classifier of the zoo (random weights), ratio 0.5: parameters and MACs
+  before -> after, the worst error against the contract's reference (``verify=True``), and the
+  deviation from the unpruned model on the example inputs (SQNR, cosine, top-1 agreement).
 * scale: a Llama-3-70B-shaped model on the ``meta`` device: export time, ``channel_groups``
-  time, a structure-only plan (``importance="random"``), peak RSS.
+  time, a structure-only plan (``importance="random"``), the same with ``prune_hidden=True``
+  (analysis included), peak RSS.
 """
 
 from __future__ import annotations
@@ -231,6 +236,32 @@ def digits(epochs: int = 3) -> None:
               f"{took:.2f} |", flush=True)
 
 
+def hidden() -> None:
+    """prune_hidden=True next to the default (heads and MLP only), ratio 0.5, verify=True."""
+    print("| model | prune_hidden | params | MACs | max error vs reference | SQNR dB | cosine "
+          "| top-1 agree |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in ("hf_llama", "hf_vit", "hf_bert_classifier"):
+        model, inputs = get_model(name).make()
+        for wide in (False, True):
+            prune = PruneChannels(ratio=0.5, prune_hidden=wide)
+            record = gp.compile(model, inputs, passes=[prune], verify=True).report().records[-1]
+            program = trace(model, inputs)
+            result = PruneChannels(ratio=0.5, prune_hidden=wide).run(
+                program, PassContext(example_inputs=inputs))
+            d = result.details.get("deviation") or _deviation(model, program, inputs)
+            print(f"| {name} | {wide} | {record.parameters[0]} -> {record.parameters[1]} | "
+                  f"{record.macs[0]} -> {record.macs[1]} | {record.max_error:.1e} | "
+                  f"{d['sqnr_db']:.1f} | {d['cosine']:.4f} | {d['top1_agreement']:.3f} |",
+                  flush=True)
+
+
+def _deviation(model: torch.nn.Module, program: Any, inputs: tuple[Any, ...]) -> dict[str, float]:
+    from graphpress.passes.prune.hidden import deviation
+
+    return deviation(trace(model, inputs), program, inputs, {})
+
+
 def _llama(device: str, **sizes: int) -> tuple[torch.nn.Module, tuple[torch.Tensor]]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -259,6 +290,14 @@ def scale() -> None:
     print(f"Llama-3-70B shape on meta: export {exported:.1f} s, channel_groups {took:.1f} s "
           f"({took / exported:.2f}x export), {len(analysis.prunable())} prunable groups, "
           f"plan of {len(plan.groups)} groups {planned:.1f} s; peak RSS {rss:.2f} GiB")
+    start = time.perf_counter()
+    wide, _ = PruneChannels(ratio=0.5, importance="random", prune_hidden=True).make_plan(program)
+    planned = time.perf_counter() - start
+    stream = max(wide.groups, key=lambda g: len(g.slices))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"  prune_hidden=True: analysis + plan {planned:.1f} s ({planned / exported:.2f}x "
+          f"export), {len(wide.groups)} groups, the stream {stream.size} -> {len(stream.keep)} "
+          f"channels over {len(stream.slices)} weight slices; peak RSS {rss:.2f} GiB")
     small = {"vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128}
     meta_plan, _ = PruneChannels(ratio=0.5, importance="random").make_plan(
@@ -274,7 +313,7 @@ def scale() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", default="latency,depth,tp,digits,scale")
+    parser.add_argument("--sections", default="latency,depth,tp,digits,hidden,scale")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     args = parser.parse_args()
@@ -286,6 +325,8 @@ def main() -> None:
         torch_pruning([z.name for z in zoo_models()])
     if "depth" in sections:
         depth()
+    if "hidden" in sections:
+        hidden()
     if "latency" in sections:
         latency(args.repeats)
     if "scale" in sections:
