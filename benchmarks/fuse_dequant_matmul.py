@@ -47,12 +47,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
 import graphpress as gp
-from graphpress.ops.dequant_matmul import (
-    DEQUANT_MATMUL,
-    DYNAMIC_QUANT_MATMUL,
-    matmul_nbits_options,
-)
-from graphpress.ops.packing import PackedWeight, pack_weight
+from graphpress.ops.dequant_matmul import DEQUANT_MATMUL, DYNAMIC_QUANT_MATMUL
+from graphpress.ops.packing import PackedWeight, pack_weight, unpack_codes
 from graphpress.ops.quant import choose_qparams_affine, fake_quantize_affine, quantize_affine
 
 FUSE_W4 = "insert_fake_quant(scheme='int4_weight_only', group_size=128), fuse_dequant_matmul"
@@ -210,10 +206,66 @@ def _onnx_session(compiled: gp.CompiledModel, folder: Path, threads: int
     return _session(path, threads), path
 
 
+def _packed_layers(compiled: gp.CompiledModel, model: torch.nn.Module
+                   ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(packed qweight, the float weight it was quantized from) of every dequant_matmul of a
+    compiled program, in graph order."""
+    program = compiled.program
+    return [(program.weight(node.args[1]).numpy(),
+             model.get_submodule(program.source_module(node)).weight.detach().numpy())
+            for node in program.graph.nodes if node.target == DEQUANT_MATMUL.op]
+
+
+def _with_codes(quantized: onnx.ModelProto, layers: list[tuple[np.ndarray, np.ndarray]]
+                ) -> tuple[onnx.ModelProto, str]:
+    """The quantizer's model with its MatMulNBits codes replaced by graphpress's (same nodes in
+    graph order), and where the two sets of codes differ.
+
+    graphpress (torch's fake-quant) computes ``round_half_even(w * (1 / s)) + z``; the
+    quantizer's MLAS kernel rounds ``w * (1 / s) + z``, the zero point added in float32 first,
+    half away from zero. The two differ exactly where that float32 sum is a half-integer: a
+    tie of ``w / s`` itself (half to even against half away, after the shift by z) or a value
+    just off a tie that the addition rounds onto it. The line counts both.
+    """
+    model = onnx.ModelProto()
+    model.CopyFrom(quantized)
+    initializers = {t.name: t for t in model.graph.initializer}
+    nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    if len(nodes) != len(layers):
+        raise RuntimeError(f"MatMulNBitsQuantizer made {len(nodes)} MatMulNBits, graphpress "
+                           f"{len(layers)} dequant_matmul")
+    differing = ties = exact = total = 0
+    for node, (ours, weight) in zip(nodes, layers, strict=True):
+        tensor = initializers[node.input[1]]
+        theirs = numpy_helper.to_array(tensor)
+        n, k = weight.shape
+        codes = [unpack_codes(torch.from_numpy(np.array(a).reshape(n, -1)), 4).numpy()
+                 for a in (ours, theirs)]
+        rows, cols = np.nonzero(codes[0] != codes[1])
+        scales = numpy_helper.to_array(initializers[node.input[2]]).reshape(n, -1)
+        zeros = unpack_codes(torch.from_numpy(
+            numpy_helper.to_array(initializers[node.input[3]]).reshape(n, -1).copy()), 4).numpy()
+        groups = cols // node_attribute(node, "block_size")
+        ratio = weight[rows, cols] * (np.float32(1) / scales[rows, groups])
+        shifted = ratio + zeros[rows, groups].astype(np.float32)
+        ties += int((shifted % 1 == 0.5).sum())
+        exact += int((ratio % 1 == 0.5).sum())
+        differing += len(rows)
+        total += n * k
+        tensor.CopyFrom(numpy_helper.from_array(ours.reshape(theirs.shape), tensor.name))
+    return model, (f"MatMulNBitsQuantizer's 4-bit codes differ from graphpress's on {differing} "
+                   f"of {total} weights; at {ties} of them float32 w * (1 / s) + z is a "
+                   f"half-integer ({exact} exact ties of w * (1 / s), {ties - exact} sums "
+                   f"rounded onto one)")
+
+
+def node_attribute(node: onnx.NodeProto, name: str) -> Any:
+    return next(helper.get_attribute_value(a) for a in node.attribute if a.name == name)
+
+
 def _llama_rows(model: torch.nn.Module, tokens: int, repeats: int, threads: int
-                ) -> tuple[list[tuple[str, ...]], dict[str, int]]:
+                ) -> tuple[list[tuple[str, ...]], dict[str, int], str]:
     ids = torch.randint(0, 4096, (1, tokens), generator=torch.Generator().manual_seed(0))
-    backend = {"intra_op_threads": threads}
     start = time.perf_counter()
     fp32 = gp.compile(model, (ids,))
     w4 = gp.compile(model, (ids,), passes=FUSE_W4)
@@ -222,16 +274,21 @@ def _llama_rows(model: torch.nn.Module, tokens: int, repeats: int, threads: int
     rows: list[tuple[str, ...]] = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        fp32_onnx = gp.compile(model, (ids,), backend="onnx", backend_options=backend)
+        fp32_onnx = gp.compile(model, (ids,), backend="onnx",
+                               backend_options={"intra_op_threads": threads})
         fp32_session, fp32_path = _onnx_session(fp32_onnx, folder / "fp32", threads)
         sessions = {}
         for level in (0, 4):
-            with matmul_nbits_options(accuracy_level=level):
-                ours = gp.compile(model, (ids,), passes=FUSE_W4, backend="onnx",
-                                  backend_options=backend)
+            ours = gp.compile(model, (ids,), passes=FUSE_W4, backend="onnx",
+                              backend_options={"intra_op_threads": threads,
+                                               "accuracy_level": level})
             sessions[f"ONNX W4 (graphpress), level {level}"] = _onnx_session(
                 ours, folder / f"w4_{level}", threads)[0]
             quantized = _ort_quantized(onnx.load(fp32_path), level)
+            if level == 0:  # (onnx.save moves the tensors out of the proto: before it)
+                swapped, codes_line = _with_codes(quantized, _packed_layers(w4, model))
+                onnx.save(swapped, str(folder / "ortq_swapped.onnx"), save_as_external_data=True)
+                swapped_session = _session(str(folder / "ortq_swapped.onnx"), threads)
             onnx.save(quantized, str(folder / f"ortq_{level}.onnx"), save_as_external_data=True)
             sessions[f"ONNX ORT-Q (MatMulNBitsQuantizer), level {level}"] = _session(
                 str(folder / f"ortq_{level}.onnx"), threads)
@@ -247,22 +304,27 @@ def _llama_rows(model: torch.nn.Module, tokens: int, repeats: int, threads: int
             diff = float(np.abs(session.run(None, feed)[0] - want).max())
             rows.append((f"{tokens} tok, {name} vs ONNX fp32", f"{base_ms:.1f}", f"{ms:.1f}",
                          f"{base_ms / ms:.2f}", f"{diff:.3g}"))
-    return rows, stats
+        swapped_diff = float(np.abs(swapped_session.run(None, feed)[0] - want).max())
+    agreement = (f"{tokens} tok: {codes_line}; the quantizer's level-0 model with graphpress's "
+                 f"codes put in: max |logits - eager W4| = {swapped_diff:.3g}")
+    return rows, stats, agreement
 
 
 def llama_part(repeats: int, threads: int) -> str:
     model = _llama()
     rows: list[tuple[str, ...]] = []
+    agreements = []
     for tokens in (1, 128):
-        more, stats = _llama_rows(model, tokens, repeats, threads)
+        more, stats, agreement = _llama_rows(model, tokens, repeats, threads)
         rows += more
+        agreements.append(agreement)
     weights = (f"linear weights {stats['weight_bytes_before'] / 2**20:.1f} MiB fp32 -> "
                f"{stats['weight_bytes_after'] / 2**20:.1f} MiB packed "
                f"({stats['weight_bytes_after'] / stats['weight_bytes_before']:.4f}x, "
                f"{stats['fused']} linears)")
     table = markdown_table(("Llama 2048x4, tokens, case", "baseline ms", "ms",
                             "baseline / case", "max |logits - eager W4|"), rows)
-    return f"{weights}\n\n{table}"
+    return "\n\n".join([weights, table, *agreements])
 
 
 def main() -> None:

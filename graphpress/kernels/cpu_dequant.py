@@ -1,15 +1,28 @@
-"""A fused CPU kernel for ``dequant_matmul`` at small M (decode): C++ built on first use with
-``torch.utils.cpp_extension`` (cached per machine), used when a compiler is there.
+"""CPU kernels of ``dequant_matmul`` in C++, built on first use with ``torch.utils.cpp_extension``
+(cached per machine) when a compiler is there: a fused GEMV for small M and a blocked
+dequantize-then-GEMM for large M.
 
-For each output row ``n`` and group ``j`` the kernel rebuilds the group's weights in a small
-buffer, ``w = (u - z) * s`` (float32, the same values as the fake-quantized weight), and adds
-``w . x[m, group]`` for every row ``m`` of ``x``. The codes are read once, straight from the
-packed bytes: 4-bit codes as two halves (low nibbles against the even columns of ``x``, high
-nibbles against the odd ones, which the host splits once per call), so no float copy of the
-weight is ever written. The dot products are SIMD reductions (``omp simd``, no fast-math) and
-rows ``n`` run in parallel on torch's intra-op threads.
+Both compute, per output row ``n`` and group ``j`` (codes ``u``, zero code ``z``, scale ``s``)::
 
-:func:`fused_gemv` returns None when the extension cannot be built (no compiler, or
+    y[m, n] = sum_j s[n, j] * sum_{k in group j} float(u[n, k] - z[n, j]) * x[m, k]
+
+``u - z`` is an integer in ``(-2 ** bits, 2 ** bits)``, exact in float32, so every product is one
+float32 rounding of ``(u - z) * x`` and the scale multiplies the group's sum once: the same value
+as the fake-quant program's ``x @ ((u - z) * s)^T`` up to float32 accumulation order.
+
+* :func:`fused_gemv` (small M, decode): reads the packed bytes once per 8 rows of ``x`` and never
+  writes a float weight. 4-bit codes: the low nibbles of a group's bytes meet the even columns of
+  ``x`` and the high nibbles the odd ones (``x`` is split once per call), so codes are never
+  interleaved. With AVX-512 (BW, VL) the bytes are widened 16 at a time, masked at the end of a
+  group, and each row of ``x`` keeps a vector accumulator per group that the group's scale
+  multiplies into the row's total (one horizontal sum per output); elsewhere a portable loop
+  the compiler vectorizes. Output rows ``n`` run in parallel on torch's intra-op threads.
+* :func:`dequant_gemm` (large M, prefill): rows of ``W`` are dequantized to float32 in blocks of
+  ``rows_per_block`` (vectorized as above, in natural order) into one scratch buffer and each
+  block is multiplied with ``x`` by ATen's float32 GEMM (MKL / oneDNN) into its slice of the
+  output. The GEMM is the cost; the codes' conversion adds a few percent.
+
+Both return None when the extension cannot be built (no compiler, or
 ``GRAPHPRESS_CPU_KERNELS=0``); callers then use the torch implementation.
 """
 
@@ -22,110 +35,355 @@ from typing import Any
 
 import torch
 
-__all__ = ["fused_gemv", "kernel_available"]
+__all__ = ["build", "dequant_gemm", "dequantize", "fused_gemv", "kernel_available"]
 
 _SOURCE = r"""
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#include <algorithm>
 #include <vector>
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define GP_AVX512 1
+#endif
 
-static inline float dot(const float* a, const float* b, int64_t n) {
-  float acc = 0.f;
-  #pragma omp simd reduction(+:acc)
-  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
-  return acc;
+namespace {
+
+constexpr int64_t kRowsPerPass = 4;  // rows of x that share one decoding of the weight
+
+#ifdef GP_AVX512
+// the lanes of a 16-wide chunk that lie before the end (left: elements from its start)
+inline __mmask16 chunk_mask(int64_t left) {
+  return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
+}
+#endif
+
+struct Packed {
+  const uint8_t* q; const float* s; const uint8_t* z;
+  int64_t bytes, groups, z_stride, bits, group_size;
+  int zero(int64_t n, int64_t g) const {
+    if (z == nullptr) return 1 << (bits - 1);
+    const uint8_t b = z[n * z_stride + (bits == 4 ? g / 2 : g)];
+    return bits == 4 ? ((g & 1) ? (b >> 4) : (b & 15)) : b;
+  }
+};
+
+#ifdef GP_AVX512
+// One 16-byte chunk of 4-bit codes (32 weights): the low nibbles against the even columns of x,
+// the high ones against the odd columns, into the chains acc[c] and acc[c + 1].
+template <int R, bool Full>
+inline void chunk4(const uint8_t* codes, __mmask16 mask, __m512i zero, const float* const* x_even,
+                   const float* const* x_odd, int64_t at, __m512 (*acc)[R], int c) {
+  const __m512i b = _mm512_cvtepu8_epi32(
+      Full ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes))
+           : _mm_maskz_loadu_epi8(mask, codes));
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(b, _mm512_set1_epi32(15)),
+                                                        zero));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(b, 4), zero));
+  for (int r = 0; r < R; ++r) {
+    const float* even = x_even[r] + at;
+    const float* odd = x_odd[r] + at;
+    const __m512 xe = Full ? _mm512_loadu_ps(even) : _mm512_maskz_loadu_ps(mask, even);
+    const __m512 xo = Full ? _mm512_loadu_ps(odd) : _mm512_maskz_loadu_ps(mask, odd);
+    acc[c][r] = _mm512_fmadd_ps(lo, xe, acc[c][r]);
+    acc[c + 1][r] = _mm512_fmadd_ps(hi, xo, acc[c + 1][r]);
+  }
 }
 
-// x_halves: [H, M, K / H] float32 (H = 2 for 4 bits: even and odd columns; H = 1 for 8 bits)
-at::Tensor gemv(const at::Tensor& x_halves, const at::Tensor& qweight, const at::Tensor& scales,
-                const at::Tensor& zeros, int64_t bits, int64_t group_size, bool has_zeros) {
-  const int64_t halves = x_halves.size(0), m_rows = x_halves.size(1), width = x_halves.size(2);
-  const int64_t n_rows = qweight.size(0), bytes = qweight.size(1);
-  const int64_t groups = scales.size(1), step = group_size / halves;  // bytes per group
-  auto out = at::empty({m_rows, n_rows}, x_halves.options());
-  const float* x = x_halves.data_ptr<float>();
-  const uint8_t* q = qweight.data_ptr<uint8_t>();
-  const float* s = scales.data_ptr<float>();
-  const uint8_t* z = has_zeros ? zeros.data_ptr<uint8_t>() : nullptr;
-  const int64_t z_stride = has_zeros ? zeros.size(1) : 0;
-  float* y = out.data_ptr<float>();
-  const float midpoint = float(1 << (bits - 1));
-  at::parallel_for(0, n_rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> low(step), high(step), acc(m_rows);
-    for (int64_t n = begin; n < end; ++n) {
-      std::fill(acc.begin(), acc.end(), 0.f);
-      const uint8_t* row = q + n * bytes;
-      for (int64_t g = 0; g < groups; ++g) {
-        const float scale = s[n * groups + g];
-        float zero = midpoint;
-        if (has_zeros) {
-          const uint8_t b = z[n * z_stride + (bits == 4 ? g / 2 : g)];
-          zero = float(bits == 4 ? ((g & 1) ? (b >> 4) : (b & 15)) : b);
-        }
-        const uint8_t* codes = row + g * step;
-        if (bits == 4) {
-          #pragma omp simd
-          for (int64_t j = 0; j < step; ++j) {
-            low[j] = (float(codes[j] & 15) - zero) * scale;
-            high[j] = (float(codes[j] >> 4) - zero) * scale;
-          }
-        } else {
-          #pragma omp simd
-          for (int64_t j = 0; j < step; ++j) low[j] = (float(codes[j]) - zero) * scale;
-        }
-        for (int64_t m = 0; m < m_rows; ++m) {
-          const float* xs = x + m * width + g * step;
-          float value = dot(low.data(), xs, step);
-          if (halves == 2) value += dot(high.data(), xs + m_rows * width, step);
-          acc[m] += value;
-        }
+// One 16-byte chunk of 8-bit codes (16 weights) into the chain acc[c].
+template <int R, bool Full>
+inline void chunk8(const uint8_t* codes, __mmask16 mask, __m512i zero, const float* const* x,
+                   int64_t at, __m512 (*acc)[R], int c) {
+  const __m512 w = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(
+      Full ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes))
+           : _mm_maskz_loadu_epi8(mask, codes)), zero));
+  for (int r = 0; r < R; ++r)
+    acc[c][r] = _mm512_fmadd_ps(
+        w, Full ? _mm512_loadu_ps(x[r] + at) : _mm512_maskz_loadu_ps(mask, x[r] + at), acc[c][r]);
+}
+#endif
+
+// y[r, n] for R rows of x: x_even[r] (and x_odd[r], 4 bits) point at row r's columns.
+template <int R>
+void gemv_row(const Packed& p, int64_t n, const float* const* x_even, const float* const* x_odd,
+              float* totals) {
+  const uint8_t* row = p.q + n * p.bytes;
+  const int64_t step = p.bits == 4 ? p.group_size / 2 : p.group_size;  // bytes per group
+#ifdef GP_AVX512
+  // independent FMA chains per row of x: enough to hide the FMA latency at small R
+  constexpr int kChains = R <= 2 ? 4 : 2;
+  __m512 total[R];
+  for (int r = 0; r < R; ++r) total[r] = _mm512_setzero_ps();
+  const int64_t full = step / 16 * 16;
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const __m512i zero = _mm512_set1_epi32(p.zero(n, g));
+    const uint8_t* codes = row + g * step;
+    const int64_t at = g * step;
+    __m512 acc[kChains][R];
+    for (int c = 0; c < kChains; ++c)
+      for (int r = 0; r < R; ++r) acc[c][r] = _mm512_setzero_ps();
+    int64_t j = 0;
+    if (p.bits == 4) {
+      for (; j + 16 * (kChains / 2) <= full; j += 16 * (kChains / 2))
+        for (int u = 0; u < kChains / 2; ++u)
+          chunk4<R, true>(codes + j + 16 * u, 0, zero, x_even, x_odd, at + j + 16 * u, acc, 2 * u);
+      for (; j < full; j += 16) chunk4<R, true>(codes + j, 0, zero, x_even, x_odd, at + j, acc, 0);
+      if (j < step)
+        chunk4<R, false>(codes + j, chunk_mask(step - j), zero, x_even, x_odd, at + j, acc, 0);
+    } else {
+      for (; j + 16 * kChains <= full; j += 16 * kChains)
+        for (int u = 0; u < kChains; ++u)
+          chunk8<R, true>(codes + j + 16 * u, 0, zero, x_even, at + j + 16 * u, acc, u);
+      for (; j < full; j += 16) chunk8<R, true>(codes + j, 0, zero, x_even, at + j, acc, 0);
+      if (j < step) chunk8<R, false>(codes + j, chunk_mask(step - j), zero, x_even, at + j, acc, 0);
+    }
+    const __m512 scale = _mm512_set1_ps(p.s[n * p.groups + g]);
+    for (int r = 0; r < R; ++r) {
+      __m512 sum = acc[0][r];
+      for (int c = 1; c < kChains; ++c) sum = _mm512_add_ps(sum, acc[c][r]);
+      total[r] = _mm512_fmadd_ps(sum, scale, total[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) totals[r] = _mm512_reduce_add_ps(total[r]);
+#else
+  for (int r = 0; r < R; ++r) totals[r] = 0.f;
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const int zero = p.zero(n, g);
+    const uint8_t* codes = row + g * step;
+    const int64_t at = g * step;
+    const float scale = p.s[n * p.groups + g];
+    for (int r = 0; r < R; ++r) {
+      float sum = 0.f;
+      if (p.bits == 4) {
+        #pragma omp simd reduction(+:sum)
+        for (int64_t j = 0; j < step; ++j)
+          sum += float(int(codes[j] & 15) - zero) * x_even[r][at + j] +
+                 float(int(codes[j] >> 4) - zero) * x_odd[r][at + j];
+      } else {
+        #pragma omp simd reduction(+:sum)
+        for (int64_t j = 0; j < step; ++j) sum += float(int(codes[j]) - zero) * x_even[r][at + j];
       }
-      for (int64_t m = 0; m < m_rows; ++m) y[m * n_rows + n] = acc[m];
+      totals[r] += scale * sum;
+    }
+  }
+#endif
+}
+
+using RowKernel = void (*)(const Packed&, int64_t, const float* const*, const float* const*,
+                           float*);
+constexpr RowKernel kRowKernels[kRowsPerPass] = {
+    gemv_row<1>, gemv_row<2>, gemv_row<3>, gemv_row<4>};
+
+Packed packed(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
+              int64_t bits, int64_t group_size, bool has_zeros) {
+  return Packed{qweight.data_ptr<uint8_t>(), scales.data_ptr<float>(),
+                has_zeros ? zeros.data_ptr<uint8_t>() : nullptr, qweight.size(1), scales.size(1),
+                has_zeros ? zeros.size(1) : 0, bits, group_size};
+}
+
+// W[n0 + i, :] for i < rows as float32 into out (row stride k), codes in natural order.
+void dequantize_rows(const Packed& p, int64_t n0, int64_t rows, int64_t k, float* out) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = n0 + i;
+      const uint8_t* row = p.q + n * p.bytes;
+      float* w = out + i * k;
+#ifdef GP_AVX512
+      // whole 16-byte chunks (32 codes at 4 bits, 16 at 8) inside one group
+      const int64_t codes_per_chunk = p.bits == 4 ? 32 : 16;
+      if (p.group_size % codes_per_chunk == 0) {
+        const __m128i low_mask = _mm_set1_epi8(15);
+        for (int64_t g = 0; g < p.groups; ++g) {
+          const __m512i zero = _mm512_set1_epi32(p.zero(n, g));
+          const __m512 scale = _mm512_set1_ps(p.s[n * p.groups + g]);
+          for (int64_t c = g * p.group_size; c < (g + 1) * p.group_size; c += codes_per_chunk) {
+            const __m128i b = _mm_loadu_si128(
+                reinterpret_cast<const __m128i*>(row + c * p.bits / 8));
+            __m128i parts[2] = {b, b};
+            if (p.bits == 4) {
+              const __m128i lo = _mm_and_si128(b, low_mask);
+              const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), low_mask);
+              parts[0] = _mm_unpacklo_epi8(lo, hi);
+              parts[1] = _mm_unpackhi_epi8(lo, hi);
+            }
+            for (int h = 0; h < (p.bits == 4 ? 2 : 1); ++h) {
+              const __m512i u = _mm512_cvtepu8_epi32(parts[h]);
+              _mm512_storeu_ps(w + c + 16 * h,
+                               _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(u, zero)), scale));
+            }
+          }
+        }
+        continue;
+      }
+#endif
+      for (int64_t c = 0; c < k; ++c) {
+        const int64_t g = c / p.group_size;
+        const int u = p.bits == 4 ? ((c & 1) ? row[c / 2] >> 4 : row[c / 2] & 15) : row[c];
+        w[c] = float(u - p.zero(n, g)) * p.s[n * p.groups + g];
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// x: [M, K] float32 contiguous; returns [M, N] float32
+at::Tensor gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                const at::Tensor& zeros, int64_t bits, int64_t group_size, bool has_zeros) {
+  const int64_t m_rows = x.size(0), k = x.size(1), n_rows = qweight.size(0);
+  const Packed p = packed(qweight, scales, zeros, bits, group_size, has_zeros);
+  auto out = at::empty({m_rows, n_rows}, x.options());
+  const float* xp = x.data_ptr<float>();
+  std::vector<float> halves;
+  const float* even_base = xp;
+  const float* odd_base = xp;
+  int64_t width = k;
+  if (bits == 4) {  // even and odd columns of x, [M, K / 2] each
+    width = k / 2;
+    halves.resize(2 * m_rows * width);
+    for (int64_t m = 0; m < m_rows; ++m)
+      for (int64_t j = 0; j < width; ++j) {
+        halves[m * width + j] = xp[m * k + 2 * j];
+        halves[(m_rows + m) * width + j] = xp[m * k + 2 * j + 1];
+      }
+    even_base = halves.data();
+    odd_base = halves.data() + m_rows * width;
+  }
+  float* y = out.data_ptr<float>();
+  at::parallel_for(0, n_rows, 16, [&](int64_t begin, int64_t end) {
+    const float* even[kRowsPerPass];
+    const float* odd[kRowsPerPass];
+    float totals[kRowsPerPass];
+    for (int64_t m0 = 0; m0 < m_rows; m0 += kRowsPerPass) {
+      const int64_t rows = std::min(kRowsPerPass, m_rows - m0);
+      for (int64_t r = 0; r < rows; ++r) {
+        even[r] = even_base + (m0 + r) * width;
+        odd[r] = odd_base + (m0 + r) * width;
+      }
+      const RowKernel kernel = kRowKernels[rows - 1];
+      for (int64_t n = begin; n < end; ++n) {
+        kernel(p, n, even, odd, totals);
+        for (int64_t r = 0; r < rows; ++r) y[(m0 + r) * n_rows + n] = totals[r];
+      }
     }
   });
   return out;
 }
 
-TORCH_LIBRARY(graphpress_cpu_kernels, m) {
-  m.def("gemv(Tensor x_halves, Tensor qweight, Tensor scales, Tensor zeros, int bits, "
-        "int group_size, bool has_zeros) -> Tensor", &gemv);
+// x: [M, K] float32 contiguous; returns [M, N] float32
+at::Tensor dequant_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                        const at::Tensor& zeros, int64_t bits, int64_t group_size, bool has_zeros,
+                        int64_t rows_per_block) {
+  const int64_t m_rows = x.size(0), k = x.size(1), n_rows = qweight.size(0);
+  const Packed p = packed(qweight, scales, zeros, bits, group_size, has_zeros);
+  auto out = at::empty({m_rows, n_rows}, x.options());
+  const int64_t block = std::max<int64_t>(1, std::min(rows_per_block, n_rows));
+  auto weights = at::empty({block, k}, x.options());
+  for (int64_t n0 = 0; n0 < n_rows; n0 += block) {
+    const int64_t rows = std::min(block, n_rows - n0);
+    auto w = weights.narrow(0, 0, rows);
+    dequantize_rows(p, n0, rows, k, w.data_ptr<float>());
+    auto slice = out.narrow(1, n0, rows);
+    at::mm_out(slice, x, w.t());
+  }
+  return out;
+}
+
+// W as float32 [N, K] (the dequantized weight; for tests and the reference)
+at::Tensor dequantize(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
+                      int64_t bits, int64_t group_size, bool has_zeros) {
+  const int64_t n_rows = qweight.size(0), k = qweight.size(1) * 8 / bits;
+  const Packed p = packed(qweight, scales, zeros, bits, group_size, has_zeros);
+  auto out = at::empty({n_rows, k}, scales.options());
+  dequantize_rows(p, 0, n_rows, k, out.data_ptr<float>());
+  return out;
+}
+
+TORCH_LIBRARY(GP_LIBRARY, m) {
+  m.def("gemv(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int bits, int group_size, "
+        "bool has_zeros) -> Tensor", &gemv);
+  m.def("dequant_gemm(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int bits, "
+        "int group_size, bool has_zeros, int rows_per_block) -> Tensor", &dequant_gemm);
+  m.def("dequantize(Tensor qweight, Tensor scales, Tensor zeros, int bits, int group_size, "
+        "bool has_zeros) -> Tensor", &dequantize);
 }
 """
 
+_ROWS_PER_BLOCK = 256  # rows of W dequantized per GEMM call: 256 x 4096 float32 = 4 MiB
+
+
+_LIBRARY = "graphpress_cpu_kernels_v2"
+
 
 @functools.cache
-def _load() -> Any:
-    if os.environ.get("GRAPHPRESS_CPU_KERNELS", "1") == "0":
-        return None
-    try:
-        from torch.utils.cpp_extension import load_inline
+def build(name: str = _LIBRARY, extra_cflags: tuple[str, ...] = ()) -> Any:
+    """The kernels' op namespace ``torch.ops.<name>`` (built with ``-O3 -march=native`` and
+    ``extra_cflags``), or None when they cannot be built. Another ``name`` with other flags
+    builds another copy (the tests build the portable loops with ``-mno-avx512f``)."""
+    from torch.utils.cpp_extension import load_inline
 
-        load_inline("graphpress_cpu_kernels", cpp_sources=[_SOURCE], is_python_module=False,
-                    extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False)
+    flags = ["-O3", "-march=native", "-fopenmp-simd", f"-DGP_LIBRARY={name}", *extra_cflags]
+    try:
+        load_inline(name, cpp_sources=[_SOURCE], is_python_module=False, extra_cflags=flags,
+                    verbose=False)
     except Exception as exc:  # no compiler, no ninja, a failed build: torch's path instead
-        warnings.warn(f"graphpress: the fused CPU dequant-matmul kernel could not be built "
+        warnings.warn(f"graphpress: the CPU dequant-matmul kernels could not be built "
                       f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
                       "using the slower torch implementation", RuntimeWarning, stacklevel=3)
         return None
-    return torch.ops.graphpress_cpu_kernels.gemv.default
+    return getattr(torch.ops, name)
+
+
+def _load() -> Any:
+    if os.environ.get("GRAPHPRESS_CPU_KERNELS", "1") == "0":
+        return None
+    return build()
 
 
 def kernel_available() -> bool:
-    """Whether the fused CPU kernel is built (builds it on the first call)."""
+    """Whether the CPU kernels are built (builds them on the first call)."""
     return _load() is not None
 
 
-def fused_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-               zeros: torch.Tensor | None, bits: int, group_size: int) -> torch.Tensor | None:
-    """``x @ W^T`` (float32 ``x`` [M, K]) by the fused kernel, or None when it is not built or
-    does not cover the layout (4 bits with an odd group size)."""
-    kernel = _load()
-    if kernel is None or (bits == 4 and group_size % 2):
-        return None
-    halves = (torch.stack((x[:, 0::2], x[:, 1::2])) if bits == 4 else x.unsqueeze(0))
+def _operands(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     empty = torch.empty(0, dtype=torch.uint8)
-    return kernel(halves.contiguous(), qweight.contiguous(),
-                  scales.to(torch.float32).contiguous(),
-                  empty if zeros is None else zeros.contiguous(), bits, group_size,
-                  zeros is not None)
+    return (qweight.contiguous(), scales.to(torch.float32).contiguous(),
+            empty if zeros is None else zeros.contiguous())
+
+
+def fused_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+               zeros: torch.Tensor | None, bits: int, group_size: int, *,
+               kernels: Any = None) -> torch.Tensor | None:
+    """``x @ W^T`` (float32 ``x`` [M, K]) by the fused kernel, or None when it is not built or
+    does not cover the layout (4 bits with an odd group size). ``kernels``: a namespace of
+    :func:`build` (default: the library the op uses)."""
+    kernels = kernels or _load()
+    if kernels is None or (bits == 4 and group_size % 2):
+        return None
+    return kernels.gemv(x.contiguous(), *_operands(qweight, scales, zeros), bits, group_size,
+                        zeros is not None)
+
+
+def dequant_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                 zeros: torch.Tensor | None, bits: int, group_size: int,
+                 rows_per_block: int = _ROWS_PER_BLOCK, *, kernels: Any = None
+                 ) -> torch.Tensor | None:
+    """``x @ W^T`` (float32 ``x`` [M, K]) by blocks of dequantized rows and ATen's GEMM, or None
+    when the kernels are not built. Every layout (odd group sizes too)."""
+    kernels = kernels or _load()
+    if kernels is None:
+        return None
+    return kernels.dequant_gemm(x.contiguous(), *_operands(qweight, scales, zeros), bits,
+                                group_size, zeros is not None, rows_per_block)
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+               bits: int, group_size: int, *, kernels: Any = None) -> torch.Tensor | None:
+    """The float32 weight ``[N, K]`` by the C++ dequantizer, or None when it is not built."""
+    kernels = kernels or _load()
+    if kernels is None:
+        return None
+    return kernels.dequantize(*_operands(qweight, scales, zeros), bits, group_size,
+                              zeros is not None)

@@ -24,14 +24,16 @@ differs from the fake-quant program's float32 matmul only by that program's own 
 
 Kernels (the torch one lives here, the C++ and Triton ones in :mod:`graphpress.kernels`):
 
-* CPU, ``M <= 8`` (decode): the fused C++ kernel of :mod:`graphpress.kernels.cpu_dequant`,
-  built on first use (about a minute, cached per machine; ``GRAPHPRESS_CPU_KERNELS=0`` or no
-  compiler: the next path), which reads the packed codes once and never writes float weights;
-* CPU, larger M: the rows of ``W`` are dequantized in blocks that stay in cache
-  (``(u - z) * s``, the low and the high nibbles of 4-bit codes as two halves of the sum over
-  K) and multiplied with ``x`` block by block by torch's matmul, so no float copy of the whole
-  weight is ever made; exact to float32, and slower than torch's float32 linear by the cost of
-  converting the codes (docs/benchmarks.md has the figures);
+* CPU, with the C++ kernels of :mod:`graphpress.kernels.cpu_dequant` (built on first use, about
+  a minute, cached per machine; ``GRAPHPRESS_CPU_KERNELS=0`` or no compiler: the torch path
+  below): ``M <= 4`` (decode) the fused GEMV, which reads the packed codes once and never writes
+  float weights (several times faster than float32 ``linear``, which reads 8x the bytes);
+  larger M, the rows of ``W`` dequantized in cache-sized blocks by vectorized C++ and multiplied
+  by ATen's float32 GEMM (as fast as float32 ``linear`` within a few percent: the products are
+  the same float32 products, and the GEMM is the cost);
+* CPU without the C++ kernels: the same blocked algorithm in torch ops (``(u - z) * s``, the
+  low and the high nibbles of 4-bit codes as two halves of the sum over K), slower than
+  float32 ``linear`` by the cost of converting the codes;
 * CUDA: the Triton kernels (split-K GEMV for ``M <= 16``, tiled GEMM otherwise) when triton is
   installed, else the CPU algorithm on the device;
 * ``use_triton()``: run the Triton kernels on CPU tensors too (with ``TRITON_INTERPRET=1``),
@@ -55,7 +57,7 @@ from typing import Any
 import torch
 
 from graphpress.kernels import triton_available
-from graphpress.kernels.cpu_dequant import fused_gemv
+from graphpress.kernels.cpu_dequant import dequant_gemm, fused_gemv
 from graphpress.ops.packing import BITS, midpoint, unpack_zeros, zeros_shape
 from graphpress.ops.quant import choose_qparams_affine, quantize_affine
 from graphpress.ops.registry import define_op
@@ -64,9 +66,12 @@ __all__ = ["DEQUANT_MATMUL", "DYNAMIC_QUANT_MATMUL", "cpu_dequant_matmul", "matm
            "use_triton"]
 
 _ROWS_PER_BLOCK = 128       # rows of W dequantized at a time on CPU: 128 x 4096 fp32 = 2 MiB
-# up to this many rows of x the fused C++ kernel beats dequantize-then-matmul (it re-reads the
-# codes for every row of x and has none of a GEMM's blocking)
-_FUSED_CPU_MAX_M = 8
+# up to this many rows of x the fused C++ GEMV beats dequantize-then-GEMM (it decodes the codes
+# again for every 4 rows of x and has none of a GEMM's blocking)
+_FUSED_CPU_MAX_M = 4
+# rows of W per dequantize-then-GEMM block: small blocks stay in L2 at small M; at large M the
+# GEMM packs x once per block, which larger blocks amortize
+_GEMM_SMALL_M, _GEMM_ROWS_SMALL_M, _GEMM_ROWS = 32, 64, 256
 _STATE: dict[str, Any] = {"triton_on_cpu": False, "accuracy_level": 0}
 
 
@@ -184,8 +189,13 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         # float16 / bfloat16 inputs meet weights rounded to their type (tensor cores)
         out = triton_dequant_matmul(x2d, qweight, scales, zeros, bits, group_size)
     x2d = x2d.to(torch.float32)
-    if out is None and x.device.type == "cpu" and 0 < x2d.shape[0] <= _FUSED_CPU_MAX_M:
-        out = fused_gemv(x2d, qweight, scales, zeros, bits, group_size)
+    if out is None and x.device.type == "cpu" and x2d.shape[0]:
+        m = x2d.shape[0]
+        if m <= _FUSED_CPU_MAX_M:
+            out = fused_gemv(x2d, qweight, scales, zeros, bits, group_size)
+        if out is None:
+            rows = _GEMM_ROWS_SMALL_M if m <= _GEMM_SMALL_M else _GEMM_ROWS
+            out = dequant_gemm(x2d, qweight, scales, zeros, bits, group_size, rows)
     if out is None:
         out = cpu_dequant_matmul(x2d.contiguous(), qweight, scales, zeros, bits, group_size)
     if bias is not None:
@@ -281,11 +291,19 @@ def _dynamic_quant_matmul_onnx(x, qweight, scales, bias=None,
     return dynamic_quant_matmul_onnx(x, qweight, scales, bias, act_symmetric)
 
 
+def _dequant_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                           zeros: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
+                           group_size: int) -> torch.Tensor:
+    """The op on its Triton kernels on any device (the Triton backend calls this)."""
+    with use_triton():
+        return dequant_matmul(x, qweight, scales, zeros, bias, bits, group_size)
+
+
 DEQUANT_MATMUL = define_op(
     "graphpress::dequant_matmul", dequant_matmul, fake=_dequant_matmul_fake,
     schema=("(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, int bits, "
             "int group_size) -> Tensor"),
-    onnx_translation=_dequant_matmul_onnx)
+    onnx_translation=_dequant_matmul_onnx, triton_lowering=_dequant_matmul_triton)
 DYNAMIC_QUANT_MATMUL = define_op(
     "graphpress::dynamic_quant_matmul", dynamic_quant_matmul, fake=_dynamic_quant_matmul_fake,
     schema=("(Tensor x, Tensor qweight, Tensor scales, Tensor? bias, bool act_symmetric) "

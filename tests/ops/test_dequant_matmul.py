@@ -17,7 +17,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from graphpress.kernels import triton_available
-from graphpress.kernels.cpu_dequant import fused_gemv, kernel_available
+from graphpress.kernels.cpu_dequant import (
+    build,
+    dequant_gemm,
+    dequantize,
+    fused_gemv,
+    kernel_available,
+)
 from graphpress.ops import check_op
 from graphpress.ops.dequant_matmul import (
     DEQUANT_MATMUL,
@@ -74,22 +80,56 @@ def test_cpu_kernel_blocks_and_half_inputs() -> None:
     assert _call(torch.randn(0, 64), packed).shape == (0, 70)
 
 
-@pytest.mark.parametrize(("dtype", "group", "symmetric"), [
-    ("int4", 32, False), ("int4", 16, True), ("uint4", 8, False), ("int8", 48, True),
-    ("int8", 96, False)])
-def test_fused_cpu_kernel_matches_the_reference(dtype: str, group: int, symmetric: bool) -> None:
+# group sizes that leave a partial 16-byte chunk at the end of every group (4 bits: 6, 8, 20;
+# 8 bits: 40, 24), whole chunks (32, 64, 48 at 8 bits), odd ones (45: only the blocked kernel)
+_KERNEL_LAYOUTS = [("int4", 32, False), ("int4", 64, True), ("uint4", 8, False),
+                   ("int4", 6, False), ("int4", 20, True), ("int8", 48, True),
+                   ("int8", 40, False), ("uint8", 24, False), ("int4", 45, False)]
+
+
+def _check_kernels(kernels: object, dtype: str, group: int, symmetric: bool) -> None:
+    k = group * (2 if group % 2 else 3)  # 4-bit packing needs an even K
+    fake, packed = _quantized(37, k, dtype, group, symmetric)
+    args = (packed.qweight, packed.scales, packed.zeros, packed.bits, packed.group_size)
+    assert torch.equal(dequantize(*args, kernels=kernels), fake)  # bit-identical weights
+    for m in (1, 2, 3, 4, 5, 9):  # the GEMV takes 4 rows of x a pass: 1, 2 and 3 passes
+        x = torch.randn(m, k)
+        expected = x @ fake.t()
+        for rows in (16, 37, 256):  # blocks of W rows: several, one exact, one partial
+            out = dequant_gemm(x, *args, rows_per_block=rows, kernels=kernels)
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        out = fused_gemv(x, *args, kernels=kernels)
+        if group == 45:  # groups straddle bytes: the GEMV does not cover them
+            assert out is None
+        else:
+            assert out is not None and out.shape == (m, 37)
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("dtype", "group", "symmetric"), _KERNEL_LAYOUTS)
+def test_cpu_kernels_match_the_reference(dtype: str, group: int, symmetric: bool) -> None:
     if not kernel_available():
-        pytest.skip("the fused CPU kernel could not be built here (no C++ compiler or "
+        pytest.skip("the CPU kernels could not be built here (no C++ compiler or "
                     "GRAPHPRESS_CPU_KERNELS=0); the op uses the torch path")
-    fake, packed = _quantized(37, 96, dtype, group, symmetric)
-    for m in (1, 3, 8):
-        x = torch.randn(m, 96)
-        out = fused_gemv(x, packed.qweight, packed.scales, packed.zeros, packed.bits,
-                         packed.group_size)
-        assert out is not None and out.shape == (m, 37)
-        torch.testing.assert_close(out, x @ fake.t(), rtol=1e-5, atol=1e-5)
-    _, odd = _quantized(8, 90, "int4", 45, False)  # groups straddle bytes: not covered
-    assert fused_gemv(torch.randn(1, 90), odd.qweight, odd.scales, odd.zeros, 4, 45) is None
+    _check_kernels(None, dtype, group, symmetric)
+
+
+@pytest.mark.slow
+def test_portable_cpu_kernels_match_the_reference() -> None:
+    """The loops built where AVX-512 is missing (here: built with -mno-avx512f)."""
+    portable = build("graphpress_cpu_kernels_portable_test", ("-mno-avx512f",))
+    if portable is None:
+        pytest.skip("no C++ compiler here")
+    for layout in _KERNEL_LAYOUTS:
+        _check_kernels(portable, *layout)
+
+
+def test_the_op_takes_each_cpu_path() -> None:
+    """M <= 4: the fused GEMV; larger M: the blocked GEMM (both against the reference)."""
+    fake, packed = _quantized(300, 256, "int4", 128, False)
+    for m in (1, 4, 5, 40):
+        x = torch.randn(m, 256)
+        torch.testing.assert_close(_call(x, packed), x @ fake.t(), rtol=1e-5, atol=1e-5)
 
 
 def test_opcheck() -> None:

@@ -34,7 +34,7 @@ from graphpress.ir.artifacts import file_records, read_manifest, verify_files
 from graphpress.ir.program import Program
 from graphpress.ops.quant import AFFINE_QUANT_OPS, has_op
 
-__all__ = ["OnnxArtifact", "check_saved_model"]
+__all__ = ["OnnxArtifact", "check_saved_model", "session_config"]
 
 MANIFEST = "onnx_manifest.json"
 FORMAT_VERSION = 1
@@ -65,9 +65,17 @@ def _bound(value: Any) -> int | None:
 # onnxruntime fuses DequantizeLinear -> MatMul into MatMulNBits (8- and 4-bit weights); at its
 # default accuracy level 4 that kernel also quantizes the activations to int8, which the program
 # does not do (1.5 int8 output steps off on the zoo's Llama under int8_dynamic); level 1 computes
-# in float32 on the dequantized weights, as the program. backend_options={"session_config":
-# {"session.qdq_matmulnbits_accuracy_level": "4"}} trades that for speed.
-FAITHFUL_SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "1"}
+# in float32 on the dequantized weights, as the program. The backend's accuracy_level option
+# sets it for those nodes as for the MatMulNBits graphpress writes (0 and 1: this faithful 1);
+# an explicit session_config entry wins.
+QDQ_ACCURACY_LEVEL = "session.qdq_matmulnbits_accuracy_level"
+FAITHFUL_SESSION_CONFIG = {QDQ_ACCURACY_LEVEL: "1"}
+
+
+def session_config(options: OnnxOptions) -> dict[str, str]:
+    """The onnxruntime session config entries of ``options`` (with the faithful defaults)."""
+    level = {QDQ_ACCURACY_LEVEL: str(max(options.accuracy_level, 1))}
+    return {**FAITHFUL_SESSION_CONFIG, **level, **options.session_config}
 
 
 class OnnxArtifact:
@@ -114,7 +122,7 @@ class OnnxArtifact:
         session_options = ort.SessionOptions()
         session_options.graph_optimization_level = _LEVELS[self.options.graph_optimization_level]
         session_options.intra_op_num_threads = self.options.intra_op_threads
-        for key, value in {**FAITHFUL_SESSION_CONFIG, **self.options.session_config}.items():
+        for key, value in session_config(self.options).items():
             session_options.add_session_config_entry(key, value)
         try:
             return ort.InferenceSession(source, session_options,
@@ -201,6 +209,9 @@ class OnnxArtifact:
                 "onnx size on disk": _size(self.size_bytes) + external,
                 "onnx export time": f"{self.export_seconds:.2f} s",
                 "onnx providers": ", ".join(self.options.providers)} | (
+                    {"onnx MatMulNBits accuracy level": str(self.options.accuracy_level)}
+                    if any(node.op_type == "MatMulNBits"
+                           for node in self.onnx_program.model.graph) else {}) | (
                     {"onnx disabled optimizers": ", ".join(self.disabled_optimizers)}
                     if self.disabled_optimizers else {})
 
@@ -235,6 +246,10 @@ class OnnxArtifact:
             # pass these to onnxruntime.InferenceSession(disabled_optimizers=...) for its int8
             # kernels (see OnnxArtifact.__init__)
             "disabled_optimizers": list(self.disabled_optimizers),
+            # MatMulNBits' compute type in model.onnx, and what the session was given for the
+            # MatMulNBits onnxruntime fuses from Q/DQ (pass it as a session config entry)
+            "accuracy_level": self.options.accuracy_level,
+            "session_config": session_config(self.options),
             "metadata": dict(self.options.metadata),
         }
 

@@ -27,13 +27,16 @@ from torch.export.graph_signature import ConstantArgument, OutputKind
 from graphpress.errors import BackendError
 from graphpress.ir.program import Program
 from graphpress.ir.purity import qualified_name
+from graphpress.ops.dequant_matmul import matmul_nbits_options
 from graphpress.ops.quant import AFFINE_QUANT_OPS, Q_DQ_OPS, has_op
 
-__all__ = ["GRAPH_OPTIMIZATION_LEVELS", "QUANTIZATION_MODES", "OnnxOptions", "check_onnx_model",
-           "export_onnx"]
+__all__ = ["ACCURACY_LEVELS", "GRAPH_OPTIMIZATION_LEVELS", "QUANTIZATION_MODES", "OnnxOptions",
+           "check_onnx_model", "export_onnx"]
 
 GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 QUANTIZATION_MODES = ("qdq", "exact")
+ACCURACY_LEVELS = {0: "float32 (unset)", 1: "float32", 2: "float16", 3: "bfloat16", 4: "int8"}
+"""MatMulNBits' ``accuracy_level``: the type its CPU kernel computes the activations in."""
 _DOCS = "docs/backends/onnx.md"
 
 
@@ -72,6 +75,11 @@ class OnnxOptions:
     # fake-quant: "qdq" (QuantizeLinear/DequantizeLinear, which onnxruntime may run with its int8
     # kernels, rounding some values differently) or "exact" (the ops' formula in float ops)
     quantization: str = "qdq"
+    # com.microsoft::MatMulNBits (packed weights of fuse_dequant_matmul, and the ones onnxruntime
+    # fuses from DequantizeLinear -> MatMul): 0 or 1 compute in float32 as the program does;
+    # 2 float16, 3 bfloat16, 4 int8 activations (onnxruntime's fastest CPU kernel, not within
+    # float32 tolerance of the program)
+    accuracy_level: int = 0
     intra_op_threads: int = 0  # onnxruntime threads; 0: its default (one per physical core)
     session_config: Mapping[str, str] = field(default_factory=dict)  # onnxruntime config entries
     external_data_threshold: int = 1 << 30  # more weight bytes: model.onnx.data (max 1 GiB)
@@ -100,6 +108,12 @@ class OnnxOptions:
         if result.quantization not in QUANTIZATION_MODES:
             raise BackendError(f"quantization must be one of {QUANTIZATION_MODES}, got "
                                f"{result.quantization!r}")
+        level = result.accuracy_level
+        if isinstance(level, bool) or not isinstance(level, int) or level not in ACCURACY_LEVELS:
+            raise BackendError(
+                f"accuracy_level must be one of {list(ACCURACY_LEVELS)} (MatMulNBits' compute "
+                f"type: {', '.join(f'{k} {v}' for k, v in ACCURACY_LEVELS.items())}), got "
+                f"{level!r}")
         if result.graph_optimization_level not in GRAPH_OPTIMIZATION_LEVELS:
             raise BackendError(
                 f"graph_optimization_level must be one of {GRAPH_OPTIMIZATION_LEVELS}, got "
@@ -163,7 +177,7 @@ def export_onnx(program: Program, options: OnnxOptions,
     opset = options.opset if options.opset is not None else (
         21 if _needs_opset21(program) else None)
     try:
-        with _quiet_exporter():
+        with _quiet_exporter(), matmul_nbits_options(accuracy_level=options.accuracy_level):
             onnx_program = torch.onnx.export(
                 program.exported_program, (), dynamo=True, verbose=False,
                 opset_version=opset, optimize=options.optimize,

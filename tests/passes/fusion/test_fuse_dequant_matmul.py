@@ -4,12 +4,15 @@ refusals, the W8A8 dynamic variant, and the ONNX backend on the result."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
 import graphpress as gp
-from graphpress.errors import PipelineError
+from graphpress.errors import BackendError, PipelineError
 from graphpress.ops.quant import choose_qparams_affine
 
 FQ = torch.ops.graphpress.fake_quantize_affine.default
@@ -224,3 +227,36 @@ def test_saved_eager_program_reloads(tmp_path: object) -> None:
     compiled = _compile(Layers(), (x,))
     compiled.save(tmp_path)
     assert torch.equal(gp.load(tmp_path)(x), compiled(x))
+
+
+def _accuracy_levels(proto: object) -> list[int]:
+    return [next((a.i for a in node.attribute if a.name == "accuracy_level"), 0)
+            for node in proto.graph.node if node.op_type == "MatMulNBits"]
+
+
+def test_onnx_accuracy_level_is_a_backend_option(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, x = Layers(), torch.randn(2, 3, 64)
+    eager = _compile(model, (x,))
+    faithful = _compile(model, (x,), backend="onnx")
+    assert set(_accuracy_levels(faithful.artifact.onnx_program.model_proto)) == {0}
+    fast = gp.compile(model.eval(), (x,), passes=f"{INT4}, fuse_dequant_matmul", backend="onnx",
+                      backend_options={"accuracy_level": 4})
+    levels = _accuracy_levels(fast.artifact.onnx_program.model_proto)
+    assert len(levels) >= 3 and set(levels) == {4}
+    assert fast.report().extra["onnx MatMulNBits accuracy level"] == "4"
+    # int8 activations: near the program, not at float32 tolerance as level 0 is
+    torch.testing.assert_close(faithful(x), eager(x), rtol=1e-4, atol=1e-4)
+    error = (fast(x) - eager(x)).abs().max().item()
+    assert 1e-4 < error < 0.05 * eager(x).abs().max().item()
+    fast.save(tmp_path)
+    manifest = json.loads((tmp_path / "onnx_manifest.json").read_text())
+    assert manifest["accuracy_level"] == 4
+    assert manifest["session_config"]["session.qdq_matmulnbits_accuracy_level"] == "4"
+
+
+@pytest.mark.parametrize("level", [5, -1, 2.0, True, "4"])
+def test_onnx_accuracy_level_is_validated(level: object) -> None:
+    with pytest.raises(BackendError, match=r"accuracy_level must be one of \[0, 1, 2, 3, 4\]"):
+        gp.compile(Layers().eval(), (torch.randn(2, 3, 64),), passes=INT4, backend="onnx",
+                   backend_options={"accuracy_level": level})
