@@ -25,7 +25,8 @@ Usage::
   labels), ``variance`` its activation statistics from 16 training batches of 32; ``l2`` and
   ``lamp`` also with ``global_ranking=True``.
 * hidden: ``prune_hidden=True`` next to the default (heads and MLP channels only) on the tiny
-  Llama, ViT and BERT classifier of the zoo (random weights), ratio 0.5: parameters and MACs
+  Llama, ViT and BERT classifier of the zoo, and on BiT (every conv weight-standardized: with
+  ``prune_hidden`` the standardization runs over the kept inputs), random weights, ratio 0.5: parameters and MACs
   before -> after, the worst error against the contract's reference (``verify=True``), and the
   deviation from the unpruned model on the example inputs (SQNR, cosine, top-1 agreement).
 * scale: a Llama-3-70B-shaped model on the ``meta`` device: export time, ``channel_groups``
@@ -241,7 +242,7 @@ def hidden() -> None:
     print("| model | prune_hidden | params | MACs | max error vs reference | SQNR dB | cosine "
           "| top-1 agree |")
     print("|---|---|---|---|---|---|---|---|")
-    for name in ("hf_llama", "hf_vit", "hf_bert_classifier"):
+    for name in ("hf_llama", "hf_vit", "hf_bert_classifier", "hf_bit"):
         model, inputs = get_model(name).make()
         for wide in (False, True):
             prune = PruneChannels(ratio=0.5, prune_hidden=wide)

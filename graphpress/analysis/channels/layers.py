@@ -95,7 +95,9 @@ def _batch_norm(t: Tracer, node: Node, program: Program) -> Any:
     """Every channel is normalised on its own: eval mode by its running statistics, training
     mode (and instance norm) by statistics over the *other* dims, which are therefore blocked.
     A weight-standardized conv (``batch_norm(W.reshape(1, O, -1), training=True)``) keeps its
-    output channels O prunable; its input channels, summarised by the statistics, are not."""
+    output channels O prunable; its input channels, summarised by the statistics, are not,
+    except in hidden mode, where a batch of one normalised over one dim is a normalisation over
+    the kept channels (recorded in ``normalized``)."""
     x = node.args[0]
     where = f"{op_name(node)} (node {node.name})"
     layouts = list(dims(t, x))
@@ -103,6 +105,10 @@ def _batch_norm(t: Tracer, node: Node, program: Program) -> Any:
                                              and get_arg(node, "training")):
         reduced = [0, *range(2, len(layouts))] if op_name(node) == "batch_norm" else \
             list(range(2, len(layouts)))
+        if t.hidden and op_name(node) == "batch_norm" and len(layouts) == 3 \
+                and shape(x)[0] == 1:   # weight standardization: over the kept inputs
+            t.normalized[node.name] = 2
+            reduced = [0]
         t.block([layouts[i] for i in reduced],
                 f"{where} in training mode normalises over this dimension")
     for p in node.args[1:5]:

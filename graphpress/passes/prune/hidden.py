@@ -12,7 +12,9 @@ Contract (``reference``): the pruned program equals the *masked original* (the r
 channels zeroed in every weight slice of their group) in which each such normalisation is
 computed over the kept channels only (:class:`KeptStatistics`): ``layer_norm`` / ``rms_norm``
 of ``x[..., K]`` with ``weight[K]``, ``bias[K]`` (the removed outputs are 0, as the masked
-weights make them), and ``mean`` over ``K``. It is exact because the removed channels are zero
+weights make them), ``mean`` over ``K``, and a weight standardization (``batch_norm`` in
+training mode of ``W.reshape(1, O, -1)``) over the kept input channels (the removed columns
+are 0: they multiply input channels that are 0). It is exact because the removed channels are zero
 everywhere else in the masked original. The pruned model is *not* the original model: how far
 it moved is measured on the example inputs (:func:`deviation`) and reported.
 """
@@ -49,6 +51,9 @@ class KeptStatistics(ProgramRunner):
         part = x.index_select(dim, index)
         if n.target is torch.ops.aten.mean.dim:
             return n.target(part, *args[1:], **kwargs)
+        if n.target is torch.ops.aten.batch_norm.default:   # weight standardization
+            normed = n.target(part, *args[1:], **kwargs)
+            return x.new_zeros(x.shape).index_copy(dim, index, normed)
         # layer_norm(x, shape, weight, bias, ...) / rms_norm(x, shape, weight, eps)
         rest = [a.index_select(0, index) if isinstance(a, torch.Tensor) else a
                 for a in args[2:]]

@@ -148,3 +148,57 @@ def test_prune_hidden_plans_on_meta_weights() -> None:
 def test_variance_with_prune_hidden_is_refused() -> None:
     with pytest.raises(ValueError, match="prune_hidden"):
         PruneChannels(importance="variance", prune_hidden=True)
+
+
+class WSConv(nn.Conv2d):
+    """A weight-standardized conv (BiT): W standardized over its inputs and kernel per output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                         training=True, momentum=0.0, eps=1e-5).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, padding=1)
+
+
+class WSNet(nn.Module):
+    def __init__(self, width: int = 6) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, width, 3, padding=1)
+        self.ws = WSConv(width, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ws(F.relu(self.conv(x)))
+        return self.fc(h.mean((2, 3)))
+
+
+def test_weight_standardized_inputs_pruned_over_the_kept_channels() -> None:
+    """Under prune_hidden=True the standardization of a conv's weight runs over its kept input
+    channels: the pruned program is the narrower net, standardized as it would be."""
+    torch.manual_seed(0)
+    model, x = WSNet().eval(), torch.randn(2, 2, 5, 5)
+    program = trace(model, (x,))
+    result = PruneChannels(ratio=0.5, prune_hidden=True, ignore=("fc",)).run(
+        program, PassContext(example_inputs=(x,)))
+    group = next(g for g in result.details["plan"].groups if ("conv.weight", 0, 0, 1) in g.slices)
+    keep = group.keep
+    assert len(keep) == 3 and program.weights()["ws.weight"].shape == (4, 3, 3, 3)
+    assert result.stats["normalizations_over_kept"] == 1
+    narrow = WSNet(3).eval()
+    with torch.no_grad():
+        narrow.conv.weight.copy_(model.conv.weight[keep])
+        narrow.conv.bias.copy_(model.conv.bias[keep])
+        narrow.ws.weight.copy_(model.ws.weight[:, keep])
+        narrow.ws.bias.copy_(model.ws.bias)
+        narrow.fc.load_state_dict(model.fc.state_dict())
+    assert_equivalent(program, narrow, [(torch.randn(2, 2, 5, 5),)], rtol=1e-5, atol=1e-5)
+    # without it, the standardization's statistics block the conv's inputs, naming the node
+    with pytest.raises(ValueError, match=r"batch_norm \(node batch_norm\) in training mode"):
+        PruneChannels(ratio=0.5, ignore=("fc",)).run(trace(model, (x,)), PassContext())
+
+
+def test_hf_bit_prunes_a_quarter_with_prune_hidden() -> None:
+    model, inputs = get_model("hf_bit").make()
+    prune = PruneChannels(ratio=0.5, prune_hidden=True)
+    record = gp.compile(model, inputs, passes=[prune], verify=True).report().records[-1]
+    assert record.parameters[1] <= 0.75 * record.parameters[0], record.parameters
+    assert record.stats["normalizations_over_kept"] >= 8 and record.max_error < 1e-5
