@@ -411,3 +411,35 @@ def test_without_the_op_library_custom_ops_have_no_rule(monkeypatch: pytest.Monk
     monkeypatch.setitem(sys.modules, "graphpress.ops.registry", None)   # import fails
     ruled = _group_of(gp.analysis.channel_groups(program), "a.weight", 0)
     assert "no channel rule for gptest_channels::scale (node scale)" in ruled.reasons
+
+
+class NormedStream(nn.Module):
+    """A residual stream normalised by a LayerNorm and by an RMSNorm written out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.ln = nn.Linear(3, 8), nn.LayerNorm(8)
+        self.mlp, self.rms, self.out = nn.Linear(8, 8), nn.Parameter(torch.ones(8)), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        h = h + self.mlp(self.ln(h))
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * self.rms
+        return self.out(h)
+
+
+def test_hidden_mode_lets_the_stream_normalisations_pass_and_lists_them() -> None:
+    program = trace(NormedStream().eval(), (torch.randn(2, 3),))
+    stream = _group_of(gp.analysis.channel_groups(program), "inp.weight", 0)
+    assert not stream.prunable and any("layer_norm" in r for r in stream.reasons)
+    assert any("mean" in r and "reduces" in r for r in stream.reasons)
+    hidden = gp.analysis.channel_groups(program, hidden=True)
+    stream = _group_of(hidden, "inp.weight", 0)
+    assert stream.prunable and stream.size == 8
+    assert _members(stream) >= {("inp.weight", 0), ("inp.bias", 0), ("ln.weight", 0),
+                                ("ln.bias", 0), ("mlp.weight", 1), ("mlp.weight", 0),
+                                ("mlp.bias", 0), ("rms", 0), ("out.weight", 1)}
+    ops = {name: str(next(n.target for n in program.graph.nodes if n.name == name))
+           for name in hidden.normalized}
+    assert sorted(ops.values()) == ["aten.layer_norm.default", "aten.mean.dim"]
+    assert set(hidden.normalized.values()) == {1}

@@ -3,16 +3,20 @@ whose scores are computed by hand."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import graphpress as gp
 from graphpress.analysis.channels.solver import channel_groups
 from graphpress.frontends import trace
 from graphpress.passes import PassContext, PassManager, PruneChannels
 from graphpress.passes.prune import variance
 from graphpress.passes.prune.importance import group_importance, hessian_saliency, lamp_scores
+from graphpress.passes.prune.plan import PrunePlan
 from graphpress.testing import assert_equivalent
 
 
@@ -208,3 +212,29 @@ def test_variance_refuses_channels_summed_over_naming_the_node() -> None:
                                                  PassContext(example_inputs=(x,)))
     with pytest.raises(ValueError, match="prune_heads=True"):
         PruneChannels(importance="variance", prune_heads=False)
+
+
+def test_a_variance_plan_reapplied_folds_the_means_again(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = ConvNet().eval()
+    batches = [(torch.randn(4, 1, 6, 6),) for _ in range(2)]
+    first = trace(model, batches[0])
+    PruneChannels(ratio=0.5, importance="variance", batches=batches).run(first, PassContext())
+    path = tmp_path / "plan.json"
+    plan = PruneChannels(ratio=0.5, importance="variance", batches=batches).make_plan(
+        trace(model, batches[0]))[0]
+    plan.save(path)
+    again = trace(model, batches[0])
+    PruneChannels(plan=PrunePlan.load(path), importance="variance", batches=batches).run(
+        again, PassContext())
+    assert_equivalent(again, first, batches, rtol=0, atol=0)
+
+
+def test_lamp_and_variance_by_name_in_a_pipeline_string() -> None:
+    model, x = ConvNet().eval(), torch.randn(4, 1, 6, 6)
+    compiled = gp.compile(model, (x,), passes="prune_channels(importance='lamp', "
+                          "global_ranking=True)", verify=True)
+    assert compiled.report().records[-1].max_error < 1e-5
+    compiled = gp.compile(model, (x,), passes="prune_channels(importance='variance')",
+                          calibration_data=[x], verify=True)
+    assert "calibration mean" in compiled.report().records[-1].contract
