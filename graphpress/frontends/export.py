@@ -114,8 +114,11 @@ def export_program(model: torch.nn.Module, example_inputs: Any = None,
     args, kwargs = normalize_inputs(example_inputs, example_kwargs)
     if dynamic_batch and dynamic_shapes is None:
         arg_shapes, kwarg_shapes = batch_dynamic_shapes(args, kwargs)
+        fixed, varargs = _positional_layout(model)
+        if varargs:  # forward(self, a, *rest): torch.export wants rest's specs as one tuple
+            arg_shapes = (*arg_shapes[:fixed], tuple(arg_shapes[fixed:]))
         dynamic_shapes = arg_shapes if not kwargs else {
-            **dict(zip(_positional_names(model, len(args)), arg_shapes)), **kwarg_shapes}
+            **dict(zip(_positional_names(model, len(arg_shapes)), arg_shapes)), **kwarg_shapes}
     with progress_status(f"tracing {type(model).__name__}") as status:
         status.set_postfix_str("torch.export", refresh=False)
         try:
@@ -127,6 +130,16 @@ def export_program(model: torch.nn.Module, example_inputs: Any = None,
                 f"could not trace {type(model).__name__} with torch.export: "
                 f"{_diagnose(exc)}\ncause: {type(exc).__name__}: {first}") from exc
         return program_from_exported(ep, inplace=inplace, status=status)
+
+
+def _positional_layout(model: torch.nn.Module) -> tuple[int, bool]:
+    """(number of named positional parameters of forward, whether it takes ``*args``)."""
+    import inspect
+
+    kinds = [p.kind for p in inspect.signature(model.forward).parameters.values()]
+    named = sum(k in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                for k in kinds)
+    return named, inspect.Parameter.VAR_POSITIONAL in kinds
 
 
 def _positional_names(model: torch.nn.Module, count: int) -> list[str]:

@@ -26,7 +26,7 @@ from graphpress.errors import BackendError
 from graphpress.ir.costs import node_macs
 from graphpress.ir.program import Program
 
-__all__ = ["MODULE_FILE", "TritonArtifact", "kernel_stats"]
+__all__ = ["MODULE_FILE", "TritonArtifact", "check_fallbacks", "kernel_stats"]
 
 MODULE_FILE = "triton_module.py"
 
@@ -52,6 +52,29 @@ def _import(source: str) -> ModuleType:
     spec.loader.exec_module(module)
     sys.modules[name] = module
     return module
+
+
+_DEVICE_KEYS = {"cuda": "CUDA"}
+_PORTABLE_KEYS = ("CompositeImplicitAutograd", "CompositeExplicitAutograd",
+                  "CompositeExplicitAutogradNonFunctional")
+
+
+def check_fallbacks(generated: GeneratedModule, device: torch.device) -> None:
+    """Raise BackendError naming the first ATen fallback with no kernel for ``device``."""
+    key = _DEVICE_KEYS.get(device.type)
+    if key is None:
+        return
+    for node in generated.fallbacks:
+        target = node.target
+        if not isinstance(target, torch._ops.OpOverload):
+            continue
+        name = target.name()
+        if not any(torch._C._dispatch_has_kernel_for_dispatch_key(name, k)
+                   for k in (key, *_PORTABLE_KEYS)):
+            raise BackendError(
+                f"node {node.name}: {target} has no Triton lowering and no {device.type} kernel "
+                f"to fall back to; run it on a device it supports or replace it before "
+                f"backend='triton'")
 
 
 def _flops(node: torch.fx.Node) -> int:
@@ -84,7 +107,6 @@ class TritonArtifact:
     """The generated Triton module of a Program; ``save`` writes its source."""
 
     name = "triton"
-    tolerance = (1e-4, 1e-5)
 
     def __init__(self, program: Program, generated: GeneratedModule) -> None:
         self.program, self.generated = program, generated
@@ -98,6 +120,19 @@ class TritonArtifact:
             (Path(dump) / MODULE_FILE).write_text(generated.source)
 
     @property
+    def tolerance(self) -> tuple[float, float]:
+        """(rtol, atol) against eager: 1e-4 relative in float32; two steps of the narrowest
+        floating output dtype otherwise (an op computed in float32 by both sides may still
+        round to a neighbour in float16)."""
+        dtypes = {getattr(n.meta.get("val"), "dtype", None)
+                  for n in self.program.output_node().all_input_nodes}
+        if torch.bfloat16 in dtypes:
+            return 1.6e-2, 1e-2
+        if torch.float16 in dtypes:
+            return 2e-3, 1e-3
+        return 1e-4, 1e-5
+
+    @property
     def source(self) -> str:
         return self.generated.source
 
@@ -107,6 +142,8 @@ class TritonArtifact:
         if device.type == "cpu" and not _interpreting():
             raise BackendError("the triton backend runs on CUDA tensors, or on CPU tensors "
                                "with TRITON_INTERPRET=1 set before triton is imported")
+        if device not in self._weights:
+            check_fallbacks(self.generated, device)
         moved = self._weights.setdefault(device, {})
         out = []
         for i, value in enumerate(flat):

@@ -208,7 +208,8 @@ def generate(program: Program, *, precision: str = "ieee") -> GeneratedModule:
         if isinstance(unit, Group):
             kernel = render_group(unit, _variable, sizes.shape, precision=precision)
             kernels.append(kernel.source)
-            body += [f"# {kernel.name}: {len(unit.nodes)} nodes", *kernel.host]
+            count = len(unit.nodes)
+            body += [f"# {kernel.name}: {count} node{'s' if count > 1 else ''}", *kernel.host]
             continue
         line = _host_line(unit, _variable)
         callee = line.split(" = ", 1)[1].split("(", 1)[0]

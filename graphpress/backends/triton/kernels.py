@@ -105,7 +105,7 @@ def _render_pointwise(group: Group, var: Callable[[Node], str],
     first = var(group.outputs()[0])
     host = [f"shape_{g} = {group_shape(group, shape_of)}", *host,
             f"numel_{g} = {first}.numel()", f"block_{g} = pointwise_block(numel_{g})",
-            f"{name}[(triton.cdiv(numel_{g}, block_{g}),)]({_host_args(body)})"]
+            *_launch(f"{name}[(triton.cdiv(numel_{g}, block_{g}),)]", body)]
     return RenderedKernel(name, _signature(name, body.params, [*_comment(group), *header],
                                            [*body.lines, *stores]), host)
 
@@ -116,8 +116,19 @@ def group_shape(group: Group, shape_of: Callable[[Node], str]) -> str:
     return shape_of(anchor)
 
 
-def _host_args(body: Body) -> str:
-    return ", ".join(h for _, h in body.params)
+def _launch(callee: str, body: Body, width: int = 92) -> list[str]:
+    """The launch call, its arguments wrapped on indented lines (one input's per line)."""
+    lines, current = [f"{callee}("], ""
+    for _, host in body.params:
+        if not host:
+            continue
+        piece = f"{host}, "
+        if current and len(current) + len(piece) > width:
+            lines.append(f"    {current.rstrip()}")
+            current = ""
+        current += piece
+    lines.append(f"    {current.rstrip(', ')})")
+    return lines
 
 
 def _render_row(group: Group, var: Callable[[Node], str],
@@ -163,7 +174,7 @@ def _render_row(group: Group, var: Callable[[Node], str],
               "mask = row_mask & (cols < N)"]
     host = [f"shape_{g} = {group_shape(group, shape_of)}", *host,
             f"rows_{g} = math.prod(shape_{g}[:-1])", f"block_{g} = row_block(rows_{g}, "
-            f"{block_n})", f"{name}[(triton.cdiv(rows_{g}, block_{g}),)]({_host_args(body)})"]
+            f"{block_n})", *_launch(f"{name}[(triton.cdiv(rows_{g}, block_{g}),)]", body)]
     return RenderedKernel(name, _signature(name, body.params, [*_comment(group), *header],
                                            [*body.lines, *stores]), host)
 
@@ -247,11 +258,10 @@ def _render_matmul(group: Group, var: Callable[[Node], str], shape_of: Callable[
     header = ["pid_b = tl.program_id(2).to(tl.int64)",
               "rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)",
               "rn = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)"]
-    args = ", ".join(h for _, h in body.params if h)
+    batches = f"math.prod(shape_{g}[:{n_batch}])" if n_batch else "1"
     host = [f"shape_{g} = {shape_of(anchor)}", f"k_{g} = {var(a)}.shape[-1]",
             f"m_{g} = math.prod(shape_{g}[{n_batch}:-1])", *host,
-            f"{name}[matmul_grid(m_{g}, shape_{g}[-1], math.prod(shape_{g}[:{n_batch}]))]"
-            f"({args})"]
+            *_launch(f"{name}[matmul_grid(m_{g}, shape_{g}[-1], {batches})]", body)]
     source = _signature(name, body.params, [*_comment(group), *header], [*body.lines, *stores])
     source = ("@triton.autotune(configs=matmul_configs(), key=['M', 'N', 'K'],\n"
               "                 prune_configs_by={'early_config_prune': prune_matmul_configs})\n"

@@ -76,6 +76,11 @@ _UNARY: dict[Any, Callable[[str], str]] = {
     aten.ceil.default: lambda x: f"tl.ceil({x})",
     aten.square.default: lambda x: f"({x} * {x})",
     aten.relu.default: lambda x: f"tl.maximum({x}, 0)",
+    aten.relu6.default: lambda x: f"tl.minimum(tl.maximum({x}, 0.0), 6.0)",
+    aten.exp2.default: lambda x: f"tl.exp2({x})",
+    aten.log2.default: lambda x: f"tl.log2({x})",
+    aten.sign.default: lambda x: f"tl.where({x} > 0, 1, tl.where({x} < 0, -1, 0))",
+    aten.trunc.default: lambda x: f"tl.where({x} < 0, tl.ceil({x}), tl.floor({x}))",
     aten.sigmoid.default: lambda x: f"(1.0 / (1.0 + tl.exp(-{x})))",
     aten.silu.default: lambda x: f"({x} / (1.0 + tl.exp(-{x})))",
     # tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2|x|): no overflow for any x
@@ -95,7 +100,8 @@ _OTHER_POINTWISE = {
     aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar,
     aten.maximum.default, aten.minimum.default, aten.logical_not.default,
     aten.bitwise_not.default, aten.masked_fill.Scalar, aten.leaky_relu.default,
-    aten.div.Tensor_mode, aten.batch_norm.default,
+    aten.div.Tensor_mode, aten.batch_norm.default, aten.floor_divide.default,
+    aten.floor_divide.Scalar, aten.remainder.Tensor, aten.remainder.Scalar,
 }
 POINTWISE = (set(_BINARY) | set(_COMPARE) | set(_LOGICAL) | set(_UNARY) | _CASTS
              | _OTHER_POINTWISE | _CLAMPS)
@@ -200,9 +206,9 @@ def node_kind(node: Node) -> str:
     if target in ROW_OPS:
         return "row" if _row_op_ok(node) else "fallback"
     if target in MATMULS:
-        if out.dtype in MATMUL_DTYPES and all(t.dtype == out.dtype for t in tensors) and all(
-                t.dim() >= 1 for t in tensors) and _val(node.args[0]).dim() >= 2 and (
-                _val(node.args[1]).dim() >= 2 or target == aten.addmm.default):
+        left, right = node.args[1:3] if target == aten.addmm.default else node.args[:2]
+        if out.dtype in MATMUL_DTYPES and all(t.dtype == out.dtype for t in tensors) and (
+                _val(left).dim() >= 2 and _val(right).dim() >= 2):
             return "matmul"
         return "fallback"
     return "fallback"
@@ -273,6 +279,16 @@ def _clamp_bounds(node: Node) -> tuple[Any, Any]:
     return low, high
 
 
+def _rounds_toward_zero(a: str, b: str) -> str:
+    """Where C's truncating ``a // b`` (Triton's) is one above the floor: a nonzero remainder
+    whose sign differs from the divisor's."""
+    return f"(({a} % {b} != 0) & (({a} % {b} < 0) != ({b} < 0)))"
+
+
+def _floor_div(a: str, b: str, dtype: torch.dtype) -> str:
+    return f"({a} // {b} - {_rounds_toward_zero(a, b)}.to({TRITON_DTYPES[dtype]}))"
+
+
 def _pow(base: str, exponent: Any) -> str:
     if isinstance(exponent, int | float) and float(exponent).is_integer() and abs(exponent) <= 4:
         power = int(exponent)
@@ -302,6 +318,12 @@ def pointwise_expr(node: Node, operand: Operand) -> str:
         if target in (aten.div.Tensor, aten.div.Scalar) and not compute.is_floating_point:
             raise BackendError(f"node {node.name}: integer true division has a float result")
         return f"({op(0)} {_BINARY[target]} {other})"
+    if target == aten.div.Tensor_mode and not compute.is_floating_point:
+        mode = kwargs.get("rounding_mode")
+        if mode == "trunc":
+            return f"({op(0)} // {op(1)})"  # Triton's integer division truncates, as C
+        if mode == "floor":
+            return _floor_div(op(0), op(1), compute)
     if target == aten.div.Tensor_mode:
         real = torch.float64 if compute == torch.float64 else torch.float32
         quotient = f"({operand(args[0], real)} / {operand(args[1], real)})"
@@ -311,6 +333,15 @@ def pointwise_expr(node: Node, operand: Operand) -> str:
         if mode == "trunc":
             return f"tl.where({quotient} < 0, tl.ceil({quotient}), tl.floor({quotient}))"
         return quotient
+    if target in (aten.floor_divide.default, aten.floor_divide.Scalar):
+        if compute.is_floating_point:
+            return f"tl.floor({op(0)} / {op(1)})"
+        return _floor_div(op(0), op(1), compute)
+    if target in (aten.remainder.Tensor, aten.remainder.Scalar):
+        a, b = op(0), op(1)
+        if compute.is_floating_point:
+            return f"({a} - tl.floor({a} / {b}) * {b})"
+        return f"tl.where({_rounds_toward_zero(a, b)}, {a} % {b} + {b}, {a} % {b})"
     if target in (aten.rsub.Scalar, aten.rsub.Tensor):
         alpha = kwargs.get("alpha", 1)
         scaled = op(0) if alpha == 1 else f"({op(0)} * {literal(alpha)})"
