@@ -26,11 +26,26 @@ from typing import Any
 import torch
 from torch.fx import Node
 
+from graphpress.analysis.channels.solver import ChannelAnalysis
 from graphpress.ir.program import Program
 from graphpress.ir.runner import ProgramRunner
 from graphpress.numerics import compare_outputs, output_metrics
+from graphpress.passes.prune.plan import PrunePlan, kept_indices
 
-__all__ = ["KeptStatistics", "deviation"]
+__all__ = ["KeptStatistics", "deviation", "kept_statistics"]
+
+
+def kept_statistics(program: Program, analysis: ChannelAnalysis, plan: PrunePlan
+                     ) -> dict[str, tuple[int, torch.Tensor]]:
+    """Hidden mode: each normalisation over a pruned dim -> (that dim, its kept indices)."""
+    nodes = {n.name: n for n in program.graph.nodes}
+    out = {}
+    for name, d in analysis.normalized.items():
+        layout = analysis.layouts[nodes[name].args[0].name][d]
+        index = kept_indices(layout, analysis, plan)
+        if len(index) < sum(n * rep for _, rep, n in layout):
+            out[name] = (d, index)
+    return out
 
 
 class KeptStatistics(ProgramRunner):

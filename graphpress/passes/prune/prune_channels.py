@@ -11,7 +11,9 @@ group by the same ratio; ``ratios={"module.path": r}`` overrides the ratio per m
 Contract (checked by ``verify=True``): the pruned program equals the *masked original*, the
 program before the pass with the removed channels zeroed in every weight slice of their group
 (producers, their biases and norms, and consumers' input slices), to fp32 rounding. Pruning
-channels whose weights are all zero therefore changes nothing. With ``importance="variance"``
+channels whose weights are all zero therefore changes nothing. ``prune_hidden=True`` also
+prunes the normalised residual stream; its reference computes those normalisations over the
+kept channels (``hidden.py``). With ``importance="variance"``
 the removed channels' calibration means are folded into the layers that read them, and the
 reference is the input program with those channels replaced by their means where they are read
 (``variance.py``).
@@ -41,7 +43,6 @@ from graphpress.passes.prune.plan import (
     PrunePlan,
     apply_plan,
     kept_elements,
-    kept_indices,
     key_of,
     masked_copy,
 )
@@ -78,8 +79,8 @@ class PruneChannels(Pass):
         "where a layer reads it", rtol=1e-5, atol=1e-5)
     hidden_contract: ClassVar[Contract] = Contract.against_reference(
         "equals the input program with the removed channels zeroed in every slice of their group "
-        "and every normalisation over a pruned dimension (layer_norm, rms_norm, mean) computed "
-        "over the kept channels only", rtol=1e-5, atol=1e-5,
+        "and every normalisation over a pruned dimension (layer_norm, rms_norm, mean, weight "
+        "standardization) computed over the kept channels only", rtol=1e-5, atol=1e-5,
         report_vs_input=("sqnr_db", "cosine", "top1_agreement"))
     rewrites_weights = True
 
@@ -134,12 +135,11 @@ class PruneChannels(Pass):
     def make_plan(self, program: Program, ctx: PassContext | None = None
                   ) -> tuple[PrunePlan, list[Skip]]:
         """Score and select: which channels of which group to keep."""
-        plan, skips, _ = self._plan(program, ctx)
+        plan, skips, _ = self._plan(program, ctx, self._analysis(program))
         return plan, skips
 
-    def _plan(self, program: Program, ctx: PassContext | None
+    def _plan(self, program: Program, ctx: PassContext | None, analysis: ChannelAnalysis
               ) -> tuple[PrunePlan, list[Skip], Any]:
-        analysis = self._analysis(program)
         ignored = self._ignored(program)
         skips, chosen = [], []
         for g in analysis.groups:
@@ -196,6 +196,17 @@ class PruneChannels(Pass):
             return chosen, None
         return chosen, (readers, variance.activation_stats(program, self._batches(ctx), sites))
 
+    def _recalibrate(self, program: Program, analysis: ChannelAnalysis, plan: PrunePlan,
+                     ctx: PassContext | None) -> Any:
+        """variance, re-applying a plan: the statistics to fold its removed channels again."""
+        keys = {tuple(sorted(g.slices)) for g in plan.groups if len(g.keep) < g.size}
+        skips: list[Skip] = []
+        groups = [g for g in analysis.groups if tuple(key_of(g)) in keys]
+        calibration = self._calibrate(program, analysis, groups, skips, ctx)[1]
+        if skips:
+            raise ValueError(f"plan group over {skips[0].node}: {skips[0].reason}")
+        return calibration
+
     def _batches(self, ctx: PassContext | None) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
         """Calibration data, else ``batches=``, else the example inputs, as (args, kwargs)."""
         if ctx is not None and ctx.calibration_data:
@@ -230,25 +241,20 @@ class PruneChannels(Pass):
 
     # --------------------------------------------------------------------- run
     def run(self, program: Program, ctx: PassContext) -> PassResult:
-        if self.plan is not None:
-            plan, skips, calibration = self.plan, [], None
-            if self.importance == "variance":   # re-applying a variance plan: fold again
-                analysis = self._analysis(program)
-                keys = {tuple(sorted(g.slices)) for g in plan.groups if len(g.keep) < g.size}
-                groups = [g for g in analysis.groups if tuple(key_of(g)) in keys]
-                calibration = self._calibrate(program, analysis, groups, skips, ctx)[1]
-                if skips:
-                    raise ValueError(f"plan group over {skips[0].node}: {skips[0].reason}")
+        analysis = self._analysis(program)
+        if self.plan is None:
+            plan, skips, calibration = self._plan(program, ctx, analysis)
         else:
-            plan, skips, calibration = self._plan(program, ctx)
+            plan, skips = self.plan, []
+            calibration = self._recalibrate(program, analysis, plan, ctx) \
+                if self.importance == "variance" else None
         pruned = [g for g in plan.groups if len(g.keep) < g.size]
         if not pruned:
             return PassResult(changed=False, skipped=skips, details={"plan": plan})
         folds = variance.compute_folds(program, plan.removed(), *calibration) \
             if calibration is not None else []
         kept = {k: m.nonzero().flatten() for k, m in kept_elements(plan, program).items()}
-        analysis = self._analysis(program)
-        statistics = _kept_statistics(program, analysis, plan)
+        statistics = hidden.kept_statistics(program, analysis, plan)
         before = program.copy() if self.prune_hidden else None
         removed = apply_plan(program, plan, analysis)
         variance.apply_folds(program, folds, kept)
@@ -282,19 +288,6 @@ class PruneChannels(Pass):
         if "kept_statistics" in result.details:
             return hidden.KeptStatistics(masked, result.details["kept_statistics"])
         return masked
-
-
-def _kept_statistics(program: Program, analysis: ChannelAnalysis, plan: PrunePlan
-                     ) -> dict[str, tuple[int, torch.Tensor]]:
-    """Hidden mode: each normalisation over a pruned dim -> (that dim, its kept indices)."""
-    nodes = {n.name: n for n in program.graph.nodes}
-    out = {}
-    for name, d in analysis.normalized.items():
-        layout = analysis.layouts[nodes[name].args[0].name][d]
-        index = kept_indices(layout, analysis, plan)
-        if len(index) < sum(n * rep for _, rep, n in layout):
-            out[name] = (d, index)
-    return out
 
 
 def _on_meta(program: Program) -> bool:
