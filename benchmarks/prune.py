@@ -26,9 +26,10 @@ Usage::
   ``lamp`` also with ``global_ranking=True``.
 * hidden: ``prune_hidden=True`` next to the default (heads and MLP channels only) on the tiny
   Llama, ViT and BERT classifier of the zoo, and on BiT (every conv weight-standardized: with
-  ``prune_hidden`` the standardization runs over the kept inputs), random weights, ratio 0.5: parameters and MACs
-  before -> after, the worst error against the contract's reference (``verify=True``), and the
-  deviation from the unpruned model on the example inputs (SQNR, cosine, top-1 agreement).
+  ``prune_hidden`` the standardization runs over the kept inputs), random weights, ratio 0.5:
+  parameters and MACs before -> after, the worst error against the contract's reference
+  (``verify=True``), and the deviation from the unpruned model on the example inputs (SQNR,
+  cosine, top-1 agreement).
 * scale: a Llama-3-70B-shaped model on the ``meta`` device: export time, ``channel_groups``
   time, a structure-only plan (``importance="random"``), the same with ``prune_hidden=True``
   (analysis included), peak RSS.
