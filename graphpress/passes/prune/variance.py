@@ -84,7 +84,11 @@ def find_readers(program: Program) -> tuple[dict[tuple[str, int], list[Reader]],
         if node.op != "call_function":
             continue
         name = op_name(node)
-        if name == "linear" or name == "addmm" or name in _CONVS:
+        if name.startswith("conv_transpose"):
+            weight = program.weight_name(node.args[1]) if isinstance(node.args[1], Node) else None
+            if weight is not None:
+                unsupported[(weight, 0)] = f"read by a transposed {name} (node {node.name})"
+        elif name == "linear" or name == "addmm" or name in _CONVS:
             arg, w = (1, node.args[2]) if name == "addmm" else (0, node.args[1])
             weight = program.weight_name(w) if isinstance(w, Node) else None
             if weight is None:

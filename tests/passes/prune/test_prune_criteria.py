@@ -18,6 +18,7 @@ from graphpress.passes.prune import variance
 from graphpress.passes.prune.importance import group_importance, hessian_saliency, lamp_scores
 from graphpress.passes.prune.plan import PrunePlan
 from graphpress.testing import assert_equivalent
+from graphpress.testing.zoo import get_model
 
 
 class MLP(nn.Module):
@@ -238,3 +239,12 @@ def test_lamp_and_variance_by_name_in_a_pipeline_string() -> None:
     compiled = gp.compile(model, (x,), passes="prune_channels(importance='variance')",
                           calibration_data=[x], verify=True)
     assert "calibration mean" in compiled.report().records[-1].contract
+
+
+def test_variance_skips_groups_read_by_a_transposed_conv_naming_it() -> None:
+    model, inputs = get_model("transposed_conv_net").make()
+    program = trace(model, inputs)
+    result = PruneChannels(importance="variance").run(program, PassContext(example_inputs=inputs))
+    assert any(s.reason == "variance: channels read by a transposed conv_transpose2d (node "
+               "conv_transpose2d)" for s in result.skipped)
+    assert result.stats["readers_mean_folded"] >= 1     # the other groups are pruned
