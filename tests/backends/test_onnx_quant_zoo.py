@@ -83,16 +83,8 @@ def _through_onnx(entry: ZooModel, quant: str) -> None:
     assert "onnx vs eager max abs error" in compiled.report().extra
 
 
-# Not quantization: hf_swin's ONNX export fails after any pass that edits its graph (even
-# "dce": the exporter's decomposition then views a transposed tensor whose .contiguous() it
-# dropped); its float export, with no pass, works. Open, recorded in the issue-9 note.
-_SWIN = pytest.mark.xfail(strict=True, reason="hf_swin: torch.onnx decomposition after a pass "
-                                              "views a non-contiguous tensor (not quantization)")
-
-
 def _zoo(include: tuple[str, ...] = ()) -> list[object]:
-    return [pytest.param(e, id=e.name, marks=[_SWIN] if e.name == "hf_swin" else [])
-            for e in zoo_models(include=include)]
+    return [pytest.param(e, id=e.name) for e in zoo_models(include=include)]
 
 
 @pytest.mark.slow

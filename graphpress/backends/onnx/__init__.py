@@ -38,6 +38,7 @@ import torch
 
 from graphpress.backends.onnx.artifact import OnnxArtifact
 from graphpress.backends.onnx.export import OnnxOptions, export_onnx
+from graphpress.backends.onnx.layouts import contiguous_attention_outputs
 from graphpress.backends.onnx.stored_weights import store_quantized_weights
 from graphpress.backends.onnx.translations import BUILTIN_TRANSLATIONS, fake_quantize_affine_exact
 from graphpress.ir.program import Program
@@ -97,10 +98,10 @@ def onnx_backend(program: Program, **options: Any) -> OnnxArtifact:
     settings = OnnxOptions.from_kwargs(options)
     start = time.perf_counter()
     table = translation_table()
+    exported = contiguous_attention_outputs(program)  # a copy where it changes anything
     if settings.quantization == "exact":
         table[torch.ops.graphpress.fake_quantize_affine.default] = fake_quantize_affine_exact
-        exported = program
     else:  # weights as integers + DequantizeLinear: bit-identical to eager, 4x smaller
-        exported = store_quantized_weights(program)
+        exported = store_quantized_weights(exported)
     onnx_program = export_onnx(exported, settings, table)
     return OnnxArtifact(program, onnx_program, settings, time.perf_counter() - start)
