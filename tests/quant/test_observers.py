@@ -180,6 +180,21 @@ def test_per_group(observer: str) -> None:
     assert bool((lo >= blocks.amin(-1)).all()) and bool((hi <= blocks.amax(-1)).all())
 
 
+@pytest.mark.parametrize("observer", ALL)
+def test_int3_grid(observer: str) -> None:
+    """Every observer calibrates the 8-level grid: asymmetric scale (max - min) / 7 for min-max,
+    zero points inside [-4, 3], and the observers that clip never widen the range."""
+    obs = make_observer(spec(observer, dtype="int3", symmetric=False), (256, 16))
+    x = data(6)
+    obs.update(x)
+    scale, zero_point = obs.qparams()
+    assert zero_point is not None and -4 <= int(zero_point.min()) <= int(zero_point.max()) <= 3
+    if observer == "minmax":
+        assert scale.item() == pytest.approx(float(x.max() - x.min()) / 7)
+    else:
+        assert scale.item() <= float(x.max() - x.min()) / 7 * (1 + 1e-6)
+
+
 def test_fp8_has_no_zero_point() -> None:
     obs = make_observer(spec("mse", dtype="float8_e4m3fn"), (256, 16))
     obs.update(data(5))

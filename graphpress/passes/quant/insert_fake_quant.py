@@ -142,7 +142,7 @@ class InsertFakeQuant(Pass):
         return self.algorithm != "rtn" or self.bias_correction or self.eora_rank > 0
 
     def _algorithm_options(self) -> dict[str, Any]:
-        from graphpress.passes.quant.weight_algorithms import ALGORITHMS, OPTIONS
+        from graphpress.passes.quant.weight_algorithms import ALGORITHMS, CHOICES, OPTIONS
 
         if self.eora_rank < 0:
             raise ValueError(f"eora_rank must be >= 0 (0: no low-rank branch), got "
@@ -157,6 +157,10 @@ class InsertFakeQuant(Pass):
             raise ValueError(f"algorithm {self.algorithm!r} does not take "
                              f"{', '.join(unknown)}; it accepts: "
                              f"{', '.join(accepted) or 'no options'}")
+        for name, choices in CHOICES.items():
+            if name in given and given[name] not in choices:
+                raise ValueError(f"algorithm option {name}={given[name]!r} is not one of "
+                                 f"{', '.join(map(repr, choices))}")
         return {**accepted, **given}
 
     def _placement(self, config: QuantConfig) -> QuantConfig:

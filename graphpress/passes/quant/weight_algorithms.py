@@ -6,8 +6,10 @@ calibration runner (:func:`graphpress.quant.algorithms.statistics.collect`):
 
 1. ``algorithm='awq'``: for each producer whose channels reach only weight-quantized linear
    layers (:mod:`~graphpress.passes.quant.channel_scaling`), the scale search of
-   :mod:`~graphpress.quant.algorithms.awq` on the readers' input rows, the scales folded into
-   the producer and the readers' weights (the exact part: recorded in ``folded``), then
+   :mod:`~graphpress.quant.algorithms.awq` on the readers' input rows (scored on the readers'
+   outputs, or with ``loss='block'`` where they meet: :mod:`~graphpress.passes.quant.awq_block`),
+   the scales folded into the producer and the readers' weights (the exact part: recorded in
+   ``folded``), then
    (``clip``) the clipping search for every weight-quantized linear, on its inputs after the
    folding (the qparams recorded in ``qparams``);
 2. ``algorithm='gptq'``: for each weight-quantized linear / matmul layer, ``H = X^T X`` of its
@@ -38,6 +40,7 @@ import torch
 from torch.fx import Node
 
 from graphpress.ir.program import Program
+from graphpress.passes.quant.awq_block import block_objective, find_region
 from graphpress.passes.quant.channel_scaling import apply_scales, find_chains, to_producer
 from graphpress.passes.quant.placement import Layer, Operand
 from graphpress.passes.quant.weight_edits import (
@@ -53,17 +56,19 @@ from graphpress.quant.algorithms.bias_correction import output_shift
 from graphpress.quant.algorithms.eora import eora_factors
 from graphpress.quant.algorithms.gptq import gptq_quantize
 from graphpress.quant.algorithms.grid import fake_quantize, minmax_qparams
-from graphpress.quant.algorithms.statistics import AbsMean, Gram, Mean, Rows, collect
+from graphpress.quant.algorithms.statistics import AbsMean, Gram, Mean, Rows, Values, collect
 
-__all__ = ["ALGORITHMS", "OPTIONS", "WeightPlan", "plan_weights"]
+__all__ = ["ALGORITHMS", "CHOICES", "OPTIONS", "WeightPlan", "plan_weights"]
 
 ALGORITHMS = ("rtn", "gptq", "awq")
 OPTIONS = {
     "gptq": {"damp": 0.01, "act_order": False, "block": 128},
-    "awq": {"grid": 20, "duo": True, "clip": True, "clip_steps": 20, "min_ratio": 0.5,
-            "two_sided": False, "rows": 2048, "clip_rows": 512, "power_of_two": True},
+    "awq": {"grid": 20, "duo": True, "loss": "linear", "block_batches": 8, "clip": True,
+            "clip_steps": 20, "min_ratio": 0.5, "two_sided": False, "rows": 2048,
+            "clip_rows": 512, "power_of_two": True},
     "rtn": {},
 }
+CHOICES = {"loss": ("block", "linear")}   # options that take one of a few values
 _LINEAR = ("linear", "matmul", "mm", "addmm")
 _BIASED = ("linear", "conv1d", "conv2d", "conv3d")
 
@@ -129,7 +134,17 @@ def _awq(program: Program, layers: Sequence[Layer], batches: Sequence[Any],
         return
     stats = {r.value.name: (AbsMean(-1), Rows(options["rows"]))
              for chain, _ in usable for r in chain.readers}
-    collect(program, batches, stats, what="awq")
+    table = {name: list(group) for name, group in stats.items()}
+    regions = {}
+    if options["loss"] == "block":
+        regions = {chain.producer: region for chain, _ in usable if len(chain.readers) > 1
+                   and (region := find_region([r.node for r in chain.readers])) is not None}
+    recorded: dict[str, Values] = {}
+    for node in (n for region in regions.values() for n in region.externals):
+        if not program.is_weight(node) and node.name not in recorded:
+            recorded[node.name] = Values(options["block_batches"])
+            table.setdefault(node.name, []).append(recorded[node.name])
+    collect(program, batches, table, what="awq")
     for chain, operands in usable:
         mean_abs = torch.zeros(chain.channels, dtype=torch.float64)
         readers = []
@@ -140,15 +155,20 @@ def _awq(program: Program, layers: Sequence[Layer], batches: Sequence[Any],
                                      program.weight(reader.weight).detach().float(),
                                      operand.block_size, reader.channel_of))
         spec = operands[0].spec
+        region = regions.get(chain.producer)
+        objective = None if region is None else block_objective(
+            program, region, [r.weight for r in chain.readers],
+            {name: values.value for name, values in recorded.items()})
         scale, alpha, losses = awq_scale_search(mean_abs, readers, spec, grid=options["grid"],
                                                 power_of_two=options["power_of_two"],
-                                                duo=options["duo"])
+                                                duo=options["duo"], objective=objective)
         apply_scales(program, chain, scale)
         for param in [*chain.params, *(r.weight for r in chain.readers)]:
             plan.folded[program.weight_name(param)] = program.weight(param).detach()
         gain = losses[0] / max(min(losses), 1e-30)
+        where = "output" if region is None else f"error at {region.merge.name}"
         plan.summary.append(f"awq {chain.where} -> {', '.join(r.node.name for r in chain.readers)}"
-                            f": alpha {alpha:.2f}, output error / RTN's {1 / gain:.3f}")
+                            f": alpha {alpha:.2f}, {where} / RTN's {1 / gain:.3f}")
     plan.adjusted.update(plan.folded)
 
 
@@ -166,16 +186,23 @@ def _awq_clip(program: Program, layers: Sequence[Layer], batches: Sequence[Any],
     collect(program, batches, {name: [c] for name, c in rows.items()}, what="awq clipping")
     for layer, operand, value in targets:
         weight = program.weight(operand.value).detach()
+        x = rows[value.name].value
         two_sided = options["two_sided"] and not operand.spec.symmetric
-        low, high = awq_clip_search(rows[value.name].value, weight.float(), operand.block_size,
+        low, high = awq_clip_search(x, weight.float(), operand.block_size,
                                     operand.spec, steps=options["clip_steps"],
                                     min_ratio=options["min_ratio"], two_sided=two_sided)
-        plan.qparams[program.weight_name(operand.value)] = minmax_qparams(
-            weight, operand.block_size, operand.spec, low, high)
+        qparams = minmax_qparams(weight, operand.block_size, operand.spec, low, high)
+        plan.qparams[program.weight_name(operand.value)] = qparams
+        clipped = fake_quantize(weight, operand.block_size, operand.spec, *qparams)
+        rtn = fake_quantize(weight, operand.block_size, operand.spec,
+                            *minmax_qparams(weight, operand.block_size, operand.spec))
+        gain = float(((x @ (weight - clipped).float().T) ** 2).sum()) / max(
+            float(((x @ (weight - rtn).float().T) ** 2).sum()), 1e-30)
         ratios = torch.cat([low.flatten(), high.flatten()])
         plan.summary.append(f"awq clipping {layer.node.name}: range ratio "
                             f"{float(ratios.min()):.2f}..{float(ratios.max()):.2f}, mean "
-                            f"{float(ratios.mean()):.3f}")
+                            f"{float(ratios.mean()):.3f}; output error / unclipped's "
+                            f"{gain:.3f}")
 
 
 def _gptq_and_bias(program: Program, layers: Sequence[Layer], batches: Sequence[Any],

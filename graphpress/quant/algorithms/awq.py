@@ -12,7 +12,10 @@ one with the smallest output error over calibration rows ``X`` of every reader:
 
     L(alpha) = sum_r || X W_r^T - (X / s) Q(W_r s)^T ||^2
 
-(``Q``: the round-to-nearest grid of :mod:`~graphpress.quant.algorithms.grid`). With
+(``Q``: the round-to-nearest grid of :mod:`~graphpress.quant.algorithms.grid`), or any other
+objective of the weights each reader computes with after folding, ``Q(W_r s) / s`` (the
+quantization passes measure it where the readers' outputs meet: the attention output for q,
+k and v; :mod:`graphpress.passes.quant.awq_block`). With
 ``duo`` the grid also holds AutoAWQ's "duo" candidates, which weigh the activation's magnitude
 against the weight's,
 
@@ -33,7 +36,7 @@ The qparams come from the shrunk range; values beyond it clamp to the grid's end
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +44,8 @@ import torch
 from graphpress.quant.algorithms.grid import fake_quantize, minmax_qparams, qparams_in
 from graphpress.quant.spec import QuantSpec, block_minmax
 
-__all__ = ["AwqReader", "awq_clip_search", "awq_scale_search", "weight_salience"]
+__all__ = ["AwqReader", "Objective", "awq_clip_search", "awq_scale_search", "linear_objective",
+           "weight_salience"]
 
 
 @dataclass
@@ -82,26 +86,42 @@ def _candidate(mean_abs: torch.Tensor, weight_mean: torch.Tensor | None, alpha: 
     return scale
 
 
+Objective = Callable[[Sequence[torch.Tensor]], float]
+
+
+def linear_objective(readers: Sequence[AwqReader]) -> Objective:
+    """``L`` of the module docstring for candidate weights ``C_r`` (``Q(W_r s) / s``, what
+    each reader computes with after folding): ``sum_r ||X W_r^T - X C_r^T||^2``."""
+    references = [r.x @ r.weight.T for r in readers]
+
+    def loss(candidates: Sequence[torch.Tensor]) -> float:
+        return sum(float(((r.x @ c.T - ref) ** 2).sum())
+                   for r, c, ref in zip(readers, candidates, references, strict=True))
+    return loss
+
+
 def awq_scale_search(mean_abs: torch.Tensor, readers: Sequence[AwqReader], spec: QuantSpec, *,
-                     grid: int = 20, power_of_two: bool = True, duo: bool = False
+                     grid: int = 20, power_of_two: bool = True, duo: bool = False,
+                     objective: Objective | None = None
                      ) -> tuple[torch.Tensor, float, list[float]]:
     """(best scale per producer channel, its alpha, the loss of every candidate: the plain
-    grid's, then with ``duo`` the duo grid's; ``losses[0]`` is round-to-nearest's)."""
-    references = [r.x @ r.weight.T for r in readers]
+    grid's, then with ``duo`` the duo grid's; ``losses[0]`` is round-to-nearest's). The loss
+    is ``objective`` of the candidate weights (default: :func:`linear_objective`)."""
+    objective = objective or linear_objective(readers)
     families = [None] + ([weight_salience(readers, mean_abs.numel())] if duo else [])
     best, best_scale, best_alpha, losses = None, None, 0.0, []
     for weight_mean in families:
         for step in range(grid):
             alpha = step / grid
             scale = _candidate(mean_abs, weight_mean, alpha, power_of_two)
-            loss = 0.0
-            for reader, reference in zip(readers, references, strict=True):
+            candidates = []
+            for reader in readers:
                 per_input = scale[reader.channel_of].to(torch.float32)
                 scaled = reader.weight * per_input
                 qscale, zero_point = minmax_qparams(scaled, reader.block_size, spec)
-                quantized = fake_quantize(scaled, reader.block_size, spec, qscale, zero_point)
-                out = (reader.x / per_input) @ quantized.T
-                loss += float(((out - reference) ** 2).sum())
+                candidates.append(fake_quantize(scaled, reader.block_size, spec, qscale,
+                                                zero_point) / per_input)
+            loss = objective(candidates)
             losses.append(loss)
             if best is None or loss < best:
                 best, best_scale, best_alpha = loss, scale, alpha

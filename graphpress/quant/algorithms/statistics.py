@@ -11,7 +11,9 @@ node to its collectors:
 * :class:`Gram` — ``H = sum_rows x x^T`` over the rows of the last dim and their count
   (GPTQ's Hessian ``2 X^T X``, EoRA's eigenspace);
 * :class:`Rows` — up to ``limit`` rows of the last dim, evenly strided over the batches (AWQ's
-  search replays them).
+  search replays them);
+* :class:`Values` — the whole values of the first ``limit`` batches (AWQ's block objective
+  re-runs a region of the graph on them).
 
 Statistics are float64 accumulations (float32 for the sampled rows), so the order of the
 batches changes them only by rounding.
@@ -29,7 +31,7 @@ from graphpress.errors import InputError
 from graphpress.ir.program import Program
 from graphpress.ir.runner import run_batches
 
-__all__ = ["AbsMax", "AbsMean", "Gram", "Mean", "Rows", "collect"]
+__all__ = ["AbsMax", "AbsMean", "Gram", "Mean", "Rows", "Values", "collect"]
 
 
 class _Collector:
@@ -106,6 +108,15 @@ class Rows(_Collector):
             return rows
         index = torch.linspace(0, rows.shape[0] - 1, self.limit).round().long()
         return rows[index]
+
+
+class Values(_Collector):
+    def __init__(self, limit: int = 8) -> None:
+        self.limit, self.value = limit, []
+
+    def update(self, value: Any) -> None:
+        if len(self.value) < self.limit:
+            self.value.append(value.detach() if isinstance(value, torch.Tensor) else value)
 
 
 def collect(program: Program, batches: Sequence[tuple[tuple[Any, ...], dict[str, Any]]],

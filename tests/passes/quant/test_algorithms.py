@@ -214,7 +214,9 @@ def _transformers() -> list[pytest.param]:
             for e in zoo_models(include=("transformer",))]
 
 
-@pytest.mark.parametrize("options", ["algorithm='gptq'", "algorithm='awq'", "eora_rank=4"])
+@pytest.mark.parametrize("options", [
+    "algorithm='gptq'", "algorithm='awq'", "eora_rank=4",
+    "algorithm='awq', algorithm_options={'loss': 'block', 'two_sided': True}"])
 @pytest.mark.parametrize("entry", _transformers())
 def test_algorithms_on_the_zoo(entry: ZooModel, options: str) -> None:
     model, inputs = entry.make()
