@@ -66,6 +66,7 @@ class Body:
         self.values: dict[Node, str] = {}
         self.dtypes: dict[str, torch.dtype] = {}
         self.channel_inputs: set[Node] = set()
+        self.defined = 0  # values are numbered (v0, v1, ...), so equal groups give equal code
 
     # ------------------------------------------------------------------ inputs
     def load(self, node: Node, rank: int) -> str:
@@ -115,8 +116,9 @@ class Body:
         out = node.meta["val"].dtype
         if dtype != out:
             expr = f"({expr} != 0)" if out == torch.bool else f"({expr}).to({TRITON_DTYPES[out]})"
-        value = f"v_{node.name}"
-        self.lines.append(f"{value} = {expr}  # {node.target}")
+        value = f"v{self.defined}"
+        self.defined += 1
+        self.lines.append(f"{value} = {expr}  # {node.name}: {node.target}")
         self.values[node] = value
         self.dtypes[value] = out
         return value
@@ -141,7 +143,7 @@ class Body:
         def peak(expr: str, fn: str, neutral: str) -> str:
             return f"tl.{fn}(tl.where({mask}, {expr}, {neutral}), axis=1, keep_dims=True)"
 
-        t = f"t_{node.name}"
+        t = f"t{self.defined}"
         if target == aten.sum.dim_IntList:
             expr = total(x)
         elif target == aten.mean.dim:

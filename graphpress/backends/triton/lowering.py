@@ -11,7 +11,8 @@ Kinds (:func:`node_kind`):
 * ``row``: a reduction over the last dim (``sum`` / ``mean`` / ``amax`` / ``amin`` /
   ``linalg_vector_norm``) or an op built from such reductions (``softmax``, ``log_softmax``,
   ``layer_norm``, ``rms_norm`` over the last dim).
-* ``matmul``: ``linear`` / ``mm`` / ``addmm`` / ``bmm`` / ``matmul`` in floating point.
+* ``matmul``: ``linear`` / ``mm`` / ``addmm`` / ``bmm`` / ``matmul`` in floating point, and
+  ``conv2d`` with a 1x1 kernel, stride 1, no padding and one group.
 * ``view``: metadata only (``view``, ``permute``, ``slice``, ...) or a host value (``getitem``,
   ``sym_size``): run by the host, launching nothing.
 * ``fallback``: everything else, called through ATen by the host.
@@ -205,6 +206,8 @@ def node_kind(node: Node) -> str:
         return "pointwise"
     if target in ROW_OPS:
         return "row" if _row_op_ok(node) else "fallback"
+    if target == aten.conv2d.default:
+        return "matmul" if _pointwise_conv(node) else "fallback"
     if target in MATMULS:
         left, right = node.args[1:3] if target == aten.addmm.default else node.args[:2]
         if out.dtype in MATMUL_DTYPES and all(t.dtype == out.dtype for t in tensors) and (
@@ -214,11 +217,29 @@ def node_kind(node: Node) -> str:
     return "fallback"
 
 
+def _pointwise_conv(node: Node) -> bool:
+    """A 1x1 conv2d with stride 1, no padding and one group (a matmul over the channels)."""
+    args = [*node.args, *([None] * 7)][:7]
+    x, weight = _val(args[0]), _val(args[1])
+    stride, padding, dilation, groups = (args[3] or [1, 1], args[4] or [0, 0],
+                                         args[5] or [1, 1], args[6] or 1)
+    if isinstance(padding, str) or x is None or x.dim() != 4 or weight is None:
+        return False
+    return (tuple(weight.shape[2:]) == (1, 1) and groups == 1
+            and all(int(v) == 1 for v in [*stride, *dilation]) and all(p == 0 for p in padding)
+            and x.dtype in MATMUL_DTYPES and weight.dtype == x.dtype
+            and not isinstance(weight.shape[1], torch.SymInt))
+
+
 def channel_operands(node: Node) -> list[Node]:
-    """The inputs a node reads per channel of dim 1 (batch norm's statistics and affine)."""
-    if node.target != aten.batch_norm.default:
-        return []
-    return [a for a in node.args[1:5] if isinstance(a, Node)]
+    """The inputs a node reads per channel of dim 1 (batch norm's statistics and affine, a
+    1x1 convolution's bias)."""
+    if node.target == aten.batch_norm.default:
+        return [a for a in node.args[1:5] if isinstance(a, Node)]
+    if node.target == aten.conv2d.default and len(node.args) > 2 and isinstance(
+            node.args[2], Node):
+        return [node.args[2]]
+    return []
 
 
 def operand_dtype(node: Node) -> torch.dtype:

@@ -155,6 +155,29 @@ def test_matmuls(case: str) -> None:
     _check(fn, *inputs, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_pointwise_conv_is_a_matmul_with_epilogue(bias: bool) -> None:
+    conv = nn.Conv2d(6, 10, 1, bias=bias)
+    compiled = _check(lambda x, r: F.relu6(conv(x)) + r, torch.randn(2, 6, 5, 3),
+                      torch.randn(10, 1, 1), modules=(conv,), atol=1e-5)
+    (group,) = compiled.artifact.generated.schedule.groups
+    assert group.kind == "matmul" and len(group.nodes) == 3
+
+
+def test_pointwise_conv_reads_a_channels_last_input() -> None:
+    conv = nn.Conv2d(6, 4, 1)
+    x = torch.randn(2, 6, 5, 3).to(memory_format=torch.channels_last)
+    _check(lambda x: conv(x), x, modules=(conv,), atol=1e-5)
+
+
+def test_other_convs_fall_back() -> None:
+    strided, grouped = nn.Conv2d(4, 4, 1, stride=2), nn.Conv2d(4, 4, 1, groups=2)
+    compiled = _check(lambda x: strided(x).sum() + grouped(x).sum(), torch.randn(1, 4, 6, 6),
+                      modules=(strided, grouped), fused=False, atol=1e-5)
+    assert [str(n.target) for n in compiled.artifact.generated.fallbacks] == [
+        "aten.conv2d.default", "aten.sum.default", "aten.conv2d.default", "aten.sum.default"]
+
+
 def test_float16_linear_accumulates_in_float32() -> None:
     linear = nn.Linear(64, 48).half()
     x = torch.randn(5, 64).half()

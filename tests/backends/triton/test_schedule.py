@@ -73,7 +73,7 @@ def test_linear_epilogue_fuses_bias_activation_and_residual():
 
 
 def test_a_group_never_feeds_itself_through_a_node_outside():
-    conv = nn.Conv2d(2, 2, 1)
+    conv = nn.Conv2d(2, 2, 3, padding=1)
 
     def diamond(x):
         a = x * 2                 # group 0
