@@ -71,16 +71,17 @@ struct Packed {
 
 #ifdef GP_AVX512
 // One 16-byte chunk of 4-bit codes (32 weights): the low nibbles against the even columns of x,
-// the high ones against the odd columns, into the chains acc[c] and acc[c + 1].
+// the high ones against the odd columns, into the chains acc[c] and acc[c + 1]. ``table`` holds
+// float(v - z) for v = 0..15: a permute looks the 16 lanes up (it reads the low 4 bits of each
+// index, so the low nibble needs no mask), one instruction for the subtraction and conversion.
 template <int R, bool Full>
-inline void chunk4(const uint8_t* codes, __mmask16 mask, __m512i zero, const float* const* x_even,
+inline void chunk4(const uint8_t* codes, __mmask16 mask, __m512 table, const float* const* x_even,
                    const float* const* x_odd, int64_t at, __m512 (*acc)[R], int c) {
   const __m512i b = _mm512_cvtepu8_epi32(
       Full ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes))
            : _mm_maskz_loadu_epi8(mask, codes));
-  const __m512 lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(b, _mm512_set1_epi32(15)),
-                                                        zero));
-  const __m512 hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(b, 4), zero));
+  const __m512 lo = _mm512_permutexvar_ps(b, table);
+  const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
   for (int r = 0; r < R; ++r) {
     const float* even = x_even[r] + at;
     const float* odd = x_odd[r] + at;
@@ -117,7 +118,11 @@ void gemv_row(const Packed& p, int64_t n, const float* const* x_even, const floa
   for (int r = 0; r < R; ++r) total[r] = _mm512_setzero_ps();
   const int64_t full = step / 16 * 16;
   for (int64_t g = 0; g < p.groups; ++g) {
-    const __m512i zero = _mm512_set1_epi32(p.zero(n, g));
+    const int zero_code = p.zero(n, g);
+    const __m512i zero = _mm512_set1_epi32(zero_code);
+    const __m512 table = _mm512_sub_ps(
+        _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_ps(float(zero_code)));
     const uint8_t* codes = row + g * step;
     const int64_t at = g * step;
     __m512 acc[kChains][R];
@@ -127,10 +132,11 @@ void gemv_row(const Packed& p, int64_t n, const float* const* x_even, const floa
     if (p.bits == 4) {
       for (; j + 16 * (kChains / 2) <= full; j += 16 * (kChains / 2))
         for (int u = 0; u < kChains / 2; ++u)
-          chunk4<R, true>(codes + j + 16 * u, 0, zero, x_even, x_odd, at + j + 16 * u, acc, 2 * u);
-      for (; j < full; j += 16) chunk4<R, true>(codes + j, 0, zero, x_even, x_odd, at + j, acc, 0);
+          chunk4<R, true>(codes + j + 16 * u, 0, table, x_even, x_odd, at + j + 16 * u, acc,
+                          2 * u);
+      for (; j < full; j += 16) chunk4<R, true>(codes + j, 0, table, x_even, x_odd, at + j, acc, 0);
       if (j < step)
-        chunk4<R, false>(codes + j, chunk_mask(step - j), zero, x_even, x_odd, at + j, acc, 0);
+        chunk4<R, false>(codes + j, chunk_mask(step - j), table, x_even, x_odd, at + j, acc, 0);
     } else {
       for (; j + 16 * kChains <= full; j += 16 * kChains)
         for (int u = 0; u < kChains; ++u)
