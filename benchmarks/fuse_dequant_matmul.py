@@ -19,8 +19,12 @@ error).
 cache) and 128 tokens (prefill). fp32: the float model through gp.compile (eager program and the
 ONNX backend); W4: ``insert_fake_quant(scheme='int4_weight_only', group_size=128),
 fuse_dequant_matmul`` (every linear, the lm_head too; verification is off here, the tests check
-the contracts) through eager and ONNX (MatMulNBits, accuracy_level 0 and 4); ORT-Q: the fp32
-ONNX model quantized by onnxruntime's ``MatMulNBitsQuantizer`` (block 128, asymmetric).
+the contracts) through eager and ONNX (MatMulNBits, ``backend_options={"accuracy_level": 0}``
+and 4); ORT-Q: the fp32 ONNX model quantized by onnxruntime's ``MatMulNBitsQuantizer`` (block 128,
+asymmetric). After the table: on how many weights the quantizer's 4-bit codes differ from
+graphpress's and whether at those float32 ``w * (1 / s) + z`` is a half-integer (the two round
+ties differently), and the quantizer's level-0 model with graphpress's codes put in, against
+eager W4 (what is left of the ORT-Q difference once the codes agree).
 
 Every pair is timed interleaved in the same rounds (benchmarks/common.py) on ``--threads``
 threads (torch and onnxruntime), medians; ratios are the baseline's median over the row's.

@@ -42,9 +42,9 @@ Kernels (the torch one lives here, the C++ and Triton ones in :mod:`graphpress.k
 ONNX: 4- and 8-bit weights whose group is a power of two >= 16 become onnxruntime's
 ``com.microsoft::MatMulNBits`` (its ``B`` is ``qweight`` reshaped, its zero points the same
 codes packed two a byte for 4 bits); other group sizes become the dequantization in standard
-ops and a MatMul. ``matmul_nbits_options(accuracy_level=...)`` sets MatMulNBits' accuracy level
-for exports inside the block (0: float32 activations, the exact choice and the default; 4: int8
-activations, onnxruntime's fastest CPU path).
+ops and a MatMul. MatMulNBits' accuracy level (0: float32 activations, the exact choice and the
+default; 4: int8 activations, onnxruntime's fastest CPU path) is the ONNX backend's option
+``backend_options={"accuracy_level": N}``, which exports inside ``matmul_nbits_options``.
 """
 
 from __future__ import annotations
@@ -90,7 +90,8 @@ def use_triton(enabled: bool = True) -> Iterator[None]:
 @contextlib.contextmanager
 def matmul_nbits_options(*, accuracy_level: int = 0) -> Iterator[None]:
     """MatMulNBits' ``accuracy_level`` (0, 1: float32; 2: float16; 3: bfloat16; 4: int8
-    activations) for the ONNX exports made inside the block."""
+    activations) for the ONNX exports made inside the block (what the ONNX backend's
+    ``accuracy_level`` option does around its export)."""
     if accuracy_level not in range(5):
         raise ValueError(f"accuracy_level is 0..4 (onnxruntime's MatMulNBits), got "
                          f"{accuracy_level!r}")
