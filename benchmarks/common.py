@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: interleaved timing and Markdown tables.
+"""Helpers shared by the benchmark scripts: interleaved timing, Markdown tables, and the
+section loop of the scripts that print several tables (``--sections``, ``--threads``).
 
 Timing alternates the two callables (A B, B A, A B, ...) after two warm-up calls each, so the
 slow drifts of a shared, noisy machine hit both alike; compare them by the ratio of medians.
@@ -8,15 +9,18 @@ The rounds show a progress bar on stderr when it is a terminal (graphpress's one
 
 from __future__ import annotations
 
+import argparse
+import datetime
+import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from graphpress.ir.progress import progress_bar
 
-__all__ = ["interleaved", "markdown_table"]
+__all__ = ["interleaved", "markdown_table", "run_sections"]
 
 
 def interleaved(first: Callable[[], Any], second: Callable[[], Any], repeats: int
@@ -48,3 +52,29 @@ def markdown_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     rule = "|" + "|".join((":" + "-" * (w + 1)) if i == 0 else ("-" * (w + 1) + ":")
                           for i, w in enumerate(widths)) + "|"
     return "\n".join([line(header), rule, *(line(r) for r in rows)])
+
+
+def run_sections(parser: argparse.ArgumentParser, sections: Mapping[str, Callable[[], None]],
+                 title: str, configure: Callable[[argparse.Namespace], None] | None = None
+                 ) -> None:
+    """Parse ``--sections`` (default: all, in order) and ``--threads`` (default 1) on top of
+    ``parser``'s own options, hand the arguments to ``configure``, set torch's threads and seed,
+    print ``title`` with the threads, machine and date, then run each section and print its
+    wall seconds, and the total."""
+    parser.add_argument("--sections", default=",".join(sections))
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    unknown = [name for name in args.sections.split(",") if name not in sections]
+    if unknown:
+        parser.error(f"unknown sections {', '.join(unknown)}; known: {', '.join(sections)}")
+    if configure is not None:
+        configure(args)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    print(f"{title}; {args.threads} threads; {platform.machine()}; {datetime.date.today()}\n")
+    for name in args.sections.split(","):
+        section_start = time.perf_counter()
+        sections[name]()
+        print(f"({name}: {time.perf_counter() - section_start:.0f} s)\n")
+    print(f"wall: {time.perf_counter() - start:.0f} s")

@@ -46,10 +46,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import importlib
 import inspect
-import platform
 import re
 import time
 from collections.abc import Callable
@@ -57,7 +55,7 @@ from importlib.metadata import version
 from typing import Any
 
 import torch
-from common import markdown_table
+from common import markdown_table, run_sections
 from torch.utils import _pytree as pytree
 
 import graphpress as gp
@@ -383,22 +381,11 @@ SECTIONS = {"minilm": minilm_section, "digits": digits_section, "zoo": zoo_secti
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", default=",".join(SECTIONS))
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--zoo-models", default="", help="comma-separated zoo names (zoo only)")
-    args = parser.parse_args()
-    ZOO_ONLY.update(filter(None, args.zoo_models.split(",")))
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    start = time.perf_counter()
-    print(f"quantization: torch {torch.__version__}, torchao {version('torchao')}, nncf "
-          f"{version('nncf')}; {args.threads} threads; {platform.machine()}; "
-          f"{datetime.date.today()}\n")
-    for name in args.sections.split(","):
-        section_start = time.perf_counter()
-        SECTIONS[name]()
-        print(f"({name}: {time.perf_counter() - section_start:.0f} s)\n")
-    print(f"wall: {time.perf_counter() - start:.0f} s")
+    run_sections(parser, SECTIONS,
+                 f"quantization: torch {torch.__version__}, torchao {version('torchao')}, nncf "
+                 f"{version('nncf')}",
+                 lambda args: ZOO_ONLY.update(filter(None, args.zoo_models.split(","))))
 
 
 if __name__ == "__main__":

@@ -1,31 +1,41 @@
-"""Weight-quantization algorithms (issue 14): GPTQ, AWQ, SmoothQuant, cross-layer equalization and
-bias correction against round-to-nearest, on real weights and trained models, side by side with
-NNCF. Prints Markdown tables.
+"""Weight-quantization algorithms (issue 14): GPTQ, AWQ, EoRA, SmoothQuant, cross-layer
+equalization and bias correction against round-to-nearest, on a language model trained here, on
+real weights and on trained CNNs, side by side with NNCF. Prints Markdown tables.
 
 Usage::
 
-    python benchmarks/quant_algorithms.py [--sections minilm,gptq_speed,digits] [--threads 1]
+    python benchmarks/quant_algorithms.py [--sections lm,minilm,gptq_speed,digits] [--threads 1]
 
+Weight-only grids (``GRIDS``): W4 g128 (``int4_weight_only(group_size=128)``) and W3 g128
+(``int3_weight_only(group_size=128)``), both asymmetric, each by round-to-nearest (RTN),
+``algorithm='awq'`` (defaults: plain and duo scale candidates, power-of-two scales, clipping
+search), AWQ with two-sided clipping and exact scales, AWQ scored at the block's merge point
+(``loss='block'``), AWQ without clipping, ``algorithm='gptq'``
+(with and without act order) and GPTQ + an EoRA branch. NNCF's ``compress_weights`` has no
+asymmetric 3-bit mode, so at W3 its rows are ``INT3_SYM``, next to graphpress's symmetric W3
+rows (RTN, AWQ, GPTQ). Every graphpress row is ``gp.compile(..., verify=True)``: the contract is
+checked on every run. NNCF runs on the OpenVINO model of ``torch.export.export(model,
+example)`` (its torch.fx backend refuses ``gptq=True``): ``compress_weights`` with the same
+group size, ``ratio=1.0, all_layers=True``, the embedding tables (Gather) left float as
+graphpress leaves them, plain, ``awq=True``, ``gptq=True``, ``scale_estimation=True``, each on
+the same calibration batches, and run by OpenVINO at fp32 inference precision. ``nncf.quantize``
+with ``model_type=TRANSFORMER`` (its SmoothQuant, W8A8 static) runs on NNCF's torch.fx path. A
+tool's error is shown in place of its figures; "quantize s" is the whole call (graphpress:
+trace, calibration, algorithms, verification; NNCF: export, conversion, compression,
+compilation).
+
+* lm: a Llama-style causal LM (4 layers, width 128, 4 heads / 2 KV heads, MLP 512, byte-level
+  vocabulary of 128) trained here (seed 0, 400 steps of AdamW, batches of 16 windows) on the
+  docstrings of ``TEXT_MODULES`` from the standard library (every tenth 128-byte window held
+  out): perplexity on the first 256 held-out windows, calibration on 64 training windows (8192
+  tokens); the weight-only grids above (EoRA rank 8, and RTN + EoRA), W8A8 (int8 dynamic, int8
+  static) with and without ``smooth_quant(alpha=0.5)``, NNCF's ``quantize`` with SmoothQuant.
 * minilm: the zoo's ``minilm`` (all-MiniLM-L6-v2, real weights) on the 64 real sentences of
   ``benchmarks/quant.py`` (first sentences of standard-library docstrings, 48 tokens, batches of
   8; even sentences calibrate, odd ones are evaluated): cosine of the mean-pooled sentence
-  embeddings with float, mean and minimum over the 32 evaluated sentences. int4 weight-only
-  (asymmetric, groups of 32 and 128 along K) by round-to-nearest, ``algorithm='gptq'`` (with and
-  without act order, and with an EoRA branch of rank 16) and ``algorithm='awq'`` (with and
-  without its clipping search); int8 static and int8 dynamic with and without
-  ``smooth_quant`` before them. Every graphpress row is ``gp.compile(..., verify=True)``: the
-  contract is checked on every run. NNCF on the same calibration batches and the same exported
-  module: ``nncf.compress_weights`` (INT4_ASYM, the same group size, ratio 1, every layer) plain,
-  with ``awq=True``, ``gptq=True``, ``scale_estimation=True``, and ``nncf.quantize`` with
-  ``model_type=TRANSFORMER`` (its SmoothQuant). A tool's error is shown in place of its figures.
-* lm: a Llama-style causal LM (4 layers, width 128, 4 heads / 2 KV heads, byte-level vocabulary
-  of 128) trained here (seed 0, 400 steps of AdamW, batches of 16 windows) on the docstrings of
-  ``TEXT_MODULES`` from the standard library (every tenth 128-byte window held out):
-  perplexity on the first 256 held-out windows for float, W4 g128 and g32 by RTN, AWQ, GPTQ,
-  GPTQ act order, GPTQ + EoRA and RTN + EoRA (rank 8), NNCF's ``compress_weights`` (plain, AWQ,
-  scale estimation), and W8A8 (int8 dynamic, int8 static) with and without ``smooth_quant``
-  and NNCF's ``quantize`` with SmoothQuant. W3 is not in the table: graphpress has no 3-bit
-  grid (``QuantSpec`` dtypes are int8/uint8/int4/uint4/fp8).
+  embeddings with float, mean and minimum over the 32 evaluated sentences; the weight-only grids
+  (EoRA rank 16); int8 static and int8 dynamic with and without ``smooth_quant`` (alpha 0.5,
+  0.8, and exact scales).
 * gptq_speed: one 4096 x 4096 linear weight, a Hessian from 4096 random rows; wall seconds of
   ``gptq_quantize`` (int4 g128, blocks of 128 columns) against round-to-nearest, one thread, and
   each one's output error ``tr((W - Q) H (W - Q)^T)``.
@@ -39,15 +49,13 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import time
 from collections.abc import Callable
 from importlib.metadata import version
 from typing import Any
 
 import torch
-from common import markdown_table
+from common import markdown_table, run_sections
 from quant import DIGITS_BATCH, embeddings, minilm_batches, nncf_quantize
 from torch import nn
 
@@ -73,68 +81,147 @@ def _timed(build: Callable[[], Any]) -> tuple[Any, float, str]:
         return None, time.perf_counter() - start, f"{type(exc).__name__}: {str(exc)[:80]}"
 
 
-def _nncf_compress(model: nn.Module, example: Batch, calibration: list[Batch], group: int,
-                   **options: Any) -> nn.Module:
+def _nncf_compress(model: nn.Module, example: Batch, calibration: list[Batch], mode: str,
+                   group: int, **options: Any) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """``nncf.compress_weights`` on the OpenVINO model of ``torch.export.export(model,
+    example)`` (NNCF's backend with every data-aware option; its torch.fx backend refuses
+    ``gptq``), every linear / matmul compressed (``ratio=1.0, all_layers=True``) and the
+    embedding tables (Gather) left float, as graphpress leaves them; a callable that runs the
+    result in OpenVINO (fp32 inference precision, the script's threads) and returns its
+    outputs as torch tensors."""
     import nncf
+    import openvino
 
-    exported = torch.export.export(model, example).module()
-    dataset = nncf.Dataset(calibration) if options else None
-    return nncf.compress_weights(exported, mode=nncf.CompressWeightsMode.INT4_ASYM,
-                                 group_size=group, ratio=1.0, all_layers=True, dataset=dataset,
-                                 subset_size=len(calibration), **options)
+    converted = openvino.convert_model(torch.export.export(model, example))
+    if mode != "float":
+        dataset = (nncf.Dataset([[t.numpy() for t in batch] for batch in calibration])
+                   if options else None)
+        converted = nncf.compress_weights(
+            converted, mode=getattr(nncf.CompressWeightsMode, mode), group_size=group,
+            ratio=1.0, all_layers=True, dataset=dataset, subset_size=len(calibration),
+            ignored_scope=nncf.IgnoredScope(types=["Gather"]), **options)
+    compiled = openvino.Core().compile_model(converted, "CPU", {
+        "INFERENCE_NUM_THREADS": torch.get_num_threads(), "INFERENCE_PRECISION_HINT": "f32"})
+
+    def run(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = compiled([t.numpy() for t in inputs])
+        return tuple(torch.from_numpy(outputs[i]) for i in range(len(outputs)))
+    return run
+
+
+# (label, graphpress scheme, NNCF mode): NNCF has no asymmetric 3-bit mode, so at W3 its rows
+# are INT3_SYM, next to graphpress's symmetric W3 rows
+GRIDS = (("W4 g128", "int4_weight_only", "INT4_ASYM"), ("W3 g128", "int3_weight_only", "INT3_SYM"))
+GROUP = 128
+
+
+def _weight_runs(scheme: str, eora_rank: int, with_rtn_eora: bool
+                 ) -> list[tuple[str, Any]]:
+    """graphpress's weight-only rows of one grid: (label, pass), RTN first."""
+    def quant(symmetric: bool = False, **options: Any) -> Any:
+        config = gp.quant.scheme(scheme, group_size=GROUP, symmetric=symmetric)
+        return gp.passes.InsertFakeQuant(config, **options)
+    runs = [("RTN", quant()), ("AWQ", quant(algorithm="awq")),
+            ("AWQ two-sided clipping, exact scales", quant(
+                algorithm="awq", algorithm_options={"two_sided": True, "power_of_two": False})),
+            ("AWQ block objective", quant(algorithm="awq", algorithm_options={"loss": "block"})),
+            ("AWQ scales only", quant(algorithm="awq", algorithm_options={"clip": False})),
+            ("GPTQ", quant(algorithm="gptq")),
+            ("GPTQ act order", quant(algorithm="gptq", algorithm_options={"act_order": True})),
+            (f"GPTQ + EoRA rank {eora_rank}", quant(algorithm="gptq", eora_rank=eora_rank))]
+    if with_rtn_eora:
+        runs.append((f"RTN + EoRA rank {eora_rank}", quant(eora_rank=eora_rank)))
+    return runs
+
+
+def _symmetric_runs(scheme: str) -> list[tuple[str, Any]]:
+    def quant(**options: Any) -> Any:
+        config = gp.quant.scheme(scheme, group_size=GROUP, symmetric=True)
+        return gp.passes.InsertFakeQuant(config, **options)
+    return [("RTN sym", quant()), ("AWQ sym", quant(algorithm="awq")),
+            ("GPTQ sym", quant(algorithm="gptq"))]
+
+
+def _closed(value: float, rtn: float | None, base: float) -> str:
+    """The share of RTN's distance from float (``base``) that ``value`` recovers."""
+    return "" if rtn is None or rtn == base else f"{(rtn - value) / (rtn - base) * 100:.0f}%"
+
+
+class _Table:
+    """Rows of (tool, scheme, figures..., gap closed, quantize s) for one model: ``measure``
+    turns a quantized callable into (figures, the scalar the gap is measured on)."""
+
+    def __init__(self, model: nn.Module, example: Batch, calibration: list[Batch],
+                 measure: Callable[[Any], tuple[tuple[str, ...], float]], base: float,
+                 blank: int) -> None:
+        self.model, self.example, self.calibration = model, example, calibration
+        self.measure, self.base, self.blank = measure, base, blank
+        self.rows: list[tuple[str, ...]] = []
+
+    def run(self, tool: str, label: str, build: Callable[[], Any],
+            rtn: float | None = None) -> float:
+        quantized, seconds, error = _timed(build)
+        if quantized is None:
+            self.rows.append((tool, label, error, *[""] * self.blank, f"{seconds:.1f}"))
+            return float("nan")
+        figures, value = self.measure(quantized)
+        self.rows.append((tool, label, *figures, _closed(value, rtn, self.base),
+                          f"{seconds:.1f}"))
+        return value
+
+    def graphpress(self, label: str, passes: Any, rtn: float | None = None) -> float:
+        return self.run("graphpress", label, lambda: gp.compile(
+            self.model, self.example, passes=passes if isinstance(passes, str) else [passes],
+            calibration_data=self.calibration, verify=True), rtn)
+
+    def weight_grids(self, eora_rank: int, with_rtn_eora: bool) -> None:
+        """Every grid: graphpress's rows, then NNCF's (plain, awq, gptq, scale estimation)."""
+        for label, scheme, mode in GRIDS:
+            rtn = None
+            for name, quant in _weight_runs(scheme, eora_rank, with_rtn_eora):
+                value = self.graphpress(f"{label} {name}", quant, rtn)
+                rtn = value if rtn is None else rtn
+            if mode.endswith("_SYM"):
+                rtn = None
+                for name, quant in _symmetric_runs(scheme):
+                    value = self.graphpress(f"{label} {name}", quant, rtn)
+                    rtn = value if rtn is None else rtn
+            for option in ("", "awq", "gptq", "scale_estimation"):
+                self.run("NNCF", f"{label} compress_weights {mode}" + (
+                    f", {option}=True" if option else ""),
+                    lambda m=mode, o=option: _nncf_compress(
+                        self.model, self.example, self.calibration, m, GROUP,
+                        **({o: True} if o else {})), rtn)
 
 
 def minilm_section() -> None:
     model, _ = get_model("minilm").make()
     calibration, evaluation = minilm_batches()
-    example = calibration[0]
     reference = embeddings(model, evaluation)
-    rows = []
 
-    def graphpress(label: str, passes: str) -> None:
-        compiled, seconds, error = _timed(lambda: gp.compile(
-            model, example, passes=passes, calibration_data=calibration, verify=True))
-        figures = _cosines(embeddings(compiled, evaluation), reference) if compiled else (
-            error, "")
-        rows.append(("graphpress", label, *figures, f"{seconds:.1f}"))
-
-    def peer(label: str, build: Callable[[], Any]) -> None:
-        quantized, seconds, error = _timed(build)
-        figures = (_cosines(embeddings(quantized, evaluation), reference) if quantized is not None
-                   else (error, ""))
-        rows.append(("NNCF", label, *figures, f"{seconds:.1f}"))
-
-    for group in (32, 128):
-        w4 = f"insert_fake_quant(scheme='int4_weight_only', group_size={group}"
-        graphpress(f"int4 g{group} RTN", w4 + ")")
-        graphpress(f"int4 g{group} GPTQ", w4 + ", algorithm='gptq')")
-        graphpress(f"int4 g{group} GPTQ act order",
-                   w4 + ", algorithm='gptq', algorithm_options={'act_order': True})")
-        graphpress(f"int4 g{group} AWQ (scales + clipping)", w4 + ", algorithm='awq')")
-        graphpress(f"int4 g{group} AWQ scales only",
-                   w4 + ", algorithm='awq', algorithm_options={'clip': False})")
-        graphpress(f"int4 g{group} GPTQ + EoRA rank 16",
-                   w4 + ", algorithm='gptq', eora_rank=16)")
-        peer(f"compress_weights INT4_ASYM g{group}",
-             lambda g=group: _nncf_compress(model, example, calibration, g))
-        for option in ("awq", "gptq", "scale_estimation"):
-            peer(f"compress_weights INT4_ASYM g{group}, {option}=True",
-                 lambda g=group, o=option: _nncf_compress(model, example, calibration, g,
-                                                          **{o: True}))
+    def measure(quantized: Any) -> tuple[tuple[str, ...], float]:
+        figures = _cosines(embeddings(quantized, evaluation), reference)
+        return figures, float(figures[0])
+    table = _Table(model, calibration[0], calibration, measure, base=1.0, blank=2)
+    table.weight_grids(eora_rank=16, with_rtn_eora=False)
     for scheme in ("int8_static", "int8_dynamic"):
         quant = f"insert_fake_quant(scheme='{scheme}')"
-        graphpress(f"{scheme}", quant)
+        plain = table.graphpress(f"W8A8 {scheme}", quant)
         for alpha in (0.5, 0.8):
-            graphpress(f"smooth_quant(alpha={alpha}), {scheme}",
-                       f"smooth_quant(alpha={alpha}), {quant}")
-        graphpress(f"smooth_quant(alpha=0.5, power_of_two=False), {scheme}",
-                   f"smooth_quant(alpha=0.5, power_of_two=False), {quant}")
-    peer("quantize, model_type=TRANSFORMER (SmoothQuant)",
-         lambda: nncf_quantize(model, example, calibration, model_type=_nncf_transformer()))
+            table.graphpress(f"smooth_quant(alpha={alpha}), W8A8 {scheme}",
+                             f"smooth_quant(alpha={alpha}), {quant}", plain)
+        table.graphpress(f"smooth_quant(alpha=0.5, power_of_two=False), W8A8 {scheme}",
+                         f"smooth_quant(alpha=0.5, power_of_two=False), {quant}", plain)
+    table.run("NNCF", "quantize, model_type=TRANSFORMER (SmoothQuant, W8A8 static)",
+              lambda: nncf_quantize(model, calibration[0], calibration,
+                                    model_type=_nncf_transformer()))
     print(f"MiniLM (all-MiniLM-L6-v2, real weights): cosine of mean-pooled sentence embeddings vs "
           f"float; {len(calibration) * 8} calibration / {len(evaluation) * 8} evaluation "
-          "sentences, 48 tokens\n")
-    print(markdown_table(("tool", "scheme", "cosine mean", "cosine min", "quantize s"), rows))
+          "sentences, 48 tokens. 'gap closed': share of the RTN row's (1 - cosine mean) "
+          "recovered (NNCF's and the symmetric rows: of graphpress's RTN on the same grid; "
+          "SmoothQuant rows: of the plain W8A8 row)\n")
+    print(markdown_table(("tool", "scheme", "cosine mean", "cosine min", "gap closed",
+                          "quantize s"), table.rows))
     print()
 
 
@@ -271,6 +358,7 @@ TEXT_MODULES = (
 LM_SEQ = 128
 LM_BATCH = 8
 LM_EVAL = 256      # held-out windows evaluated (the first ones)
+LM_CALIBRATION = 8  # calibration batches of LM_BATCH training windows
 LM_STEPS = 400
 
 
@@ -326,68 +414,58 @@ def _perplexity(fn: Callable[..., Any], batches: list[Batch]) -> float:
     with torch.no_grad():
         for (ids,) in batches:
             out = fn(ids)
-            logits = out["logits"] if isinstance(out, dict) else out.logits
+            logits = out[0] if isinstance(out, tuple) else out
             loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                ids[:, 1:].reshape(-1), reduction="sum")
             total, count = total + float(loss), count + ids[:, 1:].numel()
     return float(torch.exp(torch.tensor(total / count)))
 
 
+class _Logits(nn.Module):
+    """The LM as ``ids -> logits`` (the tensor NNCF's OpenVINO model returns)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids).logits
+
+
 def lm_section() -> None:
     train, held_out = _lm_windows()
     start = time.perf_counter()
-    model = _trained_lm(train, steps=LM_STEPS)
+    model = _Logits(_trained_lm(train, steps=LM_STEPS)).eval()
     train_s = time.perf_counter() - start
-    calibration = [(b,) for b in train[:8 * LM_BATCH].split(LM_BATCH)]
+    calibration = [(b,) for b in train[:LM_CALIBRATION * LM_BATCH].split(LM_BATCH)]
     evaluation = [(b,) for b in held_out[:LM_EVAL].split(LM_BATCH)]
-    example = calibration[0]
     base = _perplexity(model, evaluation)
-    rows = [("float", "-", f"{base:.3f}", "", "")]
 
-    def run(tool: str, label: str, build: Callable[[], Any], rtn: float | None = None) -> float:
-        quantized, seconds, error = _timed(build)
-        if quantized is None:
-            rows.append((tool, label, error, "", f"{seconds:.1f}"))
-            return float("nan")
+    def measure(quantized: Any) -> tuple[tuple[str, ...], float]:
         value = _perplexity(quantized, evaluation)
-        closed = "" if rtn is None else f"{(rtn - value) / (rtn - base) * 100:.0f}%"
-        rows.append((tool, label, f"{value:.3f}", closed, f"{seconds:.1f}"))
-        return value
-
-    def graphpress(passes: str) -> Callable[[], Any]:
-        return lambda: gp.compile(model, example, passes=passes, calibration_data=calibration,
-                                  verify=True)
-
-    for group in (128, 32):
-        w4 = f"insert_fake_quant(scheme='int4_weight_only', group_size={group}"
-        rtn = run("graphpress", f"W4 g{group} RTN", graphpress(w4 + ")"))
-        run("graphpress", f"W4 g{group} AWQ", graphpress(w4 + ", algorithm='awq')"), rtn)
-        run("graphpress", f"W4 g{group} GPTQ", graphpress(w4 + ", algorithm='gptq')"), rtn)
-        run("graphpress", f"W4 g{group} GPTQ act order", graphpress(
-            w4 + ", algorithm='gptq', algorithm_options={'act_order': True})"), rtn)
-        run("graphpress", f"W4 g{group} GPTQ + EoRA rank 8",
-            graphpress(w4 + ", algorithm='gptq', eora_rank=8)"), rtn)
-        run("graphpress", f"W4 g{group} RTN + EoRA rank 8",
-            graphpress(w4 + ", eora_rank=8)"), rtn)
-        for option in ("", "awq", "scale_estimation"):
-            run("NNCF", f"compress_weights INT4_ASYM g{group}" + (f", {option}=True" if option
-                                                                  else ""),
-                lambda g=group, o=option: _nncf_compress(model, example, calibration, g,
-                                                         **({o: True} if o else {})), rtn)
+        return (f"{value:.4f}",), value
+    table = _Table(model, calibration[0], calibration, measure, base=base, blank=1)
+    table.rows.append(("float", "-", f"{base:.4f}", "", ""))
+    table.run("NNCF", "float, OpenVINO runtime (no compression)",
+              lambda: _nncf_compress(model, calibration[0], calibration, "float", GROUP))
+    table.weight_grids(eora_rank=8, with_rtn_eora=True)
     for scheme in ("int8_dynamic", "int8_static"):
         quant = f"insert_fake_quant(scheme='{scheme}')"
-        plain = run("graphpress", f"W8A8 {scheme}", graphpress(quant))
-        run("graphpress", f"smooth_quant(alpha=0.5), W8A8 {scheme}",
-            graphpress(f"smooth_quant(alpha=0.5), {quant}"), plain)
-    run("NNCF", "quantize, model_type=TRANSFORMER (SmoothQuant, W8A8 static)",
-        lambda: nncf_quantize(model, example, calibration, model_type=_nncf_transformer()))
+        plain = table.graphpress(f"W8A8 {scheme}", quant)
+        table.graphpress(f"smooth_quant(alpha=0.5), W8A8 {scheme}",
+                         f"smooth_quant(alpha=0.5), {quant}", plain)
+    table.run("NNCF", "quantize, model_type=TRANSFORMER (SmoothQuant, W8A8 static)",
+              lambda: nncf_quantize(model, calibration[0], calibration,
+                                    model_type=_nncf_transformer()))
     print(f"Llama-style LM (4 layers, 128 wide, byte-level) trained {train_s:.0f} s on "
           f"standard-library docstrings ({len(train)} windows of {LM_SEQ} bytes), perplexity on "
           f"{len(evaluation) * LM_BATCH} held-out windows; calibration "
-          f"{len(calibration) * LM_BATCH} training windows. 'gap closed': share of the "
-          "RTN-to-float perplexity gap recovered (for SmoothQuant rows, of the plain W8A8 "
-          "row's gap)\n")
-    print(markdown_table(("tool", "scheme", "perplexity", "gap closed", "quantize s"), rows))
+          f"{len(calibration) * LM_BATCH} training windows ({len(calibration) * LM_BATCH * LM_SEQ}"
+          " tokens). 'gap closed': share of the RTN-to-float perplexity gap recovered (NNCF's "
+          "and the symmetric rows: of graphpress's RTN on the same grid; SmoothQuant rows: of "
+          "the plain W8A8 row's gap)\n")
+    print(markdown_table(("tool", "scheme", "perplexity", "gap closed", "quantize s"),
+                         table.rows))
     print()
 
 
@@ -396,20 +474,14 @@ SECTIONS = {"lm": lm_section, "minilm": minilm_section, "gptq_speed": gptq_speed
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", default=",".join(SECTIONS))
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    start = time.perf_counter()
-    print(f"quantization algorithms: torch {torch.__version__}, nncf {version('nncf')}; "
-          f"{args.threads} threads; {platform.machine()}; {datetime.date.today()}\n")
-    for name in args.sections.split(","):
-        section_start = time.perf_counter()
-        SECTIONS[name]()
-        print(f"({name}: {time.perf_counter() - section_start:.0f} s)\n")
-    print(f"wall: {time.perf_counter() - start:.0f} s")
+    import logging
+
+    import nncf
+
+    nncf.set_log_level(logging.ERROR)   # its per-call tables and progress bars
+    run_sections(argparse.ArgumentParser(description=__doc__.splitlines()[0]), SECTIONS,
+                 f"quantization algorithms: torch {torch.__version__}, nncf {version('nncf')}, "
+                 f"openvino {version('openvino')}")
 
 
 if __name__ == "__main__":
