@@ -56,3 +56,29 @@ def test_dynamic_batch_zoo(name: str) -> None:
     with torch.no_grad():
         torch.testing.assert_close(compiled(*bigger), compiled.program(*bigger), rtol=1e-4,
                                    atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["hf_llama", "attention_net"])
+@pytest.mark.parametrize("scheme", ["int4_weight_only", "int8_weight_only"])
+def test_packed_weights_run_the_dequant_matmul_kernel(name: str, scheme: str) -> None:
+    from graphpress.testing.zoo import get_model
+
+    model, inputs = get_model(name).make()
+    group = ", group_size=32" if scheme == "int4_weight_only" else ""
+    compiled = gp.compile(model, inputs, backend="triton", verify=True,
+                          passes=f"insert_fake_quant(scheme='{scheme}'{group}), "
+                                 "fuse_dequant_matmul")
+    calls = compiled.artifact.generated.library_calls
+    assert calls and all(str(n.target) == "graphpress.dequant_matmul.default" for n in calls)
+    assert "lowered_graphpress_dequant_matmul = triton_lowering('graphpress::dequant_matmul')" \
+        in compiled.artifact.source
+
+
+def test_fake_quant_program_runs_with_its_ops_as_fallbacks() -> None:
+    from graphpress.testing.zoo import get_model
+
+    model, inputs = get_model("hf_bert").make()
+    compiled = gp.compile(model, inputs, backend="triton", verify=True,
+                          passes="insert_fake_quant(scheme='int8_dynamic')")
+    fallbacks = {str(n.target) for n in compiled.artifact.generated.fallbacks}
+    assert any(t.startswith("graphpress.") for t in fallbacks)
