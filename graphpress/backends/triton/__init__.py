@@ -6,8 +6,9 @@ How a Program becomes a Triton module::
       -> schedule (schedule.py): fusion groups (pointwise chains; row-wise reductions with their
          prologue and epilogue; matmul with an element-wise epilogue) and host nodes (views,
          ATen fallbacks, graphpress ops with a Triton implementation), in dependency order
-      -> kernels (kernels.py, body.py): one @triton.jit function per group, its members' math
-         from lowering.py, a comment naming the IR nodes it covers
+      -> kernels (kernels.py, matmul.py, body.py): one @triton.jit function per group, its
+         members' math from pointwise.py (their kinds: lowering.py), a comment naming the IR
+         nodes it covers
       -> host (host.py): call(*placeholders), which binds symbolic sizes from the inputs,
          allocates outputs, launches the kernels and calls ATen for the rest
       -> artifact.py: the module imported from a file and called like the model

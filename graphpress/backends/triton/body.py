@@ -7,7 +7,7 @@ contiguous), a ``tl.constexpr``: a dense input is read at the flat index, any ot
 coordinates, and the branch not taken is compiled away. Outputs are new contiguous tensors.
 
 Values keep their node's dtype; an op reads its operands cast to its compute dtype
-(:func:`graphpress.backends.triton.lowering.operand_dtype`) and rounds its result to the
+(:func:`graphpress.backends.triton.pointwise.operand_dtype`) and rounds its result to the
 node's dtype. Reductions see masked lanes as their neutral element.
 """
 
@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch.fx import Node
 
-from graphpress.backends.triton.lowering import (
+from graphpress.backends.triton.lowering import node_kind
+from graphpress.backends.triton.pointwise import (
     TRITON_DTYPES,
     literal,
-    node_kind,
     operand_dtype,
     pointwise_expr,
 )

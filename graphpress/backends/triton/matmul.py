@@ -30,7 +30,7 @@ import torch
 from torch.fx import Node
 
 from graphpress.backends.triton.body import Body, decompose
-from graphpress.backends.triton.lowering import literal
+from graphpress.backends.triton.pointwise import literal
 from graphpress.backends.triton.schedule import Group
 from graphpress.backends.triton.text import (
     RenderedKernel,
