@@ -32,9 +32,10 @@ class OpEntry:
     inputs (pure ops only). ``channel_rule``: the op's rule in the channel dependency analysis
     (signature of ``graphpress.analysis.channels.rules``: ``(tracer, node, program)``); without
     one, pruning blocks every dimension the op touches. ``onnx_translation``: an onnxscript
-    function the ONNX backend adds to its translation table. ``triton_lowering``: a function with the
-    op's signature that runs it on Triton kernels; the Triton backend's host code calls it
-    (without one, the op runs as an ATen-style fallback through its dispatcher). ``doc``: one line for listings.
+    function the ONNX backend adds to its translation table. ``triton_lowering``: a function
+    with the op's signature that runs it on Triton kernels; the Triton backend's host code calls
+    it (without one, the op runs as a fallback through its dispatcher). ``doc``: one line for
+    listings.
     """
 
     name: str
