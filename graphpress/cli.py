@@ -266,6 +266,9 @@ def _run_compile(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.target}() returned only a model; give --inputs SPEC "
                          "(e.g. --inputs 2x3x32x32) or return (model, example_inputs)")
     print(f"compiling {name} on inputs {_describe_inputs(inputs)}")
+    if args.backend == "triton" and not torch.cuda.is_available() and "triton" not in sys.modules:
+        # CPU tensors run in Triton's interpreter, which triton reads when first imported
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     compiled = gp.compile(model, inputs, passes=args.passes, backend=args.backend,
                           frontend=args.frontend, verify=args.verify)
     print(compiled.report())

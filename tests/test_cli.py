@@ -205,6 +205,17 @@ def test_compile_saves_a_loadable_folder(factory_dir: Path,
         torch.testing.assert_close(loaded(other), model(other), rtol=1e-5, atol=1e-6)
 
 
+def test_compile_on_the_triton_backend_saves_the_generated_module(
+        factory_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_dir = factory_dir / "triton"
+    argv = ["compile", f"{FACTORY_MODULE}:make", "--inputs", "2x3x8x8", "--verify",
+            "--backend", "triton", "-o", str(out_dir)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "triton vs eager max abs error" in out and "triton kernels" in out
+    assert "def call(" in (out_dir / "triton_module.py").read_text()
+
+
 def test_compile_uses_factory_inputs_and_passes(factory_dir: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["compile", f"{FACTORY_MODULE}:make_with_inputs", "--passes", "dce"]) == 0
