@@ -28,9 +28,11 @@ Kernels (the torch one lives here, the C++ and Triton ones in :mod:`graphpress.k
   a minute, cached per machine; ``GRAPHPRESS_CPU_KERNELS=0`` or no compiler: the torch path
   below): ``M <= 4`` (decode) the fused GEMV, which reads the packed codes once and never writes
   float weights (several times faster than float32 ``linear``, which reads 8x the bytes);
-  larger M, the rows of ``W`` dequantized in cache-sized blocks by vectorized C++ and multiplied
-  by ATen's float32 GEMM (as fast as float32 ``linear`` within a few percent: the products are
-  the same float32 products, and the GEMM is the cost);
+  larger M, on CPUs with AMX (bfloat16 tiles) and group sizes that are multiples of 32, the
+  tiles multiply ``u - z`` (exact in bfloat16) with three bfloat16 parts of ``x`` (exactly
+  ``x``), so the products are exact and accumulate in float32, scaled once per group; else
+  the rows of ``W`` dequantized in cache-sized blocks by vectorized C++ and multiplied by
+  ATen's float32 GEMM (the same float32 products as float32 ``linear``, at its speed);
 * CPU without the C++ kernels: the same blocked algorithm in torch ops (``(u - z) * s``, the
   low and the high nibbles of 4-bit codes as two halves of the sum over K), slower than
   float32 ``linear`` by the cost of converting the codes;
@@ -57,7 +59,7 @@ from typing import Any
 import torch
 
 from graphpress.kernels import triton_available
-from graphpress.kernels.cpu_dequant import dequant_gemm, fused_gemv
+from graphpress.kernels.cpu_dequant import amx_matmul, dequant_gemm, fused_gemv
 from graphpress.ops.packing import BITS, midpoint, unpack_zeros, zeros_shape
 from graphpress.ops.quant import choose_qparams_affine, quantize_affine
 from graphpress.ops.registry import define_op
@@ -194,6 +196,8 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         m = x2d.shape[0]
         if m <= _FUSED_CPU_MAX_M:
             out = fused_gemv(x2d, qweight, scales, zeros, bits, group_size)
+        else:
+            out = amx_matmul(x2d, qweight, scales, zeros, bits, group_size)
         if out is None:
             rows = _GEMM_ROWS_SMALL_M if m <= _GEMM_SMALL_M else _GEMM_ROWS
             out = dequant_gemm(x2d, qweight, scales, zeros, bits, group_size, rows)

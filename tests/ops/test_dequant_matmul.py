@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
 
 from graphpress.kernels import triton_available
 from graphpress.kernels.cpu_dequant import (
+    amx_matmul,
     build,
     dequant_gemm,
     dequantize,
@@ -92,18 +93,28 @@ def _check_kernels(kernels: object, dtype: str, group: int, symmetric: bool) -> 
     fake, packed = _quantized(37, k, dtype, group, symmetric)
     args = (packed.qweight, packed.scales, packed.zeros, packed.bits, packed.group_size)
     assert torch.equal(dequantize(*args, kernels=kernels), fake)  # bit-identical weights
-    for m in (1, 2, 3, 4, 5, 9):  # the GEMV takes 4 rows of x a pass: 1, 2 and 3 passes
+    for m in (1, 2, 3, 4, 5, 9, 33):  # the GEMV: 4 rows of x a pass; AMX: 16-row blocks, pairs
         x = torch.randn(m, k)
-        expected = x @ fake.t()
+        expected = _exact(x, fake)
         for rows in (16, 37, 256):  # blocks of W rows: several, one exact, one partial
             out = dequant_gemm(x, *args, rows_per_block=rows, kernels=kernels)
-            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
         out = fused_gemv(x, *args, kernels=kernels)
         if group == 45:  # groups straddle bytes: the GEMV does not cover them
             assert out is None
         else:
             assert out is not None and out.shape == (m, 37)
-            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+        out = amx_matmul(x, *args, kernels=kernels)
+        if out is not None:  # AMX here, and a group size it tiles
+            assert group % 32 == 0 and out.shape == (m, 37)
+            torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def _exact(x: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """``x @ fake^T`` in float64: the kernels sum exact products in float32, in another order
+    than torch's float32 matmul, so both are held to the exact value."""
+    return x.double() @ fake.double().t()
 
 
 @pytest.mark.parametrize(("dtype", "group", "symmetric"), _KERNEL_LAYOUTS)
@@ -125,11 +136,12 @@ def test_portable_cpu_kernels_match_the_reference() -> None:
 
 
 def test_the_op_takes_each_cpu_path() -> None:
-    """M <= 4: the fused GEMV; larger M: the blocked GEMM (both against the reference)."""
+    """M <= 4: the fused GEMV; larger M: AMX where the CPU has it, else the blocked GEMM."""
     fake, packed = _quantized(300, 256, "int4", 128, False)
     for m in (1, 4, 5, 40):
         x = torch.randn(m, 256)
-        torch.testing.assert_close(_call(x, packed), x @ fake.t(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(_call(x, packed).double(), _exact(x, fake), rtol=1e-5,
+                                   atol=1e-5)
 
 
 def test_opcheck() -> None:
