@@ -10,7 +10,8 @@ allocate its outputs and launch it.
   ``BLOCK_K`` steps, float32 accumulation (IEEE products for float32: no TF32 unless asked),
   then the epilogue members on the accumulator before the one store. The grid's third axis runs
   over the batch; rows of ``A`` are addressed through their own strides, so no operand is
-  copied to make it 2-D.
+  copied to make it 2-D (``matmul.py``).
+* **attention**: ``scaled_dot_product_attention`` with an online softmax (``attention.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Callable
 import torch
 from torch.fx import Node
 
+from graphpress.backends.triton.attention import render_attention
 from graphpress.backends.triton.body import Body, decompose
 from graphpress.backends.triton.matmul import render_matmul
 from graphpress.backends.triton.schedule import Group, shape_key
@@ -61,7 +63,7 @@ def _render_pointwise(group: Group, var: Callable[[Node], str],
     first = var(group.outputs()[0])
     host = [f"shape_{g} = {group_shape(group, shape_of)}", *host,
             f"numel_{g} = {first}.numel()", f"block_{g} = pointwise_block(numel_{g})",
-            *launch(f"{name}[(triton.cdiv(numel_{g}, block_{g}),)]", body)]
+            *launch(f"{name}[(triton.cdiv(numel_{g}, block_{g}),)]", body.params)]
     return RenderedKernel(name, signature(name, body.params, [*comment(group), *header],
                                            [*body.lines, *stores]), host)
 
@@ -109,7 +111,7 @@ def _render_row(group: Group, var: Callable[[Node], str],
               "mask = row_mask & (cols < N)"]
     host = [f"shape_{g} = {group_shape(group, shape_of)}", *host,
             f"rows_{g} = math.prod(shape_{g}[:-1])", f"block_{g} = row_block(rows_{g}, "
-            f"{block_n})", *launch(f"{name}[(triton.cdiv(rows_{g}, block_{g}),)]", body)]
+            f"{block_n})", *launch(f"{name}[(triton.cdiv(rows_{g}, block_{g}),)]", body.params)]
     return RenderedKernel(name, signature(name, body.params, [*comment(group), *header],
                                            [*body.lines, *stores]), host)
 
@@ -127,4 +129,6 @@ def render_group(group: Group, var: Callable[[Node], str], shape_of: Callable[[N
         return _render_pointwise(group, var, shape_of)
     if group.kind == "row":
         return _render_row(group, var, shape_of)
+    if group.kind == "attention":
+        return render_attention(group, var, shape_of, precision)
     return render_matmul(group, var, shape_of, precision)

@@ -13,6 +13,8 @@ Kinds (:func:`node_kind`):
   ``layer_norm``, ``rms_norm`` over the last dim).
 * ``matmul``: ``linear`` / ``mm`` / ``addmm`` / ``bmm`` / ``matmul`` in floating point, and
   ``conv2d`` with a 1x1 kernel, stride 1, no padding and one group.
+* ``attention``: ``scaled_dot_product_attention`` without dropout or ``enable_gqa``, heads of
+  at most 256, a boolean or additive mask (``attention.py``).
 * ``view``: metadata only (``view``, ``permute``, ``slice``, ...) or a host value (``getitem``,
   ``sym_size``): run by the host, launching nothing.
 * ``fallback``: everything else, called through ATen by the host.
@@ -107,7 +109,8 @@ def _row_op_ok(node: Node) -> bool:
 
 
 def node_kind(node: Node) -> str:
-    """``pointwise`` / ``identity`` / ``row`` / ``matmul`` / ``view`` / ``fallback``."""
+    """``pointwise`` / ``identity`` / ``row`` / ``matmul`` / ``attention`` / ``view`` /
+    ``fallback``."""
     if node.op != "call_function":
         return "view"
     target = node.target
@@ -139,6 +142,8 @@ def node_kind(node: Node) -> str:
         return "row" if _row_op_ok(node) else "fallback"
     if target == aten.conv2d.default:
         return "matmul" if _pointwise_conv(node) else "fallback"
+    if target == aten.scaled_dot_product_attention.default:
+        return "attention" if _attention_ok(node) else "fallback"
     if target in MATMULS:
         left, right = node.args[1:3] if target == aten.addmm.default else node.args[:2]
         if out.dtype in MATMUL_DTYPES and all(t.dtype == out.dtype for t in tensors) and (
@@ -146,6 +151,22 @@ def node_kind(node: Node) -> str:
             return "matmul"
         return "fallback"
     return "fallback"
+
+
+MAX_HEAD_DIM = 256  # the widest query / value head an attention kernel holds in registers
+
+
+def _attention_ok(node: Node) -> bool:
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+    values = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
+    q, k, v = (_val(values[n]) for n in names[:3])
+    mask = _val(values.get("attn_mask"))
+    dims = (q.shape[-1], v.shape[-1])
+    return (values.get("dropout_p", 0.0) == 0.0 and not values.get("enable_gqa", False)
+            and q.dtype in MATMUL_DTYPES and k.dtype == v.dtype == q.dtype and q.dim() >= 2
+            and k.dim() == v.dim() == q.dim()
+            and all(isinstance(d, int) and d <= MAX_HEAD_DIM for d in dims)
+            and (mask is None or mask.dtype in (torch.bool, q.dtype)))
 
 
 def _pointwise_conv(node: Node) -> bool:

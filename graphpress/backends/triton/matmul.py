@@ -155,7 +155,7 @@ def render_matmul(group: Group, var: Callable[[Node], str], shape_of: Callable[[
     batches = f"math.prod({shape}[:{nb}])" if nb else "1"
     host = [f"{shape} = {shape_of(anchor)}", f"k_{g} = {layout.k.format(var(layout.a))}",
             f"m_{g}, n_{g} = math.prod({m_dims}), math.prod({n_dims})", *host,
-            *launch(f"{name}[matmul_grid(m_{g}, n_{g}, {batches})]", body)]
+            *launch(f"{name}[matmul_grid(m_{g}, n_{g}, {batches})]", body.params)]
     source = signature(name, body.params, [*comment(group), *header], [*body.lines, *stores])
     source = ("@triton.autotune(configs=matmul_configs(), key=['M', 'N', 'K'],\n"
               "                 prune_configs_by={'early_config_prune': prune_matmul_configs})\n"

@@ -19,8 +19,9 @@ import triton
 from graphpress.errors import BackendError
 from graphpress.ops.registry import lookup
 
-__all__ = ["channels", "dense", "matmul_configs", "matmul_grid", "pointwise_block",
-           "prune_matmul_configs", "row_block", "strides", "triton_lowering"]
+__all__ = ["attention_blocks", "attention_scale", "channels", "dense", "matmul_configs",
+           "matmul_grid", "pointwise_block", "prune_matmul_configs", "row_block", "strides",
+           "triton_lowering"]
 
 
 def _interpreting() -> bool:
@@ -57,8 +58,8 @@ def row_block(rows: int, block_n: int) -> int:
 _INTERPRETER_TILES = (16, 32, 64, 128)
 
 
-def _fit(size: int) -> int:
-    return min(max(triton.next_power_of_2(max(size, 1)), 16), 128)
+def _fit(size: int, cap: int = 128) -> int:
+    return min(max(triton.next_power_of_2(max(size, 1)), 16), cap)
 
 
 def matmul_configs() -> list[triton.Config]:
@@ -93,6 +94,22 @@ def matmul_grid(m: int, n: int, batch: int) -> Callable[[dict[str, Any]], tuple[
         return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), batch)
 
     return grid
+
+
+def attention_scale(scale: float | None, head_dim: int) -> float:
+    """SDPA's scale: the given one, else ``1 / sqrt(head_dim)``."""
+    return scale if scale is not None else head_dim ** -0.5
+
+
+def attention_blocks(queries: int, keys: int, head_dim: int, value_dim: int) -> dict[str, int]:
+    """Tiles of the attention kernel: query and key blocks, padded head dims (>= 16 for
+    ``tl.dot``); in the interpreter the blocks that fit the sequence lengths."""
+    if _interpreting():
+        block_m, block_n = _fit(queries), _fit(keys)
+    else:
+        block_m, block_n = (64, 64) if max(head_dim, value_dim) > 64 else (128, 64)
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_E": _fit(head_dim, 256),
+            "BLOCK_EV": _fit(value_dim, 256)}
 
 
 def triton_lowering(name: str) -> Callable[..., Any]:

@@ -8,7 +8,8 @@ A group has one iteration shape ``S``:
   is ``S`` or ``S`` with its last dim reduced to 1 (a reduction without ``keepdim`` is stored
   but never read inside the group: its broadcasting would align it with the wrong dims);
 * ``matmul``: one matmul (the anchor) whose output has shape ``S``, and element-wise members of
-  shape ``S`` after it (the epilogue: bias, activation, residual add, scale).
+  shape ``S`` after it (the epilogue: bias, activation, residual add, scale);
+* ``attention``: one ``scaled_dot_product_attention``, alone.
 
 Invariants, by construction:
 
@@ -95,6 +96,8 @@ class Schedule:
 def _can_join(group: Group, node: Node, kind: str, group_of: dict[Node, Group],
               upstream: dict[Node, int]) -> bool:
     key = _key(node)
+    if group.kind == "attention":
+        return False
     if kind in ("pointwise", "identity"):
         if key not in group.readable_shapes():
             return False
@@ -160,7 +163,7 @@ def schedule(graph: Graph) -> Schedule:
                           if _can_join(g, node, kind, group_of, upstream)), None)
             if group is not None and kind == "row":
                 group.kind = "row"
-        if group is None and kind in ("pointwise", "row", "matmul"):
+        if group is None and kind in ("pointwise", "row", "matmul", "attention"):
             shape = _key(node.args[0]) if kind == "row" else _key(node)
             group = Group(len([u for u in units if isinstance(u, Group)]), kind, shape)
             units.append(group)

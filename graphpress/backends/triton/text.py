@@ -12,7 +12,7 @@ from graphpress.backends.triton.lowering import channel_operands
 from graphpress.backends.triton.schedule import Group
 
 __all__ = ["RenderedKernel", "allocations", "comment", "group_shape", "launch", "mark_channels",
-           "signature", "strided"]
+           "signature", "strided", "wrap"]
 
 
 class RenderedKernel:
@@ -42,6 +42,7 @@ def comment(group: Group) -> list[str]:
 
 
 def wrap(text: str, width: int = 92) -> list[str]:
+    """``text`` broken at spaces into lines of at most ``width`` characters."""
     lines, current = [], ""
     for word in text.split(" "):
         if current and len(current) + len(word) + 1 > width:
@@ -79,10 +80,10 @@ def group_shape(group: Group, shape_of: Callable[[Node], str]) -> str:
     return shape_of(anchor)
 
 
-def launch(callee: str, body: Body, width: int = 92) -> list[str]:
-    """The launch call, its arguments wrapped on indented lines (one input's per line)."""
+def launch(callee: str, params: list[tuple[str, str]], width: int = 92) -> list[str]:
+    """The launch call with the host side of ``params``, wrapped on indented lines."""
     lines, current = [f"{callee}("], ""
-    for _, host in body.params:
+    for _, host in params:
         if not host:
             continue
         piece = f"{host}, "

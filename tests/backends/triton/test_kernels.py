@@ -204,3 +204,44 @@ def test_ops_without_lowering_fall_back_to_aten() -> None:
     targets = {str(n.target) for n in compiled.artifact.generated.fallbacks}
     assert targets == {"aten.conv2d.default", "aten.cumsum.default"}
     assert "aten.conv2d.default x1" in compiled.artifact.info()["triton ATen fallbacks"]
+
+
+ATTENTION = {
+    "plain": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v), (2, 3, 9, 16),
+              (2, 3, 9, 16), None),
+    "longer_keys_odd_dims": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
+                             (2, 5, 20), (2, 37, 20), 24),
+    "causal_scale": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                    scale=0.3),
+                     (1, 2, 17, 8), (1, 2, 17, 8), None),
+    "bool_mask_broadcast": (lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, m),
+                            (2, 2, 6, 16), (2, 2, 11, 16), None),
+    "additive_mask": (lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, m.float()
+                                                                        * -1e4),
+                      (2, 2, 6, 16), (2, 2, 11, 16), None),
+}
+
+
+@pytest.mark.parametrize("case", ATTENTION, ids=str)
+def test_attention(case: str) -> None:
+    fn, q_shape, k_shape, value_dim = ATTENTION[case]
+    q, k = torch.randn(*q_shape), torch.randn(*k_shape)
+    v = torch.randn(*k_shape[:-1], value_dim or k_shape[-1])
+    inputs = [q, k, v]
+    if "mask" in case:
+        inputs.append(torch.rand(k_shape[0], 1, 1, k_shape[-2]) > 0.3)
+    compiled = _check(fn, *inputs, atol=1e-5)
+    assert "attention" in {g.kind for g in compiled.artifact.generated.schedule.groups}
+
+
+def test_attention_keys_transposed_in_place() -> None:
+    # the heads split by a transpose, as every transformer does: read through strides
+    q = torch.randn(2, 7, 3, 16)
+    _check(lambda q: F.scaled_dot_product_attention(q.transpose(1, 2), q.transpose(1, 2),
+                                                    q.transpose(1, 2)), q, atol=1e-5)
+
+
+def test_attention_in_float16() -> None:
+    q, k, v = (torch.randn(1, 2, 12, 32).half() for _ in range(3))
+    _check(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), q, k, v, rtol=2e-3,
+           atol=2e-3)
