@@ -18,9 +18,14 @@ With ``x`` the stream ``[B, N, C]`` after a block's attention, ``k`` its keys ``
 
 so a merged token is the size-weighted average of what it absorbed (scatter-add then divide:
 ``scatter_reduce(mean)`` exports to ONNX but onnxruntime computes it wrongly), and a padding
-token is never averaged into a real one. Beside ``x`` the step carries, per current token, its
-representative's original index (``rep``: to gather the attention mask), its key validity, and,
-for ``unmerge``, the current position of every original token (``source``).
+token is never averaged into a real one. The float operations are ToMe's ``merge_wavg`` in its
+order; the graph is its cheap form: ``x * s`` and ``s`` are moved as two tensors (no
+concatenated ``t``), rows of ``C`` values are copied whole (:func:`take_tokens`), and the
+product is skipped before the first merge, where ``s = 1`` and ``x * 1 == x`` exactly.
+
+Beside ``x`` the step carries, per current token, its representative's original index
+(``rep``: to gather the attention mask), its key validity, and, for ``unmerge``, the current
+position of every original token (``source``).
 """
 
 from __future__ import annotations
@@ -69,13 +74,32 @@ def token_slice(b: GraphBuilder, t: Node, start: int, end: int, step: int = 1) -
     return b.call(aten.slice.Tensor, t, 1, start, end, step)
 
 
-def take_tokens(b: GraphBuilder, t: Node, index: Node, batch: Any) -> Node:
-    """``t[b, index[b, i], ...]`` for a ``[B, n]`` index into ``[B, N]`` or ``[B, N, c]``."""
+def take_tokens(b: GraphBuilder, t: Node, index: Node, batch: Any, start: int = 0,
+                step: int = 1) -> Node:
+    """``t[b, start + step * index[b, i], ...]`` for a ``[B, n]`` index into ``[B, N]`` or
+    ``[B, N, c]``. Rows wider than one value are copied whole, by ``index_select`` on the
+    flattened ``[B * N, c]`` (row ``b N + start + step index``): ``gather`` reads one index
+    per element and is several times slower on CPU. Pure data movement either way."""
     shape = t.meta["val"].shape
+    count = index.meta["val"].shape[1]
+    if len(shape) == 3 and not (isinstance(shape[2], int) and shape[2] == 1):
+        offsets = b.call(aten.mul.Tensor, b.call(aten.arange.default, batch, dtype=torch.int64,
+                                                 device=t.meta["val"].device), shape[1])
+        if step != 1:
+            index = b.call(aten.mul.Tensor, index, step)
+        if start:
+            index = b.call(aten.add.Tensor, index, start)
+        rows = b.call(aten.add.Tensor, index, b.call(aten.unsqueeze.default, offsets, 1))
+        flat = b.call(aten.reshape.default, t, [-1, shape[2]])
+        picked = b.call(aten.index_select.default, flat, 0,
+                        b.call(aten.reshape.default, rows, [-1]))
+        return b.call(aten.view.default, picked, [batch, count, shape[2]])
+    if (start, step) != (0, 1):
+        t = token_slice(b, t, start, shape[1], step)
     if len(shape) == 2:
         return b.call(aten.gather.default, t, 1, index)
     wide = b.call(aten.expand.default, b.call(aten.unsqueeze.default, index, -1),
-                  [batch, index.meta["val"].shape[1], shape[2]])
+                  [batch, count, shape[2]])
     return b.call(aten.gather.default, t, 1, wide)
 
 
@@ -145,36 +169,38 @@ def merge_step(b: GraphBuilder, x: Node, key: Node, r: int, protected: int,
     dst = b.call(aten.gather.default, partner, 1, src)
 
     def select(t: Node) -> Node:
-        """The kept tokens of a per-token value, in the merged order (dst keeps its own)."""
+        """The kept tokens of a per-token value, in the merged order (B keeps its own)."""
         parts = [token_slice(b, t, 0, p)] if p else []
         if kept is not None:
-            parts.append(take_tokens(b, token_slice(b, t, p, tokens, 2), kept, batch))
+            parts.append(take_tokens(b, t, kept, batch, p, 2))
         parts.append(token_slice(b, t, p + 1, tokens, 2))
         return b.call(aten.cat.default, parts, 1)
 
-    weighted = b.call(aten.cat.default, [b.call(aten.mul.Tensor, x, state.size), state.size],
-                      -1)
-    t_a = token_slice(b, weighted, p, tokens, 2)
-    moved = take_tokens(b, t_a, src, batch)
+    # x * s and s go through the same moves; before the first merge every size is 1 and
+    # x * 1 == x exactly, so the product is skipped there
+    weighted = x if state.stage == 0 else b.call(aten.mul.Tensor, x, state.size)
+    moved = take_tokens(b, weighted, src, batch, p, 2)
+    moved_size = take_tokens(b, state.size, src, batch, p, 2)
     if state.valid is not None:
-        valid_a = token_slice(b, state.valid, p, tokens, 2)
-        valid_b = token_slice(b, state.valid, p + 1, tokens, 2)
-        same_src = b.call(aten.eq.Tensor, take_tokens(b, valid_a, src, batch),
-                          take_tokens(b, valid_b, dst, batch))
+        same_src = b.call(aten.eq.Tensor, take_tokens(b, state.valid, src, batch, p, 2),
+                          take_tokens(b, state.valid, dst, batch, p + 1, 2))
         keep = b.call(aten.unsqueeze.default,
                       b.call(aten._to_copy.default, same_src, dtype=x.meta["val"].dtype), -1)
         moved = b.call(aten.mul.Tensor, moved, keep)
+        moved_size = b.call(aten.mul.Tensor, moved_size, keep)
     wide_dst = b.call(aten.expand.default, b.call(aten.unsqueeze.default, dst, -1),
-                      [batch, r, channels + 1])
-    t_b = b.call(aten.scatter_add.default, token_slice(b, weighted, p + 1, tokens, 2), 1, wide_dst,
-                 moved)
-    parts = [token_slice(b, weighted, 0, p)] if p else []
+                      [batch, r, channels])
+    b_sums = b.call(aten.scatter_add.default, token_slice(b, weighted, p + 1, tokens, 2), 1,
+                    wide_dst, moved)
+    b_sizes = b.call(aten.scatter_add.default, token_slice(b, state.size, p + 1, tokens, 2), 1,
+                     b.call(aten.unsqueeze.default, dst, -1), moved_size)
+    parts, size_parts = ([token_slice(b, weighted, 0, p)], [token_slice(b, state.size, 0, p)]) \
+        if p else ([], [])
     if kept is not None:
-        parts.append(take_tokens(b, t_a, kept, batch))
-    parts.append(t_b)
-    merged = b.call(aten.cat.default, parts, 1)
-    size = b.call(aten.slice.Tensor, merged, -1, channels, channels + 1)
-    out = b.call(aten.div.Tensor, b.call(aten.slice.Tensor, merged, -1, 0, channels), size)
+        parts.append(take_tokens(b, weighted, kept, batch, p, 2))
+        size_parts.append(take_tokens(b, state.size, kept, batch, p, 2))
+    size = b.call(aten.cat.default, [*size_parts, b_sizes], 1)
+    out = b.call(aten.div.Tensor, b.call(aten.cat.default, [*parts, b_sums], 1), size)
     # sizes are counts: no gradient (SDPA picks a slower kernel for a mask that needs one)
     size = b.call(aten.detach.default, size)
     new = replace(state, tokens=tokens - r, stage=state.stage + 1, size=size)
@@ -196,12 +222,13 @@ def rank_split(b: GraphBuilder, score: Node, r: int, n_a: int) -> tuple[Node, No
     the block (``n_a`` is at most half the tokens)."""
     column = b.call(aten.unsqueeze.default, score, 2)   # score_i
     row = b.call(aten.unsqueeze.default, score, 1)      # score_j
-    above = b.call(aten.gt.Tensor, row, column)
     index = _positions(b, b.call(aten.zeros_like.default, score, dtype=torch.int64), 0)
     earlier = b.call(aten.lt.Tensor, b.call(aten.unsqueeze.default, index, 1),
                      b.call(aten.unsqueeze.default, index, 2))
-    tied = b.call(aten.logical_and.default, b.call(aten.eq.Tensor, row, column), earlier)
-    rank = b.call(aten.sum.dim_IntList, b.call(aten.logical_or.default, above, tied), [2])
+    # j is ahead of i when score_j > score_i, or when j < i and score_j >= score_i
+    ahead = b.call(aten.logical_or.default, b.call(aten.gt.Tensor, row, column),
+                   b.call(aten.logical_and.default, earlier, b.call(aten.ge.Tensor, row, column)))
+    rank = b.call(aten.sum.dim_IntList, ahead, [2])
     order = b.call(aten.scatter.src, b.call(aten.zeros_like.default, index), 1, rank, index)
     src = b.call(aten.slice.Tensor, order, 1, 0, r)
     if r == n_a:

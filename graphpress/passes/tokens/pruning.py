@@ -72,7 +72,7 @@ def prune_step(b: GraphBuilder, x: Node, importance: Node, r: int, protected: in
 
     def select(t: Node) -> Node:
         parts = [token_slice(b, t, 0, p)] if p else []
-        parts.append(take_tokens(b, token_slice(b, t, p, tokens), kept, batch))
+        parts.append(take_tokens(b, t, kept, batch, p))
         return b.call(aten.cat.default, parts, 1)
 
     new = replace(state, tokens=tokens - r, stage=state.stage + 1)
