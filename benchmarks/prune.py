@@ -4,20 +4,34 @@ side by side; digits CNN accuracy after pruning 50% and a brief fine-tune.
 Usage::
 
     python benchmarks/prune.py [--sections latency,depth,tp,digits,hidden,scale] [--repeats 10]
-                               [--threads N]
+                               [--threads N] [--models a,b]
 
-* latency: ``hf_resnet50`` and ``hf_vit_base`` (zoo, batch 1), dense vs pruned at ratios 0.3
-  and 0.5 (L2, per-group ratio), timed in one process on ``--threads`` threads (default 1: on a
-  shared 2-core machine a 2-thread run measures the neighbours): one warm-up call each, then
-  ``--repeats`` rounds calling dense, 0.3, 0.5 in an order rotated by one each round; the
-  median of the rounds, ``torch.no_grad()``; parameters and MACs from the ``costs`` analysis.
+* latency: ``hf_resnet50`` and ``hf_vit_base`` (zoo, batch 1, random weights), dense and pruned
+  at ratios 0.3 and 0.5 (L2, per-group ratio) with ``round_to`` 1, the multiple
+  ``choose_round_to`` picks from the eager layer latency, the one it picks from onnxruntime
+  layer latency (``onnx_layer_seconds``), and for ResNet-50 the fixed 8 and 16 (a variant with
+  the parameter count of an earlier one is the same plan and is left out). Every variant runs
+  on the eager backend (the Program), for ResNet-50 also after ``fold_bn``, and on the ONNX
+  backend (onnxruntime, no spin-waiting), all on ``--threads`` threads (default 1: on a shared
+  2-core machine a 2-thread run measures the neighbours), in one process: one warm-up call
+  each, then ``--repeats`` rounds calling every (backend, variant) in an order rotated by one
+  each round; the median of the rounds, ``torch.no_grad()``. Speedups are against the dense
+  program on the same backend; parameters and MACs from the ``costs`` analysis.
 * depth: ``channel_groups`` time on a Llama configuration (hidden 64, 4/2 heads) at 2, 8 and 32
   layers, next to its export time.
-* tp: every default zoo model, each side's failure or refusal reported; same L2 criterion
-  and ratio 0.5 (Torch-Pruning ignores the last conv/linear layer): parameter counts after
-  pruning, the share of channels both keep in the first conv/linear layer, and analysis+pruning
-  time as a ratio (graphpress / Torch-Pruning, the median of 3 calls each on fresh copies),
-  same run.
+* tp: every default zoo model (or ``--models``), each side's failure or refusal reported; same
+  L2 criterion and ratio 0.5 (Torch-Pruning ignores the last conv/linear layer): parameter
+  counts after pruning, the share of channels both keep in the first conv/linear layer, and
+  the time as a ratio graphpress / Torch-Pruning in the same run. graphpress's time: the
+  ``PruneChannels.run`` call on a traced program (channel analysis, scores, plan, weight
+  rewrite and the incremental shape re-propagation that keeps the IR valid), ``torch.export``
+  excluded (shown in its own column: it is the IR every pass shares) and no verification.
+  Torch-Pruning's: ``MagnitudePruner(...)`` (its dependency graph, which runs one forward pass
+  of the module to trace it, and the groups) plus ``pruner.step()``. Four rounds, each one
+  graphpress call on a fresh copy of the program then one Torch-Pruning call on a fresh model:
+  the first round's ratio (cold: FakeTensor's dispatch cache, process-wide, is empty for this
+  model) and the median ratio of the other three. A Torch-Pruning call past 60 s stops the
+  model's comparison.
 * digits: the zoo's trained digits CNN pruned 50% by every criterion in turn (each on a fresh
   trace of the same model, same run), then fine-tuned 3 epochs (Adam, lr 1e-3); test accuracy
   dense, pruned, and fine-tuned. ``taylor`` and ``hessian`` take their gradients from 128
@@ -50,13 +64,14 @@ import torch.nn.functional as F
 import graphpress as gp
 from graphpress.frontends import trace
 from graphpress.passes import PassContext, PruneChannels
+from graphpress.passes.prune.rounding import Layer, choose_round_to, eager_seconds
 from graphpress.testing.zoo import accuracy, digits_data, get_model, zoo_models
 
 
-def _time(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+def _time(fns: dict[Any, Callable[[], Any]], repeats: int) -> dict[Any, float]:
     """Median seconds per call; each round calls every function once, in an order rotated by
     one from round to round, so a slow drift of the machine hits all of them alike."""
-    samples: dict[str, list[float]] = {k: [] for k in fns}
+    samples: dict[Any, list[float]] = {k: [] for k in fns}
     keys = list(fns)
     with torch.no_grad():
         for fn in fns.values():
@@ -70,22 +85,96 @@ def _time(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def latency(repeats: int) -> None:
-    print("| model | ratio | params | MACs | latency ms | speedup (same run) |")
-    print("|---|---|---|---|---|---|")
-    for name in ("hf_resnet50", "hf_vit_base"):
-        model, inputs = get_model(name).make()
-        dense = trace(model, inputs)
-        programs = {"0": dense}
-        for ratio in (0.3, 0.5):
+def onnx_layer_seconds(layer: Layer, repeats: int) -> float:
+    """``choose_round_to``'s timer on onnxruntime: the layer alone as a one-node ONNX model
+    (Conv, or MatMul against the transposed weight), one intra-op thread, every graph
+    optimization on (the NCHWc layout transformer included), no spin-waiting."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.random.default_rng(0).standard_normal(layer.weight, dtype=np.float32)
+    if layer.op == "linear":
+        init = numpy_helper.from_array(np.ascontiguousarray(weight.T), "w")
+        node = helper.make_node("MatMul", ["x", "w"], ["y"])
+    else:
+        init = numpy_helper.from_array(weight, "w")
+        pads = ([0] * len(layer.stride) if layer.padding == "valid" else list(layer.padding))
+        attrs = {"auto_pad": "SAME_UPPER"} if layer.padding == "same" else {"pads": pads * 2}
+        node = helper.make_node("Conv", ["x", "w"], ["y"], strides=list(layer.stride),
+                                dilations=list(layer.dilation), group=layer.groups, **attrs)
+    graph = helper.make_graph(
+        [node], "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, layer.input)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [init])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(model.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).standard_normal(layer.input, dtype=np.float32)
+    session.run(None, {"x": x})
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run(None, {"x": x})
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def _variants(name: str, dense: Any, ratios: tuple[float, ...], fixed: tuple[int, ...]
+              ) -> dict[str, Any]:
+    """Dense, and per ratio: round_to 1, the multiples ``choose_round_to`` picks from the
+    eager and the onnxruntime layer latency, and ``fixed`` ones (a variant whose parameter
+    count equals an earlier one's is the same plan and is left out)."""
+    programs, seen = {"dense": dense}, set()
+    for ratio in ratios:
+        multiples = {1: "", **{m: "fixed" for m in fixed}}
+        for backend, timer in (("eager", eager_seconds), ("onnx", onnx_layer_seconds)):
+            choice = choose_round_to(dense, PruneChannels(ratio=ratio), timer=timer)
+            print(f"{name} ratio {ratio}: round_to from the {backend} layer latency: "
+                  f"{choice.best}\n{choice.table()}", flush=True)
+            multiples[choice.best] = f"{backend} layers"
+        for m, why in sorted(multiples.items()):
             program = dense.copy()
-            PruneChannels(ratio=ratio).run(program, PassContext())
-            programs[str(ratio)] = program
-        times = _time({k: (lambda p=p, x=inputs: p(*x)) for k, p in programs.items()}, repeats)
+            PruneChannels(ratio=ratio, round_to=m).run(program, PassContext())
+            params = program.analysis("costs").parameters
+            if (ratio, params) not in seen:
+                seen.add((ratio, params))
+                programs[f"{ratio}" + (f", round_to {m} ({why})" if m > 1 else "")] = program
+    return programs
+
+
+def latency(repeats: int, threads: int) -> None:
+    """Dense and pruned ResNet-50 / ViT-B on the eager (also after fold_bn, where the model has
+    BatchNorms) and ONNX backends, every variant in the same interleaved rounds."""
+    from graphpress.backends.onnx import onnx_backend
+    from graphpress.passes import FoldBatchNorm
+
+    for name, fixed in (("hf_resnet50", (8, 16)), ("hf_vit_base", ())):
+        model, inputs = get_model(name).make()
+        programs = _variants(name, trace(model, inputs), (0.3, 0.5), fixed)
+        fns: dict[tuple[str, str], Callable[[], Any]] = {}
         for key, program in programs.items():
-            costs = program.analysis("costs")
+            fns[("eager", key)] = lambda p=program, x=inputs: p(*x)
+            folded = program.copy()
+            if FoldBatchNorm().run(folded, PassContext()).changed:
+                fns[("eager, fold_bn", key)] = lambda p=folded, x=inputs: p(*x)
+            artifact = onnx_backend(program, intra_op_threads=threads,
+                                    session_config={"session.intra_op.allow_spinning": "0"})
+            fns[("onnx", key)] = lambda a=artifact, x=inputs: a(*x)
+        times = _time(fns, repeats)
+        print("| model | ratio | params | MACs | MACs reduction | backend | threads | "
+              "latency ms | speedup (same run) | speedup / MACs reduction |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        dense_macs = programs["dense"].analysis("costs").macs
+        for backend, key in sorted(fns, key=lambda k: k[0]):     # stable: variants in order
+            costs = programs[key].analysis("costs")
+            fewer = dense_macs / costs.macs
+            speedup = times[(backend, "dense")] / times[(backend, key)]
             print(f"| {name} | {key} | {costs.parameters / 1e6:.2f} M | {costs.macs / 1e9:.2f} G "
-                  f"| {times[key] * 1e3:.1f} | {times['0'] / times[key]:.2f}x |", flush=True)
+                  f"| {fewer:.2f}x | {backend} | {threads} | {times[(backend, key)] * 1e3:.1f} "
+                  f"| {speedup:.2f}x | {speedup / fewer:.2f} |", flush=True)
 
 
 def depth() -> None:
@@ -361,7 +450,7 @@ def main() -> None:
     if "hidden" in sections:
         hidden()
     if "latency" in sections:
-        latency(args.repeats)
+        latency(args.repeats, args.threads)
     if "scale" in sections:
         scale()
 

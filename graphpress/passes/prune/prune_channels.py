@@ -2,11 +2,13 @@
 
 For every prunable group of ``channel_groups`` (see ``graphpress/analysis/channels/``) the pass
 scores the channels (``importance.py``), keeps the most important
-``ceil((1 - ratio) * n / m) * m`` of them (``m`` = ``round_to``; at least ``m``, at most ``n``),
-and removes the others from every weight slice of the group at once; the shape arguments
-in the graph follow (``plan.py``). ``global_ranking=True`` ranks the
-channels of all groups together (scores normalised by their group mean) instead of cutting each
-group by the same ratio; ``ratios={"module.path": r}`` overrides the ratio per module.
+``n - floor(ratio * n)`` of them, rounded up so that every weight slice of the group keeps a
+multiple of ``round_to`` elements (``rounding.py``: plain channels a multiple of ``round_to``,
+attention heads usually as they are; at most ``n``), and removes the others from every weight
+slice of the group at once; the shape arguments in the graph follow (``plan.py``).
+``global_ranking=True`` ranks the channels of all groups together (scores normalised by their
+group mean) instead of cutting each group by the same ratio; ``ratios={"module.path": r}``
+overrides the ratio per module.
 
 Contract (checked by ``verify=True``): the pruned program equals the *masked original*, the
 program before the pass with the removed channels zeroed in every weight slice of their group
@@ -46,6 +48,7 @@ from graphpress.passes.prune.plan import (
     key_of,
     masked_copy,
 )
+from graphpress.passes.prune.rounding import rounded_keep
 from graphpress.pipeline.base import Contract, Pass, PassContext, PassResult, Skip
 from graphpress.pipeline.registry import register_pass
 
@@ -64,7 +67,7 @@ class PruneChannels(Pass):
     prune_heads: bool = True                # attention: whole heads, or (False) head_dim
     prune_hidden: bool = False              # also the residual stream (norms over kept channels)
     ratios: dict[str, float] | None = None  # module path -> ratio (first match wins)
-    round_to: int = 1                       # kept channels are a multiple of this
+    round_to: int = 1                       # kept elements per weight slice: a multiple of this
     ignore: tuple[str, ...] | Callable[[str], bool] = ()     # module paths, or predicate(weight)
     plan: PrunePlan | None = None           # apply this plan instead of computing one
     batches: list[tuple[Any, ...]] | None = None   # taylor, hessian, variance: input tuples
@@ -172,8 +175,7 @@ class PruneChannels(Pass):
             g.size - math.floor(self._ratio(g) * g.size) for g in chosen]
         plan = PrunePlan()
         for g, s, k in zip(chosen, scores, counts, strict=True):
-            m = self.round_to
-            k = min(g.size, max(m, math.ceil(k / m) * m))
+            k = rounded_keep(g, k, self.round_to)
             keep = sorted(torch.argsort(s, descending=True, stable=True)[:k].tolist())
             plan.groups.append(GroupPlan(key_of(g), g.size, keep))
         return plan, skips, calibration
