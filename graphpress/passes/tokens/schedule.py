@@ -17,9 +17,11 @@ unprotected tokens (``P`` special tokens) allows at most ``(N_i - P) // 2`` merg
       MACs_i = N_i (4 C^2) + 2 N_i^2 C  +  (N_i - r_i) (2 C M)
 
   (q, k, v, o projections and attention at ``N_i`` tokens, the MLP after the merge). The
-  schedule chosen is the smallest constant ``r`` whose schedule meets the budget (a closed-form
-  family like ToMe's; the learned per-layer rates of DiffRate are not attempted), capped per
-  block by what the tokens allow.
+  schedule chosen is the smallest constant ``r`` whose schedule meets the budget, capped per
+  block by what the tokens allow: ToMe's own closed-form family, searched over ``r`` (the MACs
+  fall as ``r`` grows). Not a greedy per-block allocation: by FLOPs alone a merge in an earlier
+  block always saves more, so greedy would pile every merge into the first blocks; and not the
+  per-layer rates DiffRate learns from data, which this pass has none of.
 """
 
 from __future__ import annotations
