@@ -279,6 +279,14 @@ void configure_tiles() {
 
 inline __m512 bf16_to_float(__m256bh h) { return _mm512_cvtpbh_ps(h); }
 
+// what is left of x once its bfloat16 part is taken: x - part, and 0 where the part is infinite
+// (an infinite x is then carried by its first part alone, as float32 would carry it, not
+// turned into inf - inf = NaN)
+inline __m512 residual(__m512 x, __m512 part) {
+  const __mmask16 infinite = _mm512_fpclass_ps_mask(part, 0x18);  // +inf, -inf
+  return _mm512_maskz_sub_ps(__mmask16(~infinite), x, part);
+}
+
 // x [M, K] as three bfloat16 parts in B's pair layout, 16 rows of x a block (a B tile is then
 // 1 KiB in one piece): parts[m / 16][p][r][m % 16] = (x_p[m, 2r], x_p[m, 2r + 1]) as one uint32,
 // rows m >= M zero.
@@ -299,8 +307,8 @@ void split_x(const float* x, int64_t m_rows, int64_t m_pad, int64_t k, uint32_t*
             _mm512_castsi256_si512((__m256i)lo_h), (__m256i)hi_h, 1);  // 16 pairs in order
         _mm512_mask_i32scatter_epi32(parts + ((m / 16 * 3 + p) * pairs + c / 2) * 16 + m % 16,
                                      pair_mask, index, both, 4);
-        lo = _mm512_sub_ps(lo, bf16_to_float(lo_h));
-        hi = _mm512_sub_ps(hi, bf16_to_float(hi_h));
+        lo = residual(lo, bf16_to_float(lo_h));
+        hi = residual(hi, bf16_to_float(hi_h));
       }
     }
   }

@@ -135,6 +135,17 @@ def test_portable_cpu_kernels_match_the_reference() -> None:
         _check_kernels(portable, *layout)
 
 
+def test_non_finite_inputs_propagate_as_in_float32() -> None:
+    fake, packed = _quantized(24, 64, "int4", 32, False)
+    for m in (1, 7):  # the GEMV and the M > 4 kernel
+        x = torch.randn(m, 64)
+        x[0, 3], x[-1, 10] = float("inf"), float("nan")
+        out, expected = _call(x, packed), x @ fake.t()
+        assert torch.equal(out.isnan(), expected.isnan())
+        assert torch.equal(out.isinf(), expected.isinf())
+        assert torch.equal(out[out.isinf()], expected[expected.isinf()])
+
+
 def test_the_op_takes_each_cpu_path() -> None:
     """M <= 4: the fused GEMV; larger M: AMX where the CPU has it, else the blocked GEMM."""
     fake, packed = _quantized(300, 256, "int4", 128, False)
