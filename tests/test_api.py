@@ -72,8 +72,9 @@ def test_bad_inputs_get_clear_errors() -> None:
         gp.compile(model, (3,))
     with pytest.raises(PipelineError, match="unknown pass 'fold_bnn'.*Known passes"):
         gp.compile(model, conv_inputs(), passes="fold_bnn")
-    with pytest.raises(BackendError, match="'triton'.*not available.*eager"):
-        gp.compile(model, conv_inputs(), backend="triton")
+    with pytest.raises(BackendError, match="unknown backend 'tensorrt'; available: eager, onnx, "
+                                           "triton"):
+        gp.compile(model, conv_inputs(), backend="tensorrt")
     with pytest.raises(InputError, match="unknown frontend 'dynamo'.*torch.compile"):
         gp.compile(model, conv_inputs(), frontend="dynamo")
 
