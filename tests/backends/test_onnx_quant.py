@@ -13,6 +13,7 @@ from graphpress.errors import BackendError
 
 gq = torch.ops.graphpress
 RANGES = {"int8": (-128, 127), "uint8": (0, 255), "int4": (-8, 7), "uint4": (0, 15),
+          "int3": (-4, 3), "uint3": (0, 7),
           "float8_e4m3fn": (-448.0, 448.0), "float8_e5m2": (-57344.0, 57344.0)}
 # granularity -> (weight block of a [6, 8] weight, activation block of a [3, 8] input)
 LAYOUTS = {"per_tensor": ([6, 8], [3, 8]), "per_channel": ([1, 8], [1, 8]),
@@ -67,7 +68,8 @@ def test_every_dtype_and_granularity_runs_in_onnxruntime(dtype: str, granularity
                                                          symmetric: bool) -> None:
     torch.manual_seed(0)
     model, x = QuantLinear(dtype, granularity, symmetric).eval(), torch.randn(3, 8)
-    tolerance = 0.5 if dtype.endswith("4") else 0.05  # about one step; checked exactly below
+    # about one step; checked exactly below
+    tolerance = {"4": 0.5, "3": 1.0}.get(dtype[-1], 0.05)
     compiled = gp.compile(model, (x,), backend="onnx", verify=True,
                           backend_options={"opset": 21, "atol": tolerance, "rtol": tolerance})
     onnx.checker.check_model(compiled.artifact.onnx_program.model_proto, full_check=True)

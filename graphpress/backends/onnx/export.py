@@ -51,7 +51,7 @@ def _needs_opset21(program: Program) -> bool:
         if qualified_name(node.target) not in Q_DQ_OPS:
             continue
         block_size, scale, dtype = node.args[1], node.args[2], node.args[6]
-        if dtype in ("int4", "uint4"):
+        if dtype in ("int4", "uint4", "int3", "uint3"):
             return True
         shape = node.args[0].meta["val"].shape
         counts = [1 if isinstance(b, torch.fx.Node) else s // b  # a node: the whole dim

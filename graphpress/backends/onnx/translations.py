@@ -124,6 +124,9 @@ _AFFINE_TYPES: dict[str, tuple[ir.DataType, float, float]] = {
     "uint8": (ir.DataType.UINT8, 0, 255),
     "int4": (ir.DataType.INT4, -8, 7),
     "uint4": (ir.DataType.UINT4, 0, 15),
+    # 3-bit grids have no ONNX type: 4-bit Q/DQ with the narrower range clipped
+    "int3": (ir.DataType.INT4, -8, 7),
+    "uint3": (ir.DataType.UINT4, 0, 15),
     "float8_e4m3fn": (ir.DataType.FLOAT8E4M3FN, -448.0, 448.0),
     "float8_e5m2": (ir.DataType.FLOAT8E5M2, -57344.0, 57344.0),
 }
@@ -300,10 +303,11 @@ def fake_quantize_affine(x: TensorType, block_size: list[int], scale: TensorType
 def quantize_affine(x: TensorType, block_size: list[int], scale: TensorType,
                     zero_point: TensorType | None, quant_min: float, quant_max: float,
                     dtype: str) -> TensorType:
-    """graphpress::quantize_affine: QuantizeLinear; int4 / uint4 come out in 8-bit storage
-    (the op's storage dtype)."""
+    """graphpress::quantize_affine: QuantizeLinear; 4- and 3-bit grids come out in 8-bit
+    storage (the op's storage dtype)."""
     q, _, _, _, _ = _affine_q(x, block_size, scale, zero_point, quant_min, quant_max, dtype)
-    storage = {"int4": ir.DataType.INT8, "uint4": ir.DataType.UINT8}.get(dtype)
+    storage = {"int4": ir.DataType.INT8, "uint4": ir.DataType.UINT8, "int3": ir.DataType.INT8,
+               "uint3": ir.DataType.UINT8}.get(dtype)
     return q if storage is None else op.Cast(q, to=storage)
 
 
