@@ -207,6 +207,11 @@ def _check_backend(artifact: Artifact, program: Program,
                         "exports the fake-quant formula itself, which follows eager to float "
                         "rounding (without onnxruntime's int8 kernels)."
                         if artifact.name == "onnx" and leaf_atol > atol else "")
+                level = getattr(getattr(artifact, "options", None), "accuracy_level", 0)
+                if artifact.name == "onnx" and level > 1:
+                    hint += (f" accuracy_level={level} computes MatMulNBits' activations in a "
+                             "narrower type than the program's float32; accuracy_level 0 or 1 "
+                             "keeps float32.")
                 unexplained = ("; the eager program's own float rounding (run in float64) "
                                "does not explain it" if quantized else "")
                 raise BackendError(f"backend {artifact.name!r} differs from eager beyond "
