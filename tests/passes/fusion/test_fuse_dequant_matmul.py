@@ -260,3 +260,12 @@ def test_onnx_accuracy_level_is_validated(level: object) -> None:
     with pytest.raises(BackendError, match=r"accuracy_level must be one of \[0, 1, 2, 3, 4\]"):
         gp.compile(Layers().eval(), (torch.randn(2, 3, 64),), passes=INT4, backend="onnx",
                    backend_options={"accuracy_level": level})
+
+
+def test_verify_under_a_narrow_accuracy_level_names_the_option() -> None:
+    torch.manual_seed(0)
+    model, x = Layers(), torch.randn(2, 3, 64)
+    with pytest.raises(BackendError, match=r"accuracy_level=4 computes MatMulNBits' "
+                                           r"activations in a narrower type"):
+        gp.compile(model.eval(), (x,), passes=f"{INT4}, fuse_dequant_matmul", backend="onnx",
+                   verify=True, backend_options={"accuracy_level": 4})
