@@ -132,10 +132,12 @@ def fixed_like(t: Tracer, node: Node, reason: str) -> Any:
     return tuple(one(v) for v in val) if isinstance(val, list | tuple) else one(val)
 
 
-def propagate(program: Program, t: Tracer) -> None:
-    """One round: layouts for every node in order; inputs and outputs are fixed."""
+def propagate(program: Program, t: Tracer, rules: dict[Any, Rule | None] | None = None) -> None:
+    """One round: layouts for every node in order; inputs and outputs are fixed. ``rules``
+    caches each target's rule across the rounds of one analysis."""
     from graphpress.analysis.channels.zeros import zero_symbols
 
+    rules = {} if rules is None else rules
     for node in program.graph.nodes:
         if node.op == "placeholder":
             if program.is_weight(node):
@@ -145,7 +147,9 @@ def propagate(program: Program, t: Tracer) -> None:
             else:
                 t.values[node.name] = fixed_like(t, node, f"model input {node.name}")
         elif node.op == "call_function":
-            fn = rule_for(node)
+            if node.target not in rules:
+                rules[node.target] = rule_for(node)
+            fn = rules[node.target]
             if fn is None:
                 reason = f"no channel rule for {op_name(node)} (node {node.name})"
                 block_all(t, node, reason, program)

@@ -248,11 +248,12 @@ def _analyse(program: Program, head_dim: bool, hidden: bool) -> Tracer:
 
     cuts: dict[tuple[str, int], set[int]] = {}
     grain: dict[tuple[str, int], dict[tuple[int, int], int]] = {}
+    rules: dict[Any, Any] = {}
     for _ in range(_MAX_ROUNDS):
         tracer = Tracer(cuts, grain)
         tracer.head_dim = head_dim
         tracer.hidden = hidden
-        propagate(program, tracer)
+        propagate(program, tracer, rules)
         if not tracer.dirty:
             break
     return tracer

@@ -96,12 +96,22 @@ def key_of(group: ChannelGroup) -> list[Key]:
 
 def kept_elements(plan: PrunePlan, program: Program) -> dict[tuple[str, int], torch.Tensor]:
     """(weight, axis) -> bool mask of the elements kept along that axis (pruned axes only)."""
-    out = {}
-    for (weight, axis), drop in plan.removed().items():
-        n = program.weight(weight).shape[axis]
-        mask = torch.ones(n, dtype=torch.bool)
-        mask[sorted(drop)] = False
-        out[(weight, axis)] = mask
+    out: dict[tuple[str, int], torch.Tensor] = {}
+    for g in plan.groups:
+        if len(g.keep) == g.size:
+            continue
+        if any(not 0 <= k < g.size for k in g.keep):
+            raise ValueError(f"plan group over {g.slices[0][0]!r} keeps channels outside "
+                             f"0..{g.size - 1}: {sorted(g.keep)}")
+        dropped = torch.ones(g.size, dtype=torch.bool)
+        dropped[g.keep] = False
+        drop = dropped.nonzero().flatten()
+        for weight, axis, offset, rep in g.slices:
+            mask = out.get((weight, axis))
+            if mask is None:
+                mask = out[(weight, axis)] = torch.ones(program.weight(weight).shape[axis],
+                                                        dtype=torch.bool)
+            mask[(offset + drop[:, None] * rep + torch.arange(rep)).flatten()] = False
     return out
 
 

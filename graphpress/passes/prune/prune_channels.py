@@ -255,7 +255,8 @@ class PruneChannels(Pass):
             return PassResult(changed=False, skipped=skips, details={"plan": plan})
         folds = variance.compute_folds(program, plan.removed(), *calibration) \
             if calibration is not None else []
-        kept = {k: m.nonzero().flatten() for k, m in kept_elements(plan, program).items()}
+        kept = {k: m.nonzero().flatten() for k, m in kept_elements(plan, program).items()} \
+            if folds else {}
         statistics = hidden.kept_statistics(program, analysis, plan)
         before = program.copy() if self.prune_hidden else None
         removed = apply_plan(program, plan, analysis)
