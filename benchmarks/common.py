@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
+import statistics
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 
 from graphpress.ir.progress import progress_bar
 
-__all__ = ["interleaved", "markdown_table", "run_sections"]
+__all__ = ["cuda_medians", "interleaved", "markdown_table", "run_sections"]
 
 
 def interleaved(first: Callable[[], Any], second: Callable[[], Any], repeats: int
@@ -39,6 +40,26 @@ def interleaved(first: Callable[[], Any], second: Callable[[], Any], repeats: in
                 times[i][1].append(time.process_time() - cpu)
                 times[i][0].append(time.perf_counter() - wall)
     return times
+
+
+def cuda_medians(fns: Mapping[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median CUDA-event milliseconds per call of each callable, after three warm-up calls
+    each, all of them interleaved in every round (the order reversed every other round)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
+    torch.cuda.synchronize()
+    for round_ in range(repeats):
+        for name in (list(fns) if round_ % 2 == 0 else list(reversed(fns))):
+            start, stop = (torch.cuda.Event(enable_timing=True),
+                           torch.cuda.Event(enable_timing=True))
+            start.record()
+            fns[name]()
+            stop.record()
+            stop.synchronize()
+            times[name].append(start.elapsed_time(stop))
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def markdown_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:

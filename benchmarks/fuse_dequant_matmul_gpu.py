@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import statistics
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from common import cuda_medians
 
 SHAPES = ((4096, 4096), (8192, 8192), (8192, 28672))
 TOKENS = (1, 16, 128)
@@ -39,26 +39,6 @@ def _install(packages: list[str]) -> None:
     if missing:  # keep the installed torch: never let pip pick another one
         subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", *missing],
                        check=False)
-
-
-def _time(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Median milliseconds per call, the callables interleaved in every round."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        for _ in range(3):
-            fn()
-    torch.cuda.synchronize()
-    for round_ in range(repeats):
-        order = list(fns) if round_ % 2 == 0 else list(reversed(fns))
-        for name in order:
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
-                enable_timing=True)
-            start.record()
-            fns[name]()
-            stop.record()
-            stop.synchronize()
-            times[name].append(start.elapsed_time(stop))
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _packed(n: int, k: int) -> tuple[Any, torch.Tensor]:
@@ -123,7 +103,7 @@ def _shape_rows(n: int, k: int, repeats: int) -> None:
             fns["torchao"] = lambda x=x: ao(x)
         if gl is not None:
             fns["gemlite"] = lambda x=x: gl(x)
-        ms = _time(fns, repeats)
+        ms = cuda_medians(fns, repeats)
         diff = float((fns["graphpress"]() - (x @ dense.t()).float()).abs().max())
         cells = [f"{ms[name]:.4f}" if name in ms else "n/a" for name in ("torchao", "gemlite")]
         print(f"| {n} x {k} | {m} | {ms['cublas']:.4f} | {ms['graphpress']:.4f} | "
@@ -156,7 +136,8 @@ def decode_step(repeats: int) -> None:
     dense = model.cuda()
     ids = ids.cuda()
     with torch.no_grad():
-        ms = _time({"fp16": lambda: dense(ids), "graphpress W4": lambda: fused(ids)}, repeats)
+        ms = cuda_medians({"fp16": lambda: dense(ids), "graphpress W4": lambda: fused(ids)},
+                          repeats)
     print(f"\ndecode step, Llama 4096x2, fp16 (one token, no KV cache): fp16 "
           f"{ms['fp16']:.3f} ms, W4 {ms['graphpress W4']:.3f} ms, ratio "
           f"{ms['fp16'] / ms['graphpress W4']:.2f}")

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from common import cuda_medians
 
 SMOKE = "--smoke" in sys.argv
 if SMOKE:
@@ -74,25 +74,6 @@ MODELS: dict[str, Callable[[bool], tuple[torch.nn.Module, tuple[torch.Tensor, ..
     "resnet50": _resnet50, "vit_b": _vit_b, "llama_decode": _llama_decode}
 
 
-def _time(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Median milliseconds per call, the callables interleaved in every round."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        for _ in range(3):
-            fn()
-    torch.cuda.synchronize()
-    for round_ in range(repeats):
-        for name in (list(fns) if round_ % 2 == 0 else list(reversed(fns))):
-            start, stop = (torch.cuda.Event(enable_timing=True),
-                           torch.cuda.Event(enable_timing=True))
-            start.record()
-            fns[name]()
-            stop.record()
-            stop.synchronize()
-            times[name].append(start.elapsed_time(stop))
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
 def _first_tensor(value: Any) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value
@@ -127,7 +108,7 @@ def _run(name: str, repeats: int, smoke: bool) -> str:
                 return fn(*inputs)
         return call
 
-    ms = _time({"eager": run(model), "inductor": run(inductor), "graphpress": run(compiled)},
+    ms = cuda_medians({"eager": run(model), "inductor": run(inductor), "graphpress": run(compiled)},
                repeats)
     return (f"| {name} | {ms['eager']:.3f} | {ms['inductor']:.3f} | {ms['graphpress']:.3f} | "
             f"{ms['eager'] / ms['graphpress']:.2f} | {ms['inductor'] / ms['graphpress']:.2f} | "
