@@ -21,10 +21,12 @@ def test_compile_verify_report_save_load(tmp_path: Path) -> None:
     compiled = gp.compile(model, x, passes=["dce", "cse", "fold_constants"], verify=True)
     assert_equivalent(compiled, model, x, rtol=0, atol=0)
     text = str(compiled.report())
-    for column in ("pass", "time ms", "nodes", "params", "MACs", "max error"):
+    for column in ("pass", "time ms", "nodes", "params", "MACs", "weight bytes", "max error"):
         assert column in text
     assert [r.name for r in compiled.report().records] == ["dce", "cse", "fold_constants"]
     assert compiled.report().records[1].nodes[1] < compiled.report().records[1].nodes[0]
+    before, after = compiled.report().records[0].weight_bytes  # dce drops the unused linear
+    assert after == before - 4 * (4 * 4 + 4)
     folder = compiled.save(tmp_path / "out")
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["backend"] == "eager" and manifest["pipeline"] == "dce, cse, fold_constants"

@@ -157,7 +157,10 @@ class PassManager:
             name=pass_.name, iteration=iteration, seconds=seconds, changed=result.changed,
             nodes=(costs_before.nodes, costs_after.nodes),
             parameters=(costs_before.parameters, costs_after.parameters),
-            macs=(costs_before.macs, costs_after.macs), contract=str(contract),
+            macs=(costs_before.macs, costs_after.macs),
+            weight_bytes=(costs_before.parameter_bytes + costs_before.buffer_bytes,
+                          costs_after.parameter_bytes + costs_after.buffer_bytes),
+            contract=str(contract),
             contract_kind=contract.kind, contract_tolerance=(contract.rtol, contract.atol),
             max_error=max_error, metrics=metrics, stats=dict(result.stats),
             skipped=[(s.node, s.reason) for s in result.skipped], details=result.details)

@@ -34,6 +34,8 @@ class PassRecord:
     parameters: tuple[int, int]
     macs: tuple[int, int]
     contract: str
+    # bytes of parameters, buffers and constant tensors (as stored: packed weights count packed)
+    weight_bytes: tuple[int, int] = (0, 0)
     contract_kind: str = ""                           # exact / reference / statistical / unchecked
     contract_tolerance: tuple[float, float] = (0.0, 0.0)  # (rtol, atol)
     max_error: float | None = None
@@ -155,7 +157,8 @@ class Report:
                        f"{', '.join(r.name for r in self.records) or 'none'}")
 
     def __str__(self) -> str:
-        header = ("pass", "iter", "time ms", "nodes", "params", "MACs", "max error", "result")
+        header = ("pass", "iter", "time ms", "nodes", "params", "MACs", "weight bytes",
+                  "max error", "result")
         rows = [header]
         for r in self.records:
             err = "-" if r.max_error is None else f"{r.max_error:.2e}"
@@ -164,7 +167,7 @@ class Report:
             stats = ", ".join(f"{k}={v}" for k, v in r.stats.items())
             result = ("changed" if r.changed else "no change") + (f" ({stats})" if stats else "")
             rows.append((r.name, str(r.iteration), f"{r.seconds * 1e3:.1f}", _pair(r.nodes),
-                         _pair(r.parameters), _pair(r.macs), err, result))
+                         _pair(r.parameters), _pair(r.macs), _pair(r.weight_bytes), err, result))
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         lines = [f"graphpress report (frontend={self.frontend}, backend={self.backend}, "
                  f"trace {self.trace_seconds * 1e3:.0f} ms)"]
