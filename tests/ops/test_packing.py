@@ -92,9 +92,12 @@ def test_packed_weight_equals_fake_quant(dtype: str, symmetric: bool, group: int
     q = quantize_affine(weight, block, scale, zero_point, qmin, qmax, dtype)
     packed = pack_weight(q, scale, zero_point, dtype)
     assert packed.group_size == group and packed.in_features == k and packed.out_features == n
-    # no zeros stored when every zero code is the midpoint (always so for symmetric)
-    assert (packed.zeros is None) == bool((q.new_zeros(()) if zero_point is None else
-                                           zero_point).eq(0).all() and dtype.startswith("int"))
+    # no zeros stored when every zero code is the midpoint (always so for symmetric): a signed
+    # zero point z is stored as the code z + 2**(bits - 1), an unsigned one as z itself
+    bits = packed.bits
+    offset = 2 ** (bits - 1) if dtype.startswith("int") else 0
+    codes = (q.new_zeros(()) if zero_point is None else zero_point) + offset
+    assert (packed.zeros is None) == bool(codes.eq(2 ** (bits - 1)).all())
     expected = fake_quantize_affine(weight, block, scale, zero_point, qmin, qmax, dtype)
     restored = dequantize_packed(packed.qweight, packed.scales, packed.zeros, packed.bits,
                                  packed.group_size)
