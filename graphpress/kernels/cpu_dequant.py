@@ -69,6 +69,22 @@ constexpr int64_t kRowsPerPass = 4;  // rows of x that share one decoding of the
 inline __mmask16 chunk_mask(int64_t left) {
   return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
 }
+
+// The codes of the 16 bytes at ``bytes`` in natural order, as parts of 16 byte-sized codes:
+// two parts (32 nibbles, low nibble first) at 4 bits, one at 8. Returns the number of parts.
+inline int unpack_chunk(const uint8_t* bytes, int64_t bits, __m128i parts[2]) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
+  if (bits != 4) {
+    parts[0] = b;
+    return 1;
+  }
+  const __m128i low_mask = _mm_set1_epi8(15);
+  const __m128i lo = _mm_and_si128(b, low_mask);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), low_mask);
+  parts[0] = _mm_unpacklo_epi8(lo, hi);
+  parts[1] = _mm_unpackhi_epi8(lo, hi);
+  return 2;
+}
 #endif
 
 struct Packed {
@@ -211,21 +227,13 @@ void dequantize_rows(const Packed& p, int64_t n0, int64_t rows, int64_t k, float
       // whole 16-byte chunks (32 codes at 4 bits, 16 at 8) inside one group
       const int64_t codes_per_chunk = p.bits == 4 ? 32 : 16;
       if (p.group_size % codes_per_chunk == 0) {
-        const __m128i low_mask = _mm_set1_epi8(15);
         for (int64_t g = 0; g < p.groups; ++g) {
           const __m512i zero = _mm512_set1_epi32(p.zero(n, g));
           const __m512 scale = _mm512_set1_ps(p.s[n * p.groups + g]);
           for (int64_t c = g * p.group_size; c < (g + 1) * p.group_size; c += codes_per_chunk) {
-            const __m128i b = _mm_loadu_si128(
-                reinterpret_cast<const __m128i*>(row + c * p.bits / 8));
-            __m128i parts[2] = {b, b};
-            if (p.bits == 4) {
-              const __m128i lo = _mm_and_si128(b, low_mask);
-              const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), low_mask);
-              parts[0] = _mm_unpacklo_epi8(lo, hi);
-              parts[1] = _mm_unpackhi_epi8(lo, hi);
-            }
-            for (int h = 0; h < (p.bits == 4 ? 2 : 1); ++h) {
+            __m128i parts[2];
+            const int count = unpack_chunk(row + c * p.bits / 8, p.bits, parts);
+            for (int h = 0; h < count; ++h) {
               const __m512i u = _mm512_cvtepu8_epi32(parts[h]);
               _mm512_storeu_ps(w + c + 16 * h,
                                _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(u, zero)), scale));
@@ -318,7 +326,6 @@ void split_x(const float* x, int64_t m_rows, int64_t m_pad, int64_t k, uint32_t*
 // ``stride`` (rows past the end zero), codes in natural order (group_size % 32 == 0).
 void dequantize_codes_bf16(const Packed& p, int64_t n0, int64_t rows, int64_t padded, int64_t k,
                            int64_t stride, uint16_t* out) {
-  const __m128i low_mask = _mm_set1_epi8(15);
   const int64_t codes_per_chunk = p.bits == 4 ? 32 : 16;
   for (int64_t i = 0; i < padded; ++i) {
     uint16_t* w = out + i * stride;
@@ -331,15 +338,9 @@ void dequantize_codes_bf16(const Packed& p, int64_t n0, int64_t rows, int64_t pa
     for (int64_t g = 0; g < p.groups; ++g) {
       const __m512i zero = _mm512_set1_epi32(p.zero(n, g));
       for (int64_t c = g * p.group_size; c < (g + 1) * p.group_size; c += codes_per_chunk) {
-        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c * p.bits / 8));
-        __m128i parts[2] = {b, b};
-        if (p.bits == 4) {
-          const __m128i lo = _mm_and_si128(b, low_mask);
-          const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), low_mask);
-          parts[0] = _mm_unpacklo_epi8(lo, hi);
-          parts[1] = _mm_unpackhi_epi8(lo, hi);
-        }
-        for (int h = 0; h < (p.bits == 4 ? 2 : 1); ++h) {
+        __m128i parts[2];
+        const int count = unpack_chunk(row + c * p.bits / 8, p.bits, parts);
+        for (int h = 0; h < count; ++h) {
           const __m512 d =
               _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(parts[h]), zero));
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + c + 16 * h),
