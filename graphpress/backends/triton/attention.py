@@ -26,6 +26,7 @@ import torch
 from torch.fx import Node
 
 from graphpress.backends.triton.body import decompose
+from graphpress.backends.triton.lowering import sdpa_arguments
 from graphpress.backends.triton.schedule import Group
 from graphpress.backends.triton.text import RenderedKernel, comment, launch
 
@@ -33,8 +34,7 @@ __all__ = ["render_attention"]
 
 
 def _arguments(node: Node) -> tuple[Node, Node, Node, Node | None, bool, float | None]:
-    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
-    values = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
+    values = sdpa_arguments(node)
     return (values["query"], values["key"], values["value"], values.get("attn_mask"),
             bool(values.get("is_causal", False)), values.get("scale"))
 

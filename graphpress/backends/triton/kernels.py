@@ -18,11 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 from torch.fx import Node
 
 from graphpress.backends.triton.attention import render_attention
 from graphpress.backends.triton.body import Body, decompose
+from graphpress.backends.triton.lowering import ROW_OPS
 from graphpress.backends.triton.matmul import render_matmul
 from graphpress.backends.triton.schedule import Group, shape_key
 from graphpress.backends.triton.text import (
@@ -37,8 +37,6 @@ from graphpress.backends.triton.text import (
 )
 
 __all__ = ["RenderedKernel", "render_group"]
-
-aten = torch.ops.aten
 
 
 def _render_pointwise(group: Group, var: Callable[[Node], str],
@@ -89,7 +87,7 @@ def _render_row(group: Group, var: Callable[[Node], str],
     for node in group.inputs():
         body.load(node, rank)
     for node in group.nodes:
-        if node.target in _ROW_TARGETS:
+        if node.target in ROW_OPS:
             body.row_op(node, "N")
         else:
             body.element_wise(node)
@@ -116,10 +114,6 @@ def _render_row(group: Group, var: Callable[[Node], str],
                                            [*body.lines, *stores]), host)
 
 
-_ROW_TARGETS = {aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default,
-                aten.linalg_vector_norm.default, aten.softmax.int, aten._softmax.default,
-                aten.log_softmax.int, aten._log_softmax.default, aten.layer_norm.default,
-                aten.rms_norm.default}
 
 
 def render_group(group: Group, var: Callable[[Node], str], shape_of: Callable[[Node], str],

@@ -30,7 +30,8 @@ from torch.fx import Node
 
 from graphpress.backends.triton.pointwise import CASTS, POINTWISE, TRITON_DTYPES
 
-__all__ = ["MAX_ROW", "channel_operands", "node_kind", "row_length"]
+__all__ = ["MAX_ROW", "ROW_OPS", "channel_operands", "node_kind", "row_length",
+           "sdpa_arguments"]
 
 aten = torch.ops.aten
 
@@ -156,10 +157,15 @@ def node_kind(node: Node) -> str:
 MAX_HEAD_DIM = 256  # the widest query / value head an attention kernel holds in registers
 
 
-def _attention_ok(node: Node) -> bool:
+def sdpa_arguments(node: Node) -> dict[str, Any]:
+    """The arguments of a ``scaled_dot_product_attention`` node by name (positional or not)."""
     names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
-    values = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
-    q, k, v = (_val(values[n]) for n in names[:3])
+    return dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
+
+
+def _attention_ok(node: Node) -> bool:
+    values = sdpa_arguments(node)
+    q, k, v = (_val(values[n]) for n in ("query", "key", "value"))
     mask = _val(values.get("attn_mask"))
     dims = (q.shape[-1], v.shape[-1])
     return (values.get("dropout_p", 0.0) == 0.0 and not values.get("enable_gqa", False)
