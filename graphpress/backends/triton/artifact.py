@@ -93,7 +93,10 @@ def kernel_stats(generated: GeneratedModule) -> dict[str, int]:
     groups = generated.schedule.groups
     in_kernels = [n for g in groups for n in g.nodes] + generated.library_calls
     return {
-        "kernels": len(groups), "library_kernels": len(generated.library_calls),
+        "kernels": len(groups), "distinct_kernels": generated.distinct_kernels,
+        "library_kernels": len(generated.library_calls),
+        # every node outside the views is an ATen op eager PyTorch runs
+        "eager_ops": len(in_kernels) + len(generated.fallbacks),
         "fallbacks": len(generated.fallbacks),
         "launches": len(groups) + len(generated.library_calls) + len(generated.fallbacks),
         "ops_in_kernels": sum(len(g.nodes) for g in groups),

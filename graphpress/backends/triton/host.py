@@ -51,6 +51,7 @@ class GeneratedModule:
     schedule: Schedule
     fallbacks: list[Node] = field(default_factory=list)
     library_calls: list[Node] = field(default_factory=list)
+    distinct_kernels: int = 0  # kernel functions in the source (equal groups share one)
 
 
 def _variable(node: Node) -> str:
@@ -229,7 +230,7 @@ def generate(program: Program, *, precision: str = "ieee") -> GeneratedModule:
                     *(f"\n\n{source}" for source in sources),
                     f"\n\ndef call({signature}):\n{lines}\n"])
     source = _header(program, plan, fallbacks, len(sources)) + _imports(code) + code
-    return GeneratedModule(source, plan, fallbacks, library)
+    return GeneratedModule(source, plan, fallbacks, library, len(sources))
 
 
 def _canonical(source: str, name: str) -> str:

@@ -36,6 +36,7 @@ def test_zoo_model_runs_on_triton(entry: ZooModel) -> None:
     stats = compiled.artifact.stats()
     assert stats["kernels"] >= 1
     eager = _eager_launches(compiled.program)
+    assert stats["eager_ops"] == eager
     if entry.name in NOTHING_TO_FUSE:
         assert stats["launches"] == eager and stats["kernels"] == stats["ops_in_kernels"]
     else:
