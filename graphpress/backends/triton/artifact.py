@@ -22,6 +22,7 @@ from torch.export.graph_signature import InputKind
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from graphpress.backends.triton.host import GeneratedModule
+from graphpress.backends.triton.runtime import interpreting
 from graphpress.errors import BackendError
 from graphpress.ir.costs import node_macs
 from graphpress.ir.program import Program
@@ -29,10 +30,6 @@ from graphpress.ir.program import Program
 __all__ = ["MODULE_FILE", "TritonArtifact", "check_fallbacks", "kernel_stats"]
 
 MODULE_FILE = "triton_module.py"
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _import(source: str) -> ModuleType:
@@ -142,7 +139,7 @@ class TritonArtifact:
     def _on_device(self, flat: list[Any]) -> list[Any]:
         device = next((flat[i].device for i in sorted(self._user)
                        if isinstance(flat[i], torch.Tensor)), torch.device("cpu"))
-        if device.type == "cpu" and not _interpreting():
+        if device.type == "cpu" and not interpreting():
             raise BackendError("the triton backend runs on CUDA tensors, or on CPU tensors "
                                "with TRITON_INTERPRET=1 set before triton is imported")
         if device not in self._weights:

@@ -19,12 +19,13 @@ import triton
 from graphpress.errors import BackendError
 from graphpress.ops.registry import lookup
 
-__all__ = ["attention_blocks", "attention_scale", "channels", "dense", "matmul_configs",
-           "matmul_grid", "pointwise_block", "prune_matmul_configs", "row_block", "strides",
-           "triton_lowering"]
+__all__ = ["attention_blocks", "attention_scale", "channels", "dense", "interpreting",
+           "matmul_configs", "matmul_grid", "pointwise_block", "prune_matmul_configs",
+           "row_block", "strides", "triton_lowering"]
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """Whether Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -45,13 +46,13 @@ def dense(tensor: torch.Tensor, shape: Sequence[int]) -> bool:
 
 
 def pointwise_block(numel: int) -> int:
-    cap = 1 << 16 if _interpreting() else 1024
+    cap = 1 << 16 if interpreting() else 1024
     return min(cap, max(16, triton.next_power_of_2(max(numel, 1))))
 
 
 def row_block(rows: int, block_n: int) -> int:
     """Rows per program: a tile of at most 4096 elements (65536 in the interpreter)."""
-    tile = 1 << 16 if _interpreting() else 4096
+    tile = 1 << 16 if interpreting() else 4096
     return max(1, min(triton.next_power_of_2(max(rows, 1)), tile // block_n))
 
 
@@ -66,7 +67,7 @@ def matmul_configs() -> list[triton.Config]:
     """Tile configurations: on a GPU a small autotune list; in the interpreter every power-of-two
     tile, of which :func:`prune_matmul_configs` keeps the one that fits the shapes (the
     interpreter's ``tl.dot`` costs in proportion to the padded tile)."""
-    if _interpreting():
+    if interpreting():
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k})
                 for m in _INTERPRETER_TILES for n in _INTERPRETER_TILES
                 for k in _INTERPRETER_TILES]
@@ -81,7 +82,7 @@ def prune_matmul_configs(configs: list[triton.Config], named_args: dict[str, Any
     """The configurations worth timing for these ``M, N, K``: in the interpreter the one
     fitting tile; on a GPU those whose ``BLOCK_M`` does not exceed ``M`` by more than 16."""
     m, n, k = named_args["M"], named_args["N"], named_args["K"]
-    if _interpreting():
+    if interpreting():
         want = (_fit(m), _fit(n), _fit(k))
         return [c for c in configs
                 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) == want]
@@ -104,7 +105,7 @@ def attention_scale(scale: float | None, head_dim: int) -> float:
 def attention_blocks(queries: int, keys: int, head_dim: int, value_dim: int) -> dict[str, int]:
     """Tiles of the attention kernel: query and key blocks, padded head dims (>= 16 for
     ``tl.dot``); in the interpreter the blocks that fit the sequence lengths."""
-    if _interpreting():
+    if interpreting():
         block_m, block_n = _fit(queries), _fit(keys)
     else:
         block_m, block_n = (64, 64) if max(head_dim, value_dim) > 64 else (128, 64)
