@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from graphpress.ir.program import Program
 
 __all__ = ["fake_mode_of", "needs_full_propagation", "propagate_shapes", "symbolic_shapes",
-           "value_signature"]
+           "value_key", "value_signature"]
 
 
 def fake_mode_of(program: Program) -> FakeTensorMode:
@@ -167,12 +167,12 @@ def _propagate_from(program: Program, touched: set[Node], previous: Mapping[Node
                 elif check and value_signature(had) != value_signature(node.meta.get("val")):
                     raise _stale(node, had, who)
             was = previous.get(node)
-            if was is None or _value_key(was) != _value_key(node.meta.get("val")):
+            if was is None or value_key(was) != value_key(node.meta.get("val")):
                 pending.update(node.users)
     return filled
 
 
-def _value_key(val: Any) -> Any:
+def value_key(val: Any) -> Any:
     """What a user's fake value can depend on: shapes, strides, dtype, device, layout."""
     def sizes(values: Any) -> tuple[Any, ...]:
         return tuple(s if type(s) is int else str(s) for s in values)

@@ -9,7 +9,7 @@ Applying a plan keeps, in every weight slice of a group, the elements of the kep
 (``rep`` consecutive elements per channel), rewrites the shape arguments of
 view/reshape/expand/unflatten/split/slice/narrow nodes, the ``groups`` of depthwise
 convolutions and the ``num_groups`` of group norms from the channel layouts of the analysis, and
-refreshes shape metadata.
+refreshes shape metadata (``metadata.py``: built directly where the layouts determine it).
 
 Only the sizes pruning changes are rewritten: every other argument, a symbolic size included,
 stays as it was, so a dynamic batch stays dynamic. A symbolic size that does change (a batch
@@ -36,7 +36,7 @@ from graphpress.analysis.channels.views import new_size
 from graphpress.ir.builder import GraphBuilder
 from graphpress.ir.graph import get_arg
 from graphpress.ir.program import Program
-from graphpress.ir.shapes import propagate_shapes
+from graphpress.passes.prune.metadata import refresh_pruned_shapes
 
 __all__ = ["GroupPlan", "PrunePlan", "apply_plan", "kept_elements", "kept_indices", "masked_copy"]
 
@@ -158,8 +158,8 @@ def apply_plan(program: Program, plan: PrunePlan, analysis: ChannelAnalysis) -> 
             if (node.target, node.args, node.kwargs) != signature:
                 touched.add(node)
     touched.update(n for n in program.graph.nodes if n not in previous)
-    program.set_analysis("shapes", propagate_shapes(program, check=False, touched=touched,
-                                                    previous=previous))
+    program.set_analysis("shapes", refresh_pruned_shapes(program, analysis.layouts, kept, touched,
+                                                         previous))
     return before
 
 
