@@ -4,39 +4,46 @@ Pruning changes sizes only: ranks, dtypes, devices and the op of every node stay
 on fake tensors costs 150-800 µs (FakeTensor's dispatch and its cache); a FakeTensor built over
 a meta tensor costs about 15 µs. So, visiting in graph order only the nodes whose inputs changed
 (the induction of :func:`graphpress.ir.shapes.propagate_shapes`), a node's new ``meta["val"]``
-is built directly in three cases, and every other node runs on fake tensors as there:
+is built directly in these cases, and every other node runs on fake tensors as there:
 
 * ``operator.getitem`` of a tuple value: the element;
 * view ops (the schema's result aliases an input: view, permute, transpose, slice, split,
-  expand, unsqueeze, ...) whose results have no dimension of size 1: the op runs on plain meta
-  tensors with the inputs' new sizes and strides (view kernels compute the output's sizes and
-  strides from the input ones, at a few µs without the fake dispatch), and the results are
-  wrapped as FakeTensors. The stride of a size-1 dimension is arbitrary, and there the meta
-  kernel and the fake one (a Python reference) choose differently;
+  expand, unsqueeze, ...): the op runs on plain meta tensors with the inputs' new sizes and
+  strides (view kernels compute the output's sizes and strides from the input ones, at a few
+  µs without the fake dispatch), and the results are wrapped as FakeTensors. The stride of a
+  size-1 dimension is arbitrary, and there the meta kernel of a view that computes strides
+  (view, reshape, unsqueeze, ...) and the fake one (a Python reference) choose differently: such
+  a view with a size-1 dimension in its result, or an input that pruning shrank to size 1, takes
+  the fake path. Views that only keep or reorder the input's strides (slice, select, permute,
+  transpose, split, expand) do not depend on that choice;
 * ops whose output is contiguous when their inputs are (pointwise ops, convolution, matmuls,
-  norms, softmax, reductions, embedding, copies), when the output and every tensor input had
-  contiguous strides before and every input has them now: contiguous strides over the sizes
-  the channel layouts give (each dimension's ``new_size`` of its atoms, the sizes the rewritten
-  shape arguments also come from).
+  norms, softmax, reductions, embedding, padding, copies), when the output and every tensor
+  input had contiguous strides before and every input has them now: contiguous strides over the
+  sizes the channel layouts give (each dimension's ``new_size`` of its atoms, the sizes the
+  rewritten shape arguments also come from);
+* the same ops, and attention whose query, key and value keep their sequence and head sizes
+  (the kernel is chosen as before pruning), when the output was dense in some order of its
+  dimensions and every input keeps its stride order, none with a size-1 dimension: dense
+  strides in the output's previous order (CPU flash attention's output is a transpose).
 
 The fake-tensor path sees the values the incremental propagation would: the stored value of a
 node that did not change, and for a changed one its value with the ``requires_grad`` autograd
 gives it in this run (any input requiring grad, a floating dtype, grad mode on). Some kernels
 choose their output strides by it: CPU attention takes its math path, whose output is
-contiguous, for inputs that require grad, and its flash path, whose output is a transpose,
-otherwise. Stored values keep the ``requires_grad`` they had before pruning.
+contiguous, for inputs that require grad, and its flash path otherwise. Stored values keep the
+``requires_grad`` they had before pruning.
 
-Sizes that are symbolic, a dimension the layouts do not describe, a value that is not one dense
-tensor, a dimension that pruning shrinks to size 1 (its stride is arbitrary, as above) and a node
-pruning added all take the fake-tensor path. The PassManager re-runs every changed node on fake
-tensors after the pass and raises on a size that differs, and
+Sizes that are symbolic, a dimension the layouts do not describe, a value that is not dense and
+a node pruning added take the fake-tensor path. The PassManager re-runs every changed node on
+fake tensors after the pass and raises on a size that differs, and
 ``tests/passes/prune/test_metadata.py`` compares sizes and strides with the incremental
-fake-tensor propagation on every prunable zoo model.
+fake-tensor propagation on every zoo model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import operator
 from collections.abc import Mapping
 from typing import Any
@@ -59,6 +66,8 @@ aten = torch.ops.aten
 _CONTIGUOUS_OUT = {
     aten.convolution.default, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
     aten.linear.default, aten.addmm.default, aten.mm.default, aten.bmm.default,
+    aten.matmul.default, aten.pad.default, aten.constant_pad_nd.default,
+    aten.hardswish.default, aten.hardsigmoid.default,
     aten.layer_norm.default, aten.rms_norm.default, aten.group_norm.default,
     aten.batch_norm.default, aten.instance_norm.default,
     aten._softmax.default, aten.softmax.int, aten._log_softmax.default, aten.log_softmax.int,
@@ -66,6 +75,15 @@ _CONTIGUOUS_OUT = {
     aten.embedding.default, aten.clone.default, aten._to_copy.default, aten.dropout.default,
     aten.cat.default, aten.avg_pool2d.default, aten.max_pool2d.default,
     aten.adaptive_avg_pool2d.default, aten._adaptive_avg_pool2d.default,
+}
+
+
+# Views whose result strides are some of the input's, in some order (or 0 where expanded): the
+# same in every kernel, size-1 dimensions included.
+_STRIDES_KEPT = {
+    aten.slice.Tensor, aten.select.int, aten.narrow.default, aten.permute.default,
+    aten.transpose.int, aten.t.default, aten.split.Tensor, aten.split_with_sizes.default,
+    aten.chunk.default, aten.unbind.int, aten.expand.default, aten.alias.default,
 }
 
 
@@ -79,6 +97,7 @@ class _Refresh:
         self.runner = FakeTensorProp(program.graph_module, self.mode)
         self.layouts, self.kept, self.previous = layouts, kept, previous
         self.grads: dict[Node, bool] = {}
+        self._facts: dict[Node, tuple[bool, bool, bool, bool]] = {}
         self.grad_mode = torch.is_grad_enabled()
 
     def update(self, node: Node) -> None:
@@ -126,35 +145,68 @@ class _Refresh:
         target = node.target
         if not isinstance(target, torch._ops.OpOverload) or target is aten.as_strided.default:
             return None
-        inputs = [a.meta.get("val") for a in args]
-        if not all(_static_dense(v) and _static_dense(previous.get(a)) and not
-                   _became_one(v, previous[a]) for v, a in zip(inputs, args, strict=True)):
+        facts = [self.facts(a) for a in args]
+        if not all(usable for usable, *_ in facts):
             return None
         old = previous[node]
         grad = (self.grad_mode and any(self.requires_grad(a) for a in args)
                 and isinstance(old, torch.Tensor | list | tuple))
         if _is_view_op(target):
+            if target not in _STRIDES_KEPT and any(shrunk for *_, shrunk in facts):
+                return None     # as in _view_value
             value = _view_value(node, self.mode, old)
         else:
-            value = self.contiguous_value(node, old, inputs, args)
+            value = self.dense_value(node, old, facts)
         if value is None:
             return None
         floating = all(t.dtype.is_floating_point or t.dtype.is_complex
                        for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor))
         return value, grad and floating
 
-    def contiguous_value(self, node: Node, old: Any, inputs: list[Any], args: list[Node]
-                         ) -> FakeTensor | None:
+    def facts(self, node: Node) -> tuple[bool, bool, bool, bool]:
+        """Whether a value can feed a directly built one (static and dense before and after
+        pruning), whether it was and is contiguous, whether its dimensions keep their stride
+        order (unchanged, contiguous, or dense in the same order without size-1 dimensions),
+        and whether pruning shrank one of its dimensions to 1."""
+        known = self._facts.get(node)
+        if known is None:
+            new, old = node.meta.get("val"), self.previous.get(node)
+            usable = _static_dense(new) and _static_dense(old)
+            contiguous = usable and _contiguous(new) and _contiguous(old)
+            ordered = contiguous or new is old or (
+                usable and 1 not in new.shape and _dense_order(new) is not None
+                and _dense_order(new) == _dense_order(old))
+            shrunk = usable and _became_one(new, old)
+            known = self._facts[node] = (usable, contiguous, ordered, shrunk)
+        return known
+
+    def dense_value(self, node: Node, old: Any, facts: list[tuple[bool, bool, bool, bool]]
+                    ) -> FakeTensor | None:
+        """Contiguous ops with contiguous inputs: contiguous; contiguous ops and attention with
+        inputs that keep their stride order (and attention its head and sequence sizes): dense
+        strides in the order the output had."""
         layout = self.layouts.get(node.name)
         if (not _static_dense(old) or not isinstance(layout, list) or len(layout) != old.dim()
-                or any(d is None for d in layout) or not _contiguous_class(node.target)):
-            return None
-        if not all(_contiguous(v) for v in [old, *inputs, *(self.previous[a] for a in args)]):
+                or any(d is None for d in layout)):
             return None
         shape = [new_size(d, self.kept) for d in layout]
-        if any(n == 1 < o for n, o in zip(shape, old.shape, strict=True)):
-            return None     # as in _became_one
-        return _fake(self.mode, shape, _contiguous_strides(shape), old, old.requires_grad)
+        if (_contiguous_class(node.target) and _contiguous(old)
+                and all(contiguous for _, contiguous, *_ in facts)):
+            return _fake(self.mode, shape, _contiguous_strides(shape), old, old.requires_grad)
+        order = _dense_order(old)
+        if (order is None or 1 in old.shape or 1 in shape
+                or not all(ordered for _, _, ordered, _ in facts)
+                or not (_contiguous_class(node.target) or self.attention_keeps_heads(node))):
+            return None
+        return _fake(self.mode, shape, _dense_strides(shape, order), old, old.requires_grad)
+
+    def attention_keeps_heads(self, node: Node) -> bool:
+        """SDPA whose query, key and value keep their sequence and head sizes: the kernel it
+        takes is chosen as before pruning, so its output has the same stride order."""
+        if node.target is not aten.scaled_dot_product_attention.default:
+            return False
+        return all(tuple(a.meta["val"].shape[-2:]) == tuple(self.previous[a].shape[-2:])
+                   for a in node.args[:3] if isinstance(a, Node))
 
 
 def refresh_pruned_shapes(program: Program, layouts: Mapping[str, Any], kept: Mapping[int, int],
@@ -190,7 +242,7 @@ def _view_value(node: Node, mode: FakeTensorMode, old: Any) -> Any:
         args, kwargs = pytree.tree_map(mirror, (node.args, node.kwargs))
         out = node.target(*args, **kwargs)
     leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-    if any(1 in t.shape for t in leaves):
+    if node.target not in _STRIDES_KEPT and any(1 in t.shape for t in leaves):
         return None     # the stride of a size-1 dimension: meta and fake view kernels differ
     return pytree.tree_map(
         lambda t, like: _fake(mode, t.shape, t.stride(), like, like.requires_grad)
@@ -213,6 +265,7 @@ def _no_modes() -> Any:
     return torch.utils._python_dispatch._disable_current_modes()
 
 
+@functools.cache
 def _is_view_op(target: torch._ops.OpOverload) -> bool:
     schema = target._schema
     return (not schema.is_mutable and len(schema.arguments) > 0
@@ -220,6 +273,7 @@ def _is_view_op(target: torch._ops.OpOverload) -> bool:
             and any(r.alias_info is not None for r in schema.returns))
 
 
+@functools.cache
 def _contiguous_class(target: torch._ops.OpOverload) -> bool:
     return target in _CONTIGUOUS_OUT or torch.Tag.pointwise in target.tags
 
@@ -238,6 +292,26 @@ def _became_one(value: torch.Tensor, was: torch.Tensor) -> bool:
 
 def _contiguous(value: torch.Tensor) -> bool:
     return tuple(value.stride()) == tuple(_contiguous_strides(list(value.shape)))
+
+
+def _dense_order(value: torch.Tensor) -> tuple[int, ...] | None:
+    """The dimensions from outermost to innermost if the value is dense and non-overlapping
+    (strides a permutation of contiguous ones), else None."""
+    order = tuple(sorted(range(value.dim()), key=lambda d: (-value.stride(d), d)))
+    step = 1
+    for d in reversed(order):
+        if value.stride(d) != step and value.shape[d] != 1:
+            return None
+        step *= max(value.shape[d], 1)
+    return order
+
+
+def _dense_strides(shape: list[int], order: tuple[int, ...]) -> list[int]:
+    strides, step = [0] * len(shape), 1
+    for d in reversed(order):
+        strides[d] = step
+        step *= max(shape[d], 1)
+    return strides
 
 
 def _contiguous_strides(shape: list[int]) -> list[int]:
