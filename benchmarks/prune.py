@@ -19,12 +19,13 @@ Usage::
   program on the same backend; parameters and MACs from the ``costs`` analysis.
 * depth: ``channel_groups`` time on a Llama configuration (hidden 64, 4/2 heads) at 2, 8 and 32
   layers, next to its export time.
-* tp: every default zoo model (or ``--models``), each side's failure or refusal reported; same
+* tp: every zoo model, the benchmark-size ``large`` ones included (or ``--models``), each side's
+  failure or refusal reported; same
   L2 criterion and ratio 0.5 (Torch-Pruning ignores the last conv/linear layer): parameter
   counts after pruning, the share of channels both keep in the first conv/linear layer, and
   the time as a ratio graphpress / Torch-Pruning in the same run. graphpress's time: the
   ``PruneChannels.run`` call on a traced program (channel analysis, scores, plan, weight
-  rewrite and the incremental shape re-propagation that keeps the IR valid), ``torch.export``
+  rewrite and the shape metadata refresh that keeps the IR valid), ``torch.export``
   excluded (shown in its own column: it is the IR every pass shares) and no verification.
   Torch-Pruning's: ``MagnitudePruner(...)`` (its dependency graph, which runs one forward pass
   of the module to trace it, and the groups) plus ``pruner.step()``. Four rounds, each one
@@ -444,7 +445,8 @@ def main() -> None:
     if "digits" in sections:
         digits()
     if "tp" in sections:
-        torch_pruning(args.models.split(",") if args.models else [z.name for z in zoo_models()])
+        torch_pruning(args.models.split(",") if args.models
+                      else [z.name for z in zoo_models(exclude=())])
     if "depth" in sections:
         depth()
     if "hidden" in sections:

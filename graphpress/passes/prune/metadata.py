@@ -225,8 +225,7 @@ def refresh_pruned_shapes(program: Program, layouts: Mapping[str, Any], kept: Ma
             if "val" not in node.meta:
                 filled.append(node.name)
             refresh.update(node)
-        was = previous.get(node)
-        if was is None or value_key(was) != value_key(node.meta.get("val")):
+        if not _same_value(previous.get(node), node.meta.get("val")):
             pending.update(node.users)
     return filled
 
@@ -263,6 +262,17 @@ def _no_modes() -> Any:
     if torch._C._len_torch_dispatch_stack() == 0:
         return contextlib.nullcontext()
     return torch.utils._python_dispatch._disable_current_modes()
+
+
+def _same_value(was: Any, now: Any) -> bool:
+    """``value_key(was) == value_key(now)``, without building the keys for two tensors."""
+    if was is None:
+        return False
+    if type(was) is FakeTensor and type(now) is FakeTensor and _static_dense(was) \
+            and _static_dense(now):
+        return (was.shape == now.shape and was.stride() == now.stride() and was.dtype == now.dtype
+                and was.device == now.device and was.layout == now.layout)
+    return value_key(was) == value_key(now)
 
 
 @functools.cache
