@@ -15,7 +15,9 @@ calibration runner (:func:`graphpress.quant.algorithms.statistics.collect`):
 2. ``algorithm='gptq'``: for each weight-quantized linear / matmul layer, ``H = X^T X`` of its
    input, then :func:`~graphpress.quant.algorithms.gptq.gptq_quantize`; the quantized weight
    replaces the stored one and its qparams are recorded (the fake-quant inserted on it is then
-   the identity on its values);
+   the identity on its values). With ``sequential=True`` the layers go in the graph order of
+   their inputs, one statistics run per input value on the program as the layers before it
+   left it (quantized, with their EoRA branches and bias corrections), steps 2 to 4 per input;
 3. ``bias_correction=True``: for each weight-quantized linear / conv layer, the mean input,
    then :func:`~graphpress.quant.algorithms.bias_correction.output_shift` with the final
    quantized weight, added to the bias (a layer without one gets one; a shared or computed
@@ -26,7 +28,8 @@ calibration runner (:func:`graphpress.quant.algorithms.statistics.collect`):
    the layer's output (the branch reads the unquantized input); bias correction then corrects
    what the branch leaves, ``W - Q - B A``.
 
-Statistics for 2 to 4 are taken in one run after 1, on the float program with AWQ's folding.
+Statistics for 2 to 4 are taken in one run after 1, on the float program with AWQ's folding
+(one run per input value with ``sequential=True``).
 What the contract's reference needs comes back in a :class:`WeightPlan`.
 """
 
@@ -62,7 +65,7 @@ __all__ = ["ALGORITHMS", "CHOICES", "OPTIONS", "WeightPlan", "plan_weights"]
 
 ALGORITHMS = ("rtn", "gptq", "awq")
 OPTIONS = {
-    "gptq": {"damp": 0.01, "act_order": False, "block": 128},
+    "gptq": {"damp": 0.01, "act_order": False, "block": 128, "sequential": False},
     "awq": {"grid": 20, "duo": True, "loss": "linear", "block_batches": 8, "clip": True,
             "clip_steps": 20, "min_ratio": 0.5, "two_sided": False, "rows": 2048,
             "clip_rows": 512, "power_of_two": True},
@@ -236,11 +239,33 @@ def _gptq_and_bias(program: Program, layers: Sequence[Layer], batches: Sequence[
                 plan.skipped.append(Skip(layer.node.name, refusal))
             else:
                 corrected.append((layer, operand, value))
+    what = algorithm or ("bias correction" if corrected else "eora")
+    if not options.get("sequential"):
+        _quantize_stage(program, batches, gptq, compensated, corrected, options, eora_rank,
+                        plan, what)
+        return
+    order = {node: i for i, node in enumerate(program.graph.nodes)}
+    for value in sorted({v for _, _, v in [*gptq, *compensated, *corrected]},
+                        key=order.__getitem__):
+        def reading(entries: list[tuple[Layer, Operand, Node]], v: Node = value
+                    ) -> list[tuple[Layer, Operand, Node]]:
+            return [entry for entry in entries if entry[2] is v]
+        _quantize_stage(program, batches, reading(gptq), reading(compensated),
+                        reading(corrected), options, eora_rank, plan, what)
+
+
+def _quantize_stage(program: Program, batches: Sequence[Any],
+                    gptq: list[tuple[Layer, Operand, Node]],
+                    compensated: list[tuple[Layer, Operand, Node]],
+                    corrected: list[tuple[Layer, Operand, Node]], options: dict[str, Any],
+                    eora_rank: int, plan: WeightPlan, what: str) -> None:
+    """GPTQ, EoRA and bias correction of the given layers from one run of statistics; their
+    quantized weights then replace the stored ones."""
     grams = {v.name: Gram() for _, _, v in [*gptq, *compensated]}
     means = {v.name: Mean() for _, _, v in corrected}
     collect(program, batches, {name: [c for c in (grams.get(name), means.get(name)) if c]
-                               for name in grams.keys() | means.keys()},
-            what=algorithm or ("bias correction" if corrected else "eora"))
+                               for name in grams.keys() | means.keys()}, what=what)
+    gptq_options = {k: v for k, v in options.items() if k != "sequential"}
     quantized: dict[str, torch.Tensor] = {}
     for layer, operand, value in gptq:
         name = program.weight_name(operand.value)
@@ -248,7 +273,7 @@ def _gptq_and_bias(program: Program, layers: Sequence[Layer], batches: Sequence[
         rows, transposed = _as_rows(layer, operand, tensor)
         block = _rows_block(operand, transposed)
         q, scale, zero_point = gptq_quantize(rows, grams[value.name].total, operand.spec, block,
-                                             **options)
+                                             **gptq_options)
         rtn = fake_quantize(rows, block, operand.spec, *minmax_qparams(rows, block,
                                                                        operand.spec))
         h = grams[value.name].total.to(torch.float32)

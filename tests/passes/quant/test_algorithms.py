@@ -77,6 +77,28 @@ def test_gptq_act_order_option() -> None:
     assert compiled.report().records[0].stats["gptq_layers"] == 3
 
 
+def test_sequential_gptq_takes_each_hessian_after_the_layers_before_are_quantized() -> None:
+    from graphpress.quant.algorithms.gptq import gptq_quantize
+
+    model, batches = _norm_mlp()
+    compiled = _compile(model, batches, W4 + ", algorithm='gptq', "
+                                             "algorithm_options={'sequential': True})")
+    weights = compiled.program.weights()
+    with torch.no_grad():
+        h = torch.cat([model.norm(x).reshape(-1, 32) for (x,) in batches]).double()
+        up, _, _ = gptq_quantize(model.up.weight, h.T @ h, _spec(), [1, 16])
+        gate, _, _ = gptq_quantize(model.gate.weight, h.T @ h, _spec(), [1, 16])
+        assert torch.equal(weights["up.weight"], up) and torch.equal(weights["gate.weight"], gate)
+        # down's inputs come from the quantized up and gate, not from the float ones
+        mid = torch.cat([(model.norm(x) @ up.T) * torch.sigmoid(model.norm(x) @ gate.T)
+                         for (x,) in batches]).reshape(-1, 64).double()
+        down, _, _ = gptq_quantize(model.down.weight, mid.T @ mid, _spec(), [1, 16])
+    assert torch.allclose(weights["down.weight"], down, atol=1e-6)
+    parallel = _compile(model, batches, W4 + ", algorithm='gptq')").program.weights()
+    assert torch.equal(parallel["up.weight"], up)
+    assert not torch.allclose(parallel["down.weight"], down, atol=1e-6)
+
+
 def test_awq_folds_into_the_norm_exactly_and_beats_rtn() -> None:
     model, batches = _norm_mlp()
     rtn = _compile(model, batches, W4 + ")")
