@@ -99,3 +99,17 @@ def test_a_dynamic_batch_takes_the_fake_path_and_stays_symbolic(
     assert _differences(pruned, reference) == []
     out = next(n for n in pruned.graph.nodes if n.name == "linear_1").meta["val"]
     assert isinstance(out.shape[0], torch.SymInt)
+
+
+def test_meta_device_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    with torch.device("meta"):
+        program = trace(_Heads().eval(), (torch.empty(3, 5, 8),))
+    plan, _ = PruneChannels(ratio=0.5, importance="random").make_plan(program)
+    reference = program.copy()
+    PruneChannels(plan=plan).run(program, PassContext())
+    with monkeypatch.context() as patch:
+        patch.setattr(plan_module, "refresh_pruned_shapes", _on_fake_only)
+        PruneChannels(plan=plan).run(reference, PassContext())
+    assert program.weights()["q.weight"].shape == (4, 8)
+    assert program.weights()["q.weight"].device.type == "meta"
+    assert _differences(program, reference) == []
