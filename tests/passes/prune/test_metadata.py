@@ -47,6 +47,13 @@ def test_values_match_the_fake_tensor_propagation_on_the_zoo(
     propagate_shapes(program, check=True)   # sizes also agree with the full propagation
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [z.name for z in zoo_models(include=["large"], exclude=())])
+def test_values_match_the_fake_tensor_propagation_on_large_models(
+        name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    test_values_match_the_fake_tensor_propagation_on_the_zoo(name, monkeypatch)
+
+
 def _fake_runs(program: Any, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     ran: list[str] = []
     original = FakeTensorProp.run_node
