@@ -17,7 +17,6 @@ the Program owns its memory: :meth:`module` (the thing users train) holds a copy
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -208,10 +207,10 @@ class Program:
         parameter flag, about 30x faster); anything else goes through ``from_tensor``."""
         from torch._subclasses.fake_tensor import FakeTensor
 
+        from graphpress.ir.shapes import no_dispatch_modes
+
         mode = self.fake_mode()
-        modes = (contextlib.nullcontext() if torch._C._len_torch_dispatch_stack() == 0
-                 else torch.utils._python_dispatch._disable_current_modes())
-        with modes:
+        with no_dispatch_modes():
             if (type(tensor) in (torch.Tensor, torch.nn.Parameter)
                     and tensor.layout == torch.strided and tensor.storage_offset() == 0
                     and not (tensor.is_quantized or tensor.is_conj() or tensor.is_neg())

@@ -36,6 +36,7 @@ sympy expression over the input symbols (``s0``, ``2*s0``, ...); ``symbolic_shap
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping
 from functools import cache
 from typing import TYPE_CHECKING, Any
@@ -53,8 +54,8 @@ from graphpress.errors import MetadataError
 if TYPE_CHECKING:
     from graphpress.ir.program import Program
 
-__all__ = ["fake_mode_of", "needs_full_propagation", "propagate_shapes", "symbolic_shapes",
-           "value_key", "value_signature"]
+__all__ = ["fake_mode_of", "needs_full_propagation", "no_dispatch_modes", "propagate_shapes",
+           "symbolic_shapes", "value_key", "value_signature"]
 
 
 def fake_mode_of(program: Program) -> FakeTensorMode:
@@ -64,6 +65,14 @@ def fake_mode_of(program: Program) -> FakeTensorMode:
     if mode is None:
         mode = program.graph_module.meta.setdefault("graphpress_fake_mode", FakeTensorMode())
     return mode
+
+
+def no_dispatch_modes() -> Any:
+    """A context without dispatch modes, to build plain meta tensors (entering the disabling
+    context costs ~10 µs, so it is skipped when no mode is active)."""
+    if torch._C._len_torch_dispatch_stack() == 0:
+        return contextlib.nullcontext()
+    return torch.utils._python_dispatch._disable_current_modes()
 
 
 def value_signature(val: Any) -> Any:

@@ -42,7 +42,6 @@ fake-tensor propagation on every zoo model.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import operator
 from collections.abc import Mapping
@@ -56,7 +55,12 @@ from torch.utils import _pytree as pytree
 
 from graphpress.analysis.channels.views import new_size
 from graphpress.ir.program import Program
-from graphpress.ir.shapes import needs_full_propagation, propagate_shapes, value_key
+from graphpress.ir.shapes import (
+    needs_full_propagation,
+    no_dispatch_modes,
+    propagate_shapes,
+    value_key,
+)
 
 __all__ = ["refresh_pruned_shapes"]
 
@@ -237,7 +241,7 @@ def _view_value(node: Node, mode: FakeTensorMode, old: Any) -> Any:
             return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="meta")
         return arg
 
-    with _no_modes():
+    with no_dispatch_modes():
         args, kwargs = pytree.tree_map(mirror, (node.args, node.kwargs))
         out = node.target(*args, **kwargs)
     leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
@@ -250,18 +254,10 @@ def _view_value(node: Node, mode: FakeTensorMode, old: Any) -> Any:
 
 def _fake(mode: FakeTensorMode, shape: Any, strides: Any, like: FakeTensor,
           requires_grad: bool) -> FakeTensor:
-    with _no_modes():
+    with no_dispatch_modes():
         elem = torch.empty_strided(shape, strides, dtype=like.dtype, device="meta",
                                    requires_grad=requires_grad)
     return FakeTensor(mode, elem, like.device)
-
-
-def _no_modes() -> Any:
-    """No dispatch mode for plain meta tensors (entering the disabling context costs ~10 µs,
-    so it is skipped when no mode is active, as during the refresh)."""
-    if torch._C._len_torch_dispatch_stack() == 0:
-        return contextlib.nullcontext()
-    return torch.utils._python_dispatch._disable_current_modes()
 
 
 def _same_value(was: Any, now: Any) -> bool:
@@ -325,8 +321,4 @@ def _dense_strides(shape: list[int], order: tuple[int, ...]) -> list[int]:
 
 
 def _contiguous_strides(shape: list[int]) -> list[int]:
-    strides, step = [], 1
-    for s in reversed(shape):
-        strides.append(step)
-        step *= max(s, 1)
-    return strides[::-1]
+    return _dense_strides(shape, tuple(range(len(shape))))

@@ -247,11 +247,9 @@ def _gptq_and_bias(program: Program, layers: Sequence[Layer], batches: Sequence[
     order = {node: i for i, node in enumerate(program.graph.nodes)}
     for value in sorted({v for _, _, v in [*gptq, *compensated, *corrected]},
                         key=order.__getitem__):
-        def reading(entries: list[tuple[Layer, Operand, Node]], v: Node = value
-                    ) -> list[tuple[Layer, Operand, Node]]:
-            return [entry for entry in entries if entry[2] is v]
-        _quantize_stage(program, batches, reading(gptq), reading(compensated),
-                        reading(corrected), options, eora_rank, plan, what)
+        stage = [[entry for entry in entries if entry[2] is value]
+                 for entries in (gptq, compensated, corrected)]
+        _quantize_stage(program, batches, *stage, options, eora_rank, plan, what)
 
 
 def _quantize_stage(program: Program, batches: Sequence[Any],
