@@ -23,12 +23,16 @@ def _on_fake_only(program: Any, layouts: Any, kept: Any, touched: set[Node],
     return propagate_shapes(program, check=False, touched=touched, previous=previous)
 
 
-def _pruned_both_ways(program: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any]:
+def _pruned_both_ways(program: Any, monkeypatch: pytest.MonkeyPatch,
+                      prune: PruneChannels | None = None) -> tuple[Any, Any]:
+    """``program`` pruned in place, and a copy pruned the same way with its metadata from the
+    incremental fake-tensor propagation."""
+    prune = prune or PruneChannels(ratio=0.5)
     reference = program.copy()
-    PruneChannels(ratio=0.5).run(program, PassContext())
+    prune.run(program, PassContext())
     with monkeypatch.context() as patch:
         patch.setattr(plan_module, "refresh_pruned_shapes", _on_fake_only)
-        PruneChannels(ratio=0.5).run(reference, PassContext())
+        prune.run(reference, PassContext())
     return program, reference
 
 
@@ -112,11 +116,7 @@ def test_meta_device_weights(monkeypatch: pytest.MonkeyPatch) -> None:
     with torch.device("meta"):
         program = trace(_Heads().eval(), (torch.empty(3, 5, 8),))
     plan, _ = PruneChannels(ratio=0.5, importance="random").make_plan(program)
-    reference = program.copy()
-    PruneChannels(plan=plan).run(program, PassContext())
-    with monkeypatch.context() as patch:
-        patch.setattr(plan_module, "refresh_pruned_shapes", _on_fake_only)
-        PruneChannels(plan=plan).run(reference, PassContext())
+    program, reference = _pruned_both_ways(program, monkeypatch, PruneChannels(plan=plan))
     assert program.weights()["q.weight"].shape == (4, 8)
     assert program.weights()["q.weight"].device.type == "meta"
     assert _differences(program, reference) == []
