@@ -232,9 +232,9 @@ def pointwise_expr(node: Node, operand: Operand) -> str:
     if target == aten.gelu.default:
         x = op(0)
         if kwargs.get("approximate", "none") == "tanh":
-            inner = f"(0.7978845608028654 * ({x} + 0.044715 * {x} * {x} * {x}))"
-            tanh = _UNARY[aten.tanh.default](inner)
-            return f"(0.5 * {x} * (1.0 + {tanh}))"
+            # 0.5 x (1 + tanh(u)) = x / (1 + exp(-2u)): no cancellation where tanh(u) -> -1
+            inner = f"(1.5957691216057308 * ({x} + 0.044715 * {x} * {x} * {x}))"
+            return f"({x} / (1.0 + tl.exp(-{inner})))"
         return f"(0.5 * {x} * (1.0 + tl.erf({x} * 0.7071067811865476)))"
     if target in _CLAMPS:
         low, high = _clamp_bounds(node)

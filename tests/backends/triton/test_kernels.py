@@ -24,14 +24,17 @@ class _Fn(nn.Module):
         return self.fn(*args)
 
 
-def _check(fn, *inputs, modules=(), fused=True, rtol=1e-5, atol=1e-6, **compile_options):
+def _check(fn, *inputs, modules=(), fused=True, rtol=1e-5, atol=1e-6, exact=False,
+           **compile_options):
+    """The compiled model against eager, or with ``exact`` against the float64 value (for
+    functions whose float32 eager result cancels, so that eager is itself 1e-6 off)."""
     model = _Fn(fn, *modules).eval()
     compiled = gp.compile(model, inputs, backend="triton", verify=True, **compile_options)
     if fused:
         assert compiled.artifact.generated.fallbacks == [], compiled.artifact.source
         assert compiled.artifact.stats()["kernels"] >= 1
     with torch.no_grad():
-        want = model(*inputs)
+        want = model(*(t.double() for t in inputs)).float() if exact else model(*inputs)
     torch.testing.assert_close(compiled(*inputs), want, rtol=rtol, atol=atol)
     return compiled
 
@@ -73,6 +76,10 @@ ELEMENT_WISE = {
     "rank0": (lambda x: x * 2 + 1, torch.tensor(3.0)),
     "odd_numel": (lambda x: x * x - 1, torch.randn(1031)),
 }
+# 1 + erf(x) and 1 + tanh(x) cancel for x << 0: float32 eager is up to 1.2e-6 from the exact
+# value there, more than the tolerance, while the kernel (x sigmoid(2u) for the tanh form) is
+# within 1e-7 of it
+EXACT_REFERENCE = {"gelu_exact_and_tanh"}
 
 
 @pytest.mark.parametrize("case", ELEMENT_WISE, ids=str)
@@ -80,7 +87,8 @@ def test_element_wise(case: str) -> None:
     fn, *inputs = ELEMENT_WISE[case]
     integers = any(not t.is_floating_point() for t in inputs)
     # random integer samples would divide by zero, which eager raises on
-    _check(fn, *inputs, **({"generated_samples": 0} if integers else {}))
+    _check(fn, *inputs, exact=case in EXACT_REFERENCE,
+           **({"generated_samples": 0} if integers else {}))
 
 
 def test_float16_rounds_where_eager_rounds() -> None:
