@@ -14,7 +14,7 @@ from graphpress.quant.algorithms.awq import (
 )
 from graphpress.quant.algorithms.bias_correction import output_shift
 from graphpress.quant.algorithms.eora import eora_factors
-from graphpress.quant.algorithms.gptq import gptq_quantize
+from graphpress.quant.algorithms.gptq import DAMP_CANDIDATES, gptq_damp_search, gptq_quantize
 from graphpress.quant.algorithms.grid import fake_quantize, minmax_qparams
 from graphpress.quant.algorithms.statistics import AbsMax, AbsMean, Gram, Mean, Rows
 from graphpress.quant.spec import QuantSpec
@@ -90,6 +90,47 @@ def test_gptq_dead_inputs_get_zero_columns() -> None:
     x[:, 3] = 0.0
     quantized, _, _ = gptq_quantize(torch.randn(4, 16), x.T @ x, INT4_G8, [1, 8])
     assert torch.all(quantized[:, 3] == 0)
+
+
+def _folds(x: torch.Tensor, count: int = 4) -> list[torch.Tensor]:
+    return [x[i::count].T.double() @ x[i::count].double() for i in range(count)]
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_damp_search_scores_each_candidate_on_the_fold_it_left_out(act_order: bool) -> None:
+    """The batched sweep against one gptq_quantize per (candidate, fold), by hand."""
+    weight = torch.randn(8, 32, generator=torch.Generator().manual_seed(4))
+    folds = _folds(_correlated(40, 32, seed=5))
+    damp, errors = gptq_damp_search(weight, folds, INT4_G8, [1, 8], act_order=act_order, block=16)
+    expected = []
+    for candidate in DAMP_CANDIDATES:
+        total = 0.0
+        for held in folds:
+            q, _, _ = gptq_quantize(weight, sum(folds) - held, INT4_G8, [1, 8], damp=candidate,
+                                    act_order=act_order, block=16)
+            r = (weight - q).double()
+            total += float(((r @ held) * r).sum())
+        expected.append(total)
+    assert errors == pytest.approx(expected, rel=1e-5)
+    assert damp == DAMP_CANDIDATES[min(range(len(expected)), key=expected.__getitem__)]
+
+
+def test_damp_search_damps_harder_when_the_rows_are_few() -> None:
+    """Few rows for the width (48 for 64 inputs): the undamped Hessian is overfit, so a large
+    damp wins on held-out rows; with 4000 rows the Hessian is right and 0.01 wins."""
+    generator = torch.Generator().manual_seed(6)
+    mix, weight = torch.randn(64, 64, generator=generator), torch.randn(16, 64, generator=generator)
+    spec = QuantSpec("int4", "per_group", group_size=16)
+    few, _ = gptq_damp_search(weight, _folds(torch.randn(48, 64, generator=generator) @ mix),
+                              spec, [1, 16])
+    many, _ = gptq_damp_search(weight, _folds(torch.randn(4000, 64, generator=generator) @ mix),
+                               spec, [1, 16])
+    assert few >= 0.3 and many == 0.01
+
+
+def test_damp_search_needs_two_folds() -> None:
+    with pytest.raises(ValueError, match="needs at least 2, got 1"):
+        gptq_damp_search(torch.randn(4, 8), [torch.eye(8)], INT4_G8, [1, 8])
 
 
 def test_awq_scales_protect_a_salient_channel() -> None:

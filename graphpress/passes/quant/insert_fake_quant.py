@@ -161,6 +161,11 @@ class InsertFakeQuant(Pass):
             if name in given and given[name] not in choices:
                 raise ValueError(f"algorithm option {name}={given[name]!r} is not one of "
                                  f"{', '.join(map(repr, choices))}")
+        damp = given.get("damp", 0.0)
+        if damp != "auto" and (isinstance(damp, bool) or not isinstance(damp, int | float)
+                               or damp < 0):
+            raise ValueError(f"algorithm option damp={damp!r} is neither a number >= 0 nor "
+                             "'auto' (chosen by cross-validation over the calibration batches)")
         return {**accepted, **given}
 
     def _placement(self, config: QuantConfig) -> QuantConfig:

@@ -57,7 +57,7 @@ from graphpress.pipeline.base import Skip
 from graphpress.quant.algorithms.awq import AwqReader, awq_clip_search, awq_scale_search
 from graphpress.quant.algorithms.bias_correction import output_shift
 from graphpress.quant.algorithms.eora import eora_factors
-from graphpress.quant.algorithms.gptq import gptq_quantize
+from graphpress.quant.algorithms.gptq import DAMP_CANDIDATES, gptq_damp_search, gptq_quantize
 from graphpress.quant.algorithms.grid import fake_quantize, minmax_qparams
 from graphpress.quant.algorithms.statistics import AbsMean, Gram, Mean, Rows, Values, collect
 
@@ -72,6 +72,7 @@ OPTIONS = {
     "rtn": {},
 }
 CHOICES = {"loss": ("block", "linear")}   # options that take one of a few values
+DAMP_FOLDS = 4   # damp="auto": batch b of the calibration data is in fold b mod 4
 _LINEAR = ("linear", "matmul", "mm", "addmm")
 _BIASED = ("linear", "conv1d", "conv2d", "conv3d")
 
@@ -259,7 +260,14 @@ def _quantize_stage(program: Program, batches: Sequence[Any],
                     eora_rank: int, plan: WeightPlan, what: str) -> None:
     """GPTQ, EoRA and bias correction of the given layers from one run of statistics; their
     quantized weights then replace the stored ones."""
-    grams = {v.name: Gram() for _, _, v in [*gptq, *compensated]}
+    auto_damp = options.get("damp") == "auto"
+    folds = min(DAMP_FOLDS, len(batches)) if auto_damp else 1
+    if auto_damp and folds < 2:
+        raise ValueError(f"gptq: damp='auto' chooses the damping by cross-validation over the "
+                         f"calibration batches and needs at least 2, got {len(batches)}: pass "
+                         "more batches, or a number as damp (e.g. 0.01)")
+    grams = {v.name: Gram(folds if any(v is g for _, _, g in gptq) else 1)
+             for _, _, v in [*gptq, *compensated]}
     means = {v.name: Mean() for _, _, v in corrected}
     collect(program, batches, {name: [c for c in (grams.get(name), means.get(name)) if c]
                                for name in grams.keys() | means.keys()}, what=what)
@@ -270,13 +278,22 @@ def _quantize_stage(program: Program, batches: Sequence[Any],
         tensor = program.weight(operand.value).detach()
         rows, transposed = _as_rows(layer, operand, tensor)
         block = _rows_block(operand, transposed)
-        q, scale, zero_point = gptq_quantize(rows, grams[value.name].total, operand.spec, block,
+        gram = grams[value.name]
+        chose = ""
+        if auto_damp:
+            damp, errors = gptq_damp_search(rows, gram.fold_totals, operand.spec, block,
+                                            act_order=options["act_order"],
+                                            block=options["block"])
+            gptq_options = {**gptq_options, "damp": damp}
+            chose = (f"damp {damp:g} (held-out error / damp {DAMP_CANDIDATES[0]:g}'s "
+                     f"{min(errors) / max(errors[0], 1e-30):.3f}), ")
+        q, scale, zero_point = gptq_quantize(rows, gram.total, operand.spec, block,
                                              **gptq_options)
         rtn = fake_quantize(rows, block, operand.spec, *minmax_qparams(rows, block,
                                                                        operand.spec))
         h = grams[value.name].total.to(torch.float32)
         err, base = (((rows - q) @ h) * (rows - q)).sum(), (((rows - rtn) @ h) * (rows - rtn)).sum()
-        plan.summary.append(f"gptq {layer.node.name}: output error / RTN's "
+        plan.summary.append(f"gptq {layer.node.name}: {chose}output error / RTN's "
                             f"{float(err / base.clamp(min=1e-30)):.3f}")
         if transposed:
             q, scale = q.T, scale.T

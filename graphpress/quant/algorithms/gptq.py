@@ -22,6 +22,14 @@ successive inverses from the upper Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U
   its columns as the sweep reaches them, after the updates of the columns before (the block
   is a multiple of ``g`` so a group is never split by a deferred update). Per-channel and
   per-tensor qparams come from the whole weight first.
+* **Damping by cross-validation** (:func:`gptq_damp_search`, ``damp="auto"`` in the pass):
+  too little damping overfits ``H`` when the calibration rows are few for the input width (the
+  quantized layer is then worse than RTN's on new inputs), too much ignores it. With the
+  calibration batches split into ``F`` folds (Grams ``H_f``, ``H = sum_f H_f``), each candidate
+  ``d`` quantizes on ``H - H_f`` and is scored on the fold it did not see,
+  ``sum_f tr((W - Q_f) H_f (W - Q_f)^T)``; the lowest score's ``d`` quantizes on ``H``. All
+  ``F x |candidates|`` runs share one column sweep (a batch dimension), so the search costs a
+  few plain runs, not ``F x |candidates|``.
 * **Act order**: columns are visited by decreasing ``H_ii`` (the most active inputs first,
   while the most freedom is left). With groups the qparams are then fixed up front from the
   unquantized weight (static groups), so the groups stay contiguous blocks of ``g`` input
@@ -40,37 +48,32 @@ import torch
 from graphpress.quant.algorithms.grid import fake_quantize, minmax_qparams
 from graphpress.quant.spec import QuantSpec
 
-__all__ = ["gptq_quantize"]
+__all__ = ["DAMP_CANDIDATES", "gptq_damp_search", "gptq_quantize"]
+
+# the damping factors gptq_damp_search chooses from (fractions of the mean of diag H)
+DAMP_CANDIDATES = (0.01, 0.03, 0.1, 0.3, 1.0)
 
 
-def _column_qparams(scale: torch.Tensor, zero_point: torch.Tensor | None, block: Sequence[int],
-                    shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The qparams of every element, ``[N, K]`` (broadcast from the qparam shape)."""
-    def spread(t: torch.Tensor) -> torch.Tensor:
-        return t.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1).expand(shape)
-    return spread(scale), (None if zero_point is None else spread(zero_point))
-
-
-def _quantize_column(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-                     spec: QuantSpec) -> torch.Tensor:
-    column = [1, 1]
-    return fake_quantize(w[:, None], column, spec, scale[:, None],
-                         None if zero_point is None else zero_point[:, None])[:, 0]
-
-
-def _inverse_cholesky(hessian: torch.Tensor) -> torch.Tensor:
-    """The upper Cholesky factor of ``H^-1`` in float32 (computed in float32, as GPTQ does; in
-    float64 when float32 loses positive definiteness)."""
+def _inverse_cholesky(hessians: torch.Tensor) -> torch.Tensor:
+    """The upper Cholesky factors of ``H^-1`` (a batch ``[C, K, K]``) in float32, computed in
+    float32 as GPTQ does, in float64 when float32 loses positive definiteness."""
     for dtype in (torch.float32, torch.float64):
-        H = hessian.to(dtype)
+        H = hessians.to(dtype)
         factor, info = torch.linalg.cholesky_ex(H)
-        if int(info) == 0:
-            inverse = torch.cholesky_inverse(factor)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if int(info) == 0:
+        if not info.any():
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
+            if not info.any():
                 return upper.to(torch.float32)
     raise ValueError("gptq: the damped Hessian is not positive definite; raise damp "
                      "(e.g. damp=0.1) or calibrate on more data")
+
+
+def _check(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec) -> None:
+    if weight.dim() != 2 or hessian.shape[-2:] != (weight.shape[1], weight.shape[1]):
+        raise ValueError(f"gptq takes a [N, K] weight and a [K, K] Hessian, got "
+                         f"{tuple(weight.shape)} and {tuple(hessian.shape)}")
+    if spec.is_float:
+        raise ValueError(f"gptq quantizes onto integer grids, not {spec.dtype}")
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
@@ -79,55 +82,99 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
     """(quantized weight, scale, zero point) of ``weight`` ``[N, K]`` (blocks ``block_size``:
     ``[1, g]``, ``[1, K]`` or ``[N, K]``) given ``hessian`` ``[K, K]`` (any positive multiple
     of ``X^T X``); see the module docstring."""
-    if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
-        raise ValueError(f"gptq takes a [N, K] weight and a [K, K] Hessian, got "
-                         f"{tuple(weight.shape)} and {tuple(hessian.shape)}")
-    if spec.is_float:
-        raise ValueError(f"gptq quantizes onto integer grids, not {spec.dtype}")
+    _check(weight, hessian, spec)
+    q, scale, zero_point = _sweep(weight, hessian[None], torch.tensor([damp]), spec, block_size,
+                                  act_order, block)
+    return q[0], scale[0], None if zero_point is None else zero_point[0]
+
+
+def gptq_damp_search(weight: torch.Tensor, folds: Sequence[torch.Tensor], spec: QuantSpec,
+                     block_size: Sequence[int], *, candidates: Sequence[float] = DAMP_CANDIDATES,
+                     act_order: bool = False, block: int = 128) -> tuple[float, list[float]]:
+    """(the chosen damping, each candidate's held-out error) for ``weight`` given the Grams of
+    two or more calibration folds (module docstring)."""
+    if len(folds) < 2:
+        raise ValueError(f"gptq's damping search cross-validates over calibration folds; it "
+                         f"needs at least 2, got {len(folds)}: calibrate on 2 or more batches, "
+                         "or pass a number as damp")
+    _check(weight, folds[0], spec)
+    held = torch.stack([f.to(torch.float64) for f in folds])
+    count, rows, columns = len(folds), *weight.shape
+    trained = (held.sum(0) - held).expand(len(candidates), count, columns, columns)
+    damps = torch.tensor(candidates, dtype=torch.float64).repeat_interleave(count)
+    q, _, _ = _sweep(weight, trained.reshape(-1, columns, columns), damps, spec, block_size,
+                     act_order, block)
+    residual = (weight.float() - q.float()).view(len(candidates), count, rows, columns)
+    errors = ((residual @ held.float()) * residual).sum((2, 3), dtype=torch.float64).sum(1)
+    return float(candidates[int(errors.argmin())]), errors.tolist()
+
+
+def _sweep(weight: torch.Tensor, hessians: torch.Tensor, damps: torch.Tensor, spec: QuantSpec,
+           block_size: Sequence[int], act_order: bool, block: int
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """GPTQ of one weight under ``C`` Hessians and damping factors at once: every tensor
+    carries a leading batch dim ``C``; results ``[C, N, K]`` and qparams ``[C, ...]``."""
     rows, columns = weight.shape
+    count = hessians.shape[0]
     group = block_size[1] if block_size[0] == 1 and block_size[1] < columns else None
-    W = weight.detach().to(torch.float32).clone()
-    H = hessian.detach().to(torch.float64).clone()
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    batched_block = [1, *block_size]
+    W = weight.detach().to(torch.float32).expand(count, rows, columns).clone()
+    H = hessians.detach().to(torch.float64).clone()
+    diagonal = torch.diagonal(H, dim1=1, dim2=2)
+    dead = diagonal == 0
+    diagonal[dead] = 1.0
+    W.masked_fill_(dead[:, None, :], 0.0)
     static = group is None or act_order
-    scale, zero_point = minmax_qparams(W, block_size, spec) if static else (None, None)
-    order = (torch.argsort(torch.diagonal(H), descending=True) if act_order
-             else torch.arange(columns))
-    W, H = W[:, order], H[order][:, order]
-    H += damp * torch.diagonal(H).mean() * torch.eye(columns, dtype=H.dtype)
+    scale, zero_point = minmax_qparams(W, batched_block, spec) if static else (None, None)
+    order = (torch.argsort(diagonal, dim=1, descending=True) if act_order
+             else torch.arange(columns).expand(count, columns))
+    if act_order:
+        W = W.gather(2, order[:, None, :].expand(count, rows, columns))
+        H = H[torch.arange(count)[:, None, None], order[:, :, None], order[:, None, :]]
+        diagonal = torch.diagonal(H, dim1=1, dim2=2)
+    diagonal += damps.to(H.dtype)[:, None] * diagonal.mean(1, keepdim=True)
     U = _inverse_cholesky(H)
     if static:
-        col_scale, col_zp = _column_qparams(scale, zero_point, block_size, (rows, columns))
-        col_scale = col_scale[:, order]
-        col_zp = None if col_zp is None else col_zp[:, order]
+        col_scale, col_zp = (_permuted(t, batched_block, order, rows) if t is not None else None
+                             for t in (scale, zero_point))
     else:
         block = group * max(1, block // group)
         scales, zps = [], []
     Q = torch.zeros_like(W)
     for i1 in range(0, columns, block):
         i2 = min(i1 + block, columns)
-        W1, Err1, U1 = W[:, i1:i2].clone(), torch.zeros(rows, i2 - i1), U[i1:i2, i1:i2]
+        W1, U1 = W[:, :, i1:i2].clone(), U[:, i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
             if not static and i % group == 0:
-                s, z = minmax_qparams(W1[:, i:i + group], [1, group], spec)
+                s, z = minmax_qparams(W1[:, :, i:i + group], [1, 1, group], spec)
                 scales.append(s)
                 zps.append(z)
             if static:
-                s_col = col_scale[:, i1 + i]
-                z_col = None if col_zp is None else col_zp[:, i1 + i]
+                s_col = col_scale[:, :, i1 + i]
+                z_col = None if col_zp is None else col_zp[:, :, i1 + i]
             else:
-                s_col, z_col = scales[-1][:, 0], None if zps[-1] is None else zps[-1][:, 0]
-            w = W1[:, i]
-            q = _quantize_column(w, s_col, z_col, spec)
-            Q[:, i1 + i] = q
-            err = (w - q) / U1[i, i]
-            W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+                s_col, z_col = scales[-1][:, :, 0], None if zps[-1] is None else zps[-1][:, :, 0]
+            w = W1[:, :, i]
+            q = fake_quantize(w[..., None], [1, 1, 1], spec, s_col[..., None],
+                              None if z_col is None else z_col[..., None])[..., 0]
+            Q[:, :, i1 + i] = q
+            err = (w - q) / U1[:, i, i, None]
+            W1[:, :, i:].baddbmm_(err[:, :, None], U1[:, i:i + 1, i:], alpha=-1.0)
+            Err1[:, :, i] = err
+        W[:, :, i2:] -= Err1 @ U[:, i1:i2, i2:]
     if not static:
-        scale = torch.cat(scales, dim=1)
-        zero_point = None if zps[0] is None else torch.cat(zps, dim=1)
-    Q = Q[:, torch.argsort(order)].to(weight.dtype)
-    return fake_quantize(Q, block_size, spec, scale, zero_point), scale, zero_point
+        scale = torch.cat(scales, dim=2)
+        zero_point = None if zps[0] is None else torch.cat(zps, dim=2)
+    if act_order:
+        Q = Q.gather(2, torch.argsort(order, dim=1)[:, None, :].expand(count, rows, columns))
+    Q = Q.to(weight.dtype)
+    return fake_quantize(Q, batched_block, spec, scale, zero_point), scale, zero_point
+
+
+def _permuted(qparam: torch.Tensor, block: Sequence[int], order: torch.Tensor,
+              rows: int) -> torch.Tensor:
+    """The qparam of every element, ``[C, N, K]``, its columns in the sweep's ``order``."""
+    spread = qparam.repeat_interleave(block[1], 1).repeat_interleave(block[2], 2)
+    spread = spread.expand(order.shape[0], rows, order.shape[1])
+    return spread.gather(2, order[:, None, :].expand(-1, rows, -1))

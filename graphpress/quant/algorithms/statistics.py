@@ -9,7 +9,7 @@ node to its collectors:
 * :class:`Mean` — ``E[x]`` over the batch dim, kept at the value's per-sample shape (bias
   correction: a layer linear in ``x`` shifts its mean output by ``layer(E[x])``);
 * :class:`Gram` — ``H = sum_rows x x^T`` over the rows of the last dim and their count
-  (GPTQ's Hessian ``2 X^T X``, EoRA's eigenspace);
+  (GPTQ's Hessian ``2 X^T X``, EoRA's eigenspace), optionally per fold of the batches;
 * :class:`Rows` — up to ``limit`` rows of the last dim, evenly strided over the batches (AWQ's
   search replays them);
 * :class:`Values` — the whole values of the first ``limit`` batches (AWQ's block objective
@@ -82,14 +82,23 @@ class Mean(_Collector):
 
 
 class Gram(_Collector):
-    def __init__(self) -> None:
-        self.total, self.count = None, 0
+    """``total`` over every batch; with ``folds = F > 1`` also ``fold_totals``, batch ``b``
+    counted in fold ``b mod F`` (GPTQ's damping search cross-validates over them)."""
+
+    def __init__(self, folds: int = 1) -> None:
+        self.total, self.count, self.batches = None, 0, 0
+        self.fold_totals: list[torch.Tensor | None] = [None] * folds if folds > 1 else []
 
     def update(self, value: torch.Tensor) -> None:
         rows = value.detach().reshape(-1, value.shape[-1]).to(torch.float64)
         gram = rows.T @ rows
         self.total = gram if self.total is None else self.total + gram
         self.count += rows.shape[0]
+        if self.fold_totals:
+            fold = self.batches % len(self.fold_totals)
+            previous = self.fold_totals[fold]
+            self.fold_totals[fold] = gram if previous is None else previous + gram
+        self.batches += 1
 
 
 class Rows(_Collector):

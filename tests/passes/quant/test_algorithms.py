@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import graphpress as gp
-from graphpress.errors import ContractViolation, InputError, PipelineError
+from graphpress.errors import ContractViolation, InputError, PassError, PipelineError
 from graphpress.passes.quant import weight_algorithms
 from graphpress.pipeline.samples import generate_samples
 from graphpress.quant.algorithms.grid import fake_quantize
@@ -99,6 +99,26 @@ def test_sequential_gptq_takes_each_hessian_after_the_layers_before_are_quantize
     assert not torch.allclose(parallel["down.weight"], down, atol=1e-6)
 
 
+def test_gptq_auto_damp_quantizes_with_the_damping_its_search_chose() -> None:
+    from graphpress.quant.algorithms.gptq import gptq_damp_search, gptq_quantize
+
+    model, batches = _norm_mlp()
+    compiled = _compile(model, batches, W4 + ", algorithm='gptq', "
+                                             "algorithm_options={'damp': 'auto'})")
+    record = compiled.report().records[0]
+    assert record.stats["gptq_layers"] == 3 and record.max_error <= 1e-5
+    with torch.no_grad():
+        rows = [model.norm(x).reshape(-1, 32).double() for (x,) in batches]
+    # four batches, four folds: batch b is fold b
+    damp, _ = gptq_damp_search(model.up.weight.detach(), [h.T @ h for h in rows], _spec(),
+                               [1, 16])
+    h = torch.cat(rows)
+    up, _, _ = gptq_quantize(model.up.weight.detach(), h.T @ h, _spec(), [1, 16], damp=damp)
+    assert torch.equal(compiled.program.weights()["up.weight"], up)
+    line = next(line for line in record.details["summary"] if line.startswith("gptq linear:"))
+    assert f"damp {damp:g} (held-out error / damp 0.01's" in line
+
+
 def test_awq_folds_into_the_norm_exactly_and_beats_rtn() -> None:
     model, batches = _norm_mlp()
     rtn = _compile(model, batches, W4 + ")")
@@ -186,6 +206,12 @@ def test_errors_name_the_fix() -> None:
     with pytest.raises(PipelineError, match="does not take dampening; it accepts: damp"):
         gp.compile(model, batches[0],
                    passes=W4 + ", algorithm='gptq', algorithm_options={'dampening': 1})")
+    with pytest.raises(PipelineError, match="damp=-1 is neither a number >= 0 nor 'auto'"):
+        gp.compile(model, batches[0], calibration_data=batches,
+                   passes=W4 + ", algorithm='gptq', algorithm_options={'damp': -1})")
+    with pytest.raises(PassError, match="damp='auto' .* needs at least 2, got 1"):
+        gp.compile(model, batches[0], calibration_data=batches[:1],
+                   passes=W4 + ", algorithm='gptq', algorithm_options={'damp': 'auto'})")
     with pytest.raises(InputError, match="gptq needs calibration data"):
         gp.compile(model, batches[0], passes=W4 + ", algorithm='gptq')")
 
