@@ -37,7 +37,11 @@ Quantization parameters (:func:`qparams_from_minmax`, the one formula observers 
   ``max_pos = max(max_val, 0)``; ``scale = max((max_pos - min_neg) / (qmax - qmin), eps)``,
   ``zero_point = clamp(qmin - round(min_neg / scale), qmin, qmax)`` (int32);
 * symmetric integers: ``scale = max(max(-min_neg, max_pos) / ((qmax - qmin) / 2), eps)``,
-  zero point 0 (torch's MinMaxObserver for qint8);
+  zero point 0 (torch's MinMaxObserver for qint8); with ``signed_scale`` the block's
+  largest-magnitude value ``e`` lands on ``qmin`` exactly: ``scale = e / qmin`` (negative when
+  ``e > 0``; ``|scale| >= eps``), so all ``qmax - qmin + 1`` levels span ``[-|e|, |e|]`` in
+  steps of ``|e| / |qmin|`` (llama.cpp's Q4_0, NNCF's INT4_SYM / INT3_SYM), the other side
+  clipped at ``qmax |scale|``;
 * float8: ``scale = max(max(|min_val|, |max_val|) / quant_max, eps)``, zero point 0.
 
 All four ops are pure (dce and cse apply) and not foldable: fold_constants never precomputes
@@ -217,7 +221,8 @@ def _fake_quantize_fake(input: torch.Tensor, block_size: Sequence[int], scale: t
 
 def qparams_from_minmax(min_val: torch.Tensor, max_val: torch.Tensor, quant_min: float,
                         quant_max: float, symmetric: bool, dtype: str,
-                        eps: float = _EPS) -> tuple[torch.Tensor, torch.Tensor]:
+                        eps: float = _EPS, signed_scale: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale float32, zero_point int32) of blocks whose values span [min_val, max_val]
     (tensors of the qparam shape); the formulas are in the module docstring."""
     _check_dtype(dtype, "qparams_from_minmax")
@@ -232,6 +237,9 @@ def qparams_from_minmax(min_val: torch.Tensor, max_val: torch.Tensor, quant_min:
             raise ValueError(f"symmetric quantization needs a signed range, got [{quant_min}, "
                              f"{quant_max}] ({dtype}); use a signed dtype or symmetric=False")
         amax = torch.maximum(-min_neg, max_pos)
+        if signed_scale:
+            magnitude = torch.clamp(amax / -quant_min, min=eps)
+            return torch.where(max_pos > -min_neg, -magnitude, magnitude), zeros
         return torch.clamp(amax / ((quant_max - quant_min) / 2), min=eps), zeros
     scale = torch.clamp((max_pos - min_neg) / (quant_max - quant_min), min=eps)
     zero_point = torch.clamp(quant_min - torch.round(min_neg / scale), quant_min, quant_max)

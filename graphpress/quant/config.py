@@ -31,6 +31,12 @@ Presets (``scheme`` names in pipeline strings):
 | ``int3_weight_only(group_size)`` | int3 ([-4, 3]) per group along K, asymmetric | float |
 | ``fp8(dynamic)`` | float8_e4m3fn per channel | float8_e4m3fn per token (dynamic) or tensor |
 | ``w4a8(group_size)`` | int4 per group along K, symmetric | int8 per token, dynamic |
+
+``int4_weight_only`` and ``int3_weight_only`` take ``symmetric=True``, and with it
+``signed_scale=True``: each group's largest-magnitude weight lands on ``qmin`` exactly (the
+scale carries its sign), so the group spans ``[-amax, amax]`` in steps of ``amax / |qmin|``
+instead of ``amax / ((qmax - qmin) / 2)`` with ``amax`` itself rounded onto ``qmax`` (llama.cpp's
+Q4_0 grid, NNCF's INT4_SYM and INT3_SYM).
 """
 
 from __future__ import annotations
@@ -147,19 +153,25 @@ def int8_static(*, observer: str = "minmax", per_channel_weights: bool = True,
 
 
 def int4_weight_only(group_size: int = 128, *, symmetric: bool = False,
-                     skip: Sequence[str] = (), keep_first_last: bool = False) -> QuantConfig:
+                     signed_scale: bool = False, skip: Sequence[str] = (),
+                     keep_first_last: bool = False) -> QuantConfig:
     return _finish(QuantConfig(
-        weight=QuantSpec("int4", "per_group", group_size=group_size, symmetric=symmetric),
-        name=f"int4_weight_only(group_size={group_size})"), skip, keep_first_last)
+        weight=QuantSpec("int4", "per_group", group_size=group_size, symmetric=symmetric,
+                         signed_scale=signed_scale),
+        name=f"int4_weight_only(group_size={group_size}"
+             f"{', signed_scale=True' if signed_scale else ''})"), skip, keep_first_last)
 
 
 def int3_weight_only(group_size: int = 128, *, symmetric: bool = False,
-                     skip: Sequence[str] = (), keep_first_last: bool = False) -> QuantConfig:
+                     signed_scale: bool = False, skip: Sequence[str] = (),
+                     keep_first_last: bool = False) -> QuantConfig:
     """3-bit weights (8 levels a group, W3 in the GPTQ / AWQ papers); fake-quant only: the
     packed-weight ops and the ONNX backend take 4- and 8-bit types."""
     return _finish(QuantConfig(
-        weight=QuantSpec("int3", "per_group", group_size=group_size, symmetric=symmetric),
-        name=f"int3_weight_only(group_size={group_size})"), skip, keep_first_last)
+        weight=QuantSpec("int3", "per_group", group_size=group_size, symmetric=symmetric,
+                         signed_scale=signed_scale),
+        name=f"int3_weight_only(group_size={group_size}"
+             f"{', signed_scale=True' if signed_scale else ''})"), skip, keep_first_last)
 
 
 def fp8(*, dynamic: bool = True, dtype: str = "float8_e4m3fn", observer: str = "minmax",

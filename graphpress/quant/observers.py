@@ -112,7 +112,8 @@ class Observer(ABC):
         lo, hi = self.ranges()
         quant_min, quant_max = self.spec.qrange()
         scale, zero_point = qparams_from_minmax(lo, hi, quant_min, quant_max,
-                                                self.spec.symmetric, self.spec.dtype, self.eps)
+                                                self.spec.symmetric, self.spec.dtype, self.eps,
+                                                signed_scale=self.spec.signed_scale)
         return scale, None if self.spec.symmetric or self.spec.is_float else zero_point
 
     @abstractmethod

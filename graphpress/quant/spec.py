@@ -59,6 +59,7 @@ class QuantSpec:
     group_size: int | None = None
     symmetric: bool = True
     narrow_range: bool = False
+    signed_scale: bool = False       # symmetric: the block's largest-magnitude value -> qmin
     dynamic: bool = False            # qparams computed in the graph on every call
     observer: str = "minmax"         # how static qparams are calibrated
     observer_args: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
@@ -85,6 +86,11 @@ class QuantSpec:
                              f"{self.dtype[1:]} or symmetric=False")
         if self.narrow_range and (self.is_float or not self.symmetric):
             raise ValueError("narrow_range is for symmetric integer types")
+        if self.signed_scale and (self.is_float or not self.symmetric or self.narrow_range):
+            raise ValueError("signed_scale is for symmetric integer types without narrow_range")
+        if self.signed_scale and (self.dynamic or self.observer != "minmax"):
+            raise ValueError("signed_scale needs each block's signed extreme, which only static "
+                             "min-max qparams keep: use observer='minmax' and dynamic=False")
 
     @property
     def is_float(self) -> bool:
@@ -121,7 +127,8 @@ class QuantSpec:
         parts = [self.dtype, self.granularity]
         if self.group_size:
             parts.append(f"g{self.group_size}")
-        parts.append("sym" if self.symmetric else "asym")
+        parts.append(("sym signed" if self.signed_scale else "sym") if self.symmetric
+                     else "asym")
         parts.append("dynamic" if self.dynamic else self.observer)
         return " ".join(parts)
 

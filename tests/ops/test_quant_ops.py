@@ -182,6 +182,23 @@ def test_qparams_formulas() -> None:
         qparams_from_minmax(lo, hi, 0, 255, True, "uint8")
 
 
+def test_signed_scale_puts_the_largest_magnitude_on_qmin() -> None:
+    """int3: scale = e / -4 for the block's largest-magnitude value e, so e itself is a level
+    and the step is |e| / 4 (the plain symmetric grid: amax / 3.5, amax rounded onto 3)."""
+    lo, hi = torch.tensor([-0.2, -0.8, 0.0, -0.5]), torch.tensor([0.8, 0.6, 0.0, 0.5])
+    scale, zp = qparams_from_minmax(lo, hi, -4, 3, True, "int3", signed_scale=True)
+    eps = torch.finfo(torch.float32).eps
+    torch.testing.assert_close(scale, torch.tensor([-0.2, 0.2, eps, 0.125]), rtol=0, atol=0)
+    assert zp.tolist() == [0, 0, 0, 0]
+    w = torch.tensor([[0.8, -0.2, 0.1, 0.7], [-0.8, 0.6, 0.7, 0.0]])
+    scale, _ = qparams_from_minmax(w.amin(1, keepdim=True), w.amax(1, keepdim=True), -4, 3, True,
+                                   "int3", signed_scale=True)
+    q = gq.fake_quantize_affine(w, [1, 4], scale, None, -4, 3, "int3")
+    # 0.1 / -0.2 = -0.5 rounds to even (0); 0.7 / -0.2 = -3.5 -> -4; 0.7 / 0.2 = 3.5 -> 4 -> 3
+    expected = torch.tensor([[0.8, -0.2, 0.0, 0.8], [-0.8, 0.6, 0.6, 0.0]])
+    torch.testing.assert_close(q, expected, rtol=0, atol=1e-7)
+
+
 def test_fp8_saturates_and_rounds_to_nearest_even() -> None:
     x = torch.tensor([1000.0, -1000.0, 1.0625, 1.1875, 0.3])  # 1.0625: tie between 1 and 1.125
     one = torch.ones(1)

@@ -43,6 +43,11 @@ def test_block_sizes() -> None:
     ({"dtype": "uint8"}, "cannot be symmetric"),
     ({"dtype": "uint3"}, "cannot be symmetric"),
     ({"symmetric": False, "narrow_range": True}, "narrow_range"),
+    ({"symmetric": False, "signed_scale": True}, "signed_scale is for symmetric integer"),
+    ({"dtype": "float8_e4m3fn", "signed_scale": True}, "signed_scale is for symmetric integer"),
+    ({"narrow_range": True, "signed_scale": True}, "without narrow_range"),
+    ({"signed_scale": True, "dynamic": True}, "only static min-max qparams keep"),
+    ({"signed_scale": True, "observer": "mse"}, "use observer='minmax'"),
 ])
 def test_bad_specs_name_the_problem(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -241,6 +241,9 @@ def test_errors_name_the_fix() -> None:
         qat.eval()(*example)
     with pytest.raises(ValueError, match="already prepared"):
         gp.quant.prepare_qat(qat, gp.quant.int8_static(), example)
+    signed = gp.quant.int4_weight_only(group_size=32, symmetric=True, signed_scale=True)
+    with pytest.raises(ValueError, match="cannot train int4 per_group g32 sym signed"):
+        gp.quant.prepare_qat(_net(), signed, example)
     group = QuantConfig(weight=QuantSpec("int4", "per_group", group_size=7))
     with pytest.raises(ValueError, match="group_size=7 does not divide K=288 of fc"):
         gp.quant.prepare_qat(_net().requires_grad_(False),

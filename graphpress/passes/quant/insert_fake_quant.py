@@ -270,7 +270,8 @@ class InsertFakeQuant(Pass):
                     tensor = program.weight(value).detach()
                     low, high = block_minmax(plan.original.get(name, tensor), operand.block_size)
                     scale, zero_point = plan.qparams.get(name) or qparams_from_minmax(
-                        low, high, qmin, qmax, spec.symmetric, spec.dtype)
+                        low, high, qmin, qmax, spec.symmetric, spec.dtype,
+                        signed_scale=spec.signed_scale)
                 else:
                     scale, zero_point = activation_qp[(value.name, spec)]
                     low, high = None, None

@@ -25,7 +25,8 @@ def qparams_in(low: torch.Tensor, high: torch.Tensor, spec: QuantSpec
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(scale, zero_point or None when symmetric) of blocks whose range is ``[low, high]``."""
     qmin, qmax = spec.qrange()
-    scale, zero_point = qparams_from_minmax(low, high, qmin, qmax, spec.symmetric, spec.dtype)
+    scale, zero_point = qparams_from_minmax(low, high, qmin, qmax, spec.symmetric, spec.dtype,
+                                            signed_scale=spec.signed_scale)
     return scale, (None if spec.symmetric or spec.is_float else zero_point)
 
 

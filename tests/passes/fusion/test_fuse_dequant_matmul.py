@@ -221,6 +221,21 @@ def test_onnx_backend_runs_the_packed_program(group: int, onnx_op: str, tmp_path
     torch.testing.assert_close(gp.load(tmp_path)(x), compiled(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["eager", "onnx"])
+def test_signed_scales_pack_and_run(backend: str) -> None:
+    """A signed-scale int4 grid (negative scales where a group's extreme is positive) packs
+    and runs like any other."""
+    torch.manual_seed(0)
+    model, x = Layers(), torch.randn(2, 3, 64)
+    config = gp.quant.int4_weight_only(group_size=16, symmetric=True, signed_scale=True)
+    quantized = gp.compile(model, (x,), passes=[gp.passes.InsertFakeQuant(config)])
+    assert any(bool((t < 0).any()) for n, t in quantized.program.weights().items()
+               if n.endswith("_scale"))
+    fused = gp.compile(model, (x,), passes=[gp.passes.InsertFakeQuant(config),
+                                            "fuse_dequant_matmul"], backend=backend, verify=True)
+    torch.testing.assert_close(fused(x), quantized(x), rtol=1e-4, atol=1e-4)
+
+
 def test_saved_eager_program_reloads(tmp_path: object) -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 3, 64)

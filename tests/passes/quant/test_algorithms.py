@@ -70,6 +70,29 @@ def _spec() -> gp.quant.QuantSpec:
     return gp.quant.int4_weight_only(group_size=16).weight
 
 
+@pytest.mark.parametrize("algorithm", ["gptq", "awq"])
+def test_algorithms_on_the_signed_scale_grid(algorithm: str) -> None:
+    """GPTQ's and AWQ's weights land on the signed-scale grid (negative scales included) and
+    beat its round-to-nearest."""
+    model, batches = _norm_mlp()
+    config = gp.quant.int4_weight_only(group_size=16, symmetric=True, signed_scale=True)
+
+    def compiled(**options: object) -> gp.CompiledModel:
+        return gp.compile(model, batches[0], calibration_data=batches, verify=True,
+                          passes=[gp.passes.InsertFakeQuant(config, **options)])
+    rtn, tuned = compiled(), compiled(algorithm=algorithm)
+    plan = tuned.report().records[0].details["weight_plan"]
+    for name, (scale, zero_point) in plan.qparams.items():
+        assert zero_point is None and bool((scale < 0).any())
+        weight = tuned.program.weights()[name]
+        on_grid = fake_quantize(weight, [1, 16], config.weight, scale, zero_point)
+        # GPTQ stores the quantized weight itself; AWQ the folded float one, clipped qparams
+        assert torch.equal(on_grid, weight) == (algorithm == "gptq")
+        assert torch.equal(fake_quantize(on_grid, [1, 16], config.weight, scale, None), on_grid)
+    assert plan.qparams
+    assert _error(tuned, model, batches) < 0.9 * _error(rtn, model, batches)
+
+
 def test_gptq_act_order_option() -> None:
     model, batches = _norm_mlp()
     compiled = _compile(model, batches, W4 + ", algorithm='gptq', "
