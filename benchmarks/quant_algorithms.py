@@ -11,9 +11,11 @@ Weight-only grids (``GRIDS``): W4 g128 (``int4_weight_only(group_size=128)``) an
 ``algorithm='awq'`` (defaults: plain and duo scale candidates, power-of-two scales, clipping
 search), AWQ with two-sided clipping and exact scales, AWQ scored at the block's merge point
 (``loss='block'``), AWQ without clipping, ``algorithm='gptq'``
-(with and without act order) and GPTQ + an EoRA branch. NNCF's ``compress_weights`` has no
-asymmetric 3-bit mode, so at W3 its rows are ``INT3_SYM``, next to graphpress's symmetric W3
-rows (RTN, AWQ, GPTQ). Every graphpress row is ``gp.compile(..., verify=True)``: the contract is
+(with and without act order, and act order with ``damp='auto'``) and GPTQ + an EoRA branch.
+NNCF's ``compress_weights`` has no asymmetric 3-bit mode, so at W3 its rows are ``INT3_SYM``,
+next to graphpress's symmetric W3 rows (RTN, AWQ, GPTQ) on the plain symmetric grid and on the
+``signed_scale=True`` grid, which is NNCF's INT3_SYM grid (and GPTQ with act order and
+``damp='auto'`` there). Every graphpress row is ``gp.compile(..., verify=True)``: the contract is
 checked on every run. NNCF runs on the OpenVINO model of ``torch.export.export(model,
 example)`` (its torch.fx backend refuses ``gptq=True``): ``compress_weights`` with the same
 group size, ``ratio=1.0, all_layers=True``, the embedding tables (Gather) left float as
@@ -128,18 +130,25 @@ def _weight_runs(scheme: str, eora_rank: int, with_rtn_eora: bool
             ("AWQ scales only", quant(algorithm="awq", algorithm_options={"clip": False})),
             ("GPTQ", quant(algorithm="gptq")),
             ("GPTQ act order", quant(algorithm="gptq", algorithm_options={"act_order": True})),
+            ("GPTQ act order, damp auto", quant(algorithm="gptq", algorithm_options={
+                "act_order": True, "damp": "auto"})),
             (f"GPTQ + EoRA rank {eora_rank}", quant(algorithm="gptq", eora_rank=eora_rank))]
     if with_rtn_eora:
         runs.append((f"RTN + EoRA rank {eora_rank}", quant(eora_rank=eora_rank)))
     return runs
 
 
-def _symmetric_runs(scheme: str) -> list[tuple[str, Any]]:
-    def quant(**options: Any) -> Any:
-        config = gp.quant.scheme(scheme, group_size=GROUP, symmetric=True)
+def _symmetric_runs(scheme: str) -> list[list[tuple[str, Any]]]:
+    """graphpress's symmetric rows, RTN first in each group: the plain grid, then the signed
+    scale grid (NNCF's INT3_SYM grid, so last: NNCF's rows are measured from its RTN)."""
+    def quant(signed: bool, **options: Any) -> Any:
+        config = gp.quant.scheme(scheme, group_size=GROUP, symmetric=True, signed_scale=signed)
         return gp.passes.InsertFakeQuant(config, **options)
-    return [("RTN sym", quant()), ("AWQ sym", quant(algorithm="awq")),
-            ("GPTQ sym", quant(algorithm="gptq"))]
+    return [[(f"{name} {label}", quant(signed, **options)) for name, options in (
+        ("RTN", {}), ("AWQ", {"algorithm": "awq"}), ("GPTQ", {"algorithm": "gptq"}),
+        *([("GPTQ act order, damp auto", {"algorithm": "gptq", "algorithm_options": {
+            "act_order": True, "damp": "auto"}})] if signed else []))]
+        for signed, label in ((False, "sym"), (True, "sym signed"))]
 
 
 def _closed(value: float, rtn: float | None, base: float) -> str:
@@ -182,10 +191,11 @@ class _Table:
                 value = self.graphpress(f"{label} {name}", quant, rtn)
                 rtn = value if rtn is None else rtn
             if mode.endswith("_SYM"):
-                rtn = None
-                for name, quant in _symmetric_runs(scheme):
-                    value = self.graphpress(f"{label} {name}", quant, rtn)
-                    rtn = value if rtn is None else rtn
+                for group in _symmetric_runs(scheme):
+                    rtn = None
+                    for name, quant in group:
+                        value = self.graphpress(f"{label} {name}", quant, rtn)
+                        rtn = value if rtn is None else rtn
             for option in ("", "awq", "gptq", "scale_estimation"):
                 self.run("NNCF", f"{label} compress_weights {mode}" + (
                     f", {option}=True" if option else ""),

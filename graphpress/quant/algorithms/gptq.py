@@ -27,9 +27,10 @@ successive inverses from the upper Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U
   quantized layer is then worse than RTN's on new inputs), too much ignores it. With the
   calibration batches split into ``F`` folds (Grams ``H_f``, ``H = sum_f H_f``), each candidate
   ``d`` quantizes on ``H - H_f`` and is scored on the fold it did not see,
-  ``sum_f tr((W - Q_f) H_f (W - Q_f)^T)``; the lowest score's ``d`` quantizes on ``H``. All
-  ``F x |candidates|`` runs share one column sweep (a batch dimension), so the search costs a
-  few plain runs, not ``F x |candidates|``.
+  ``sum_f tr((W - Q_f) H_f (W - Q_f)^T)``; the lowest score's ``d`` quantizes on ``H``. The
+  ``F x |candidates|`` runs share one column sweep (a batch dimension), which pays the sweep's
+  per-column overhead once; their arithmetic and Cholesky factorizations are still
+  ``F x |candidates|`` plain runs' (a 384 x 1536 weight: 7 s against 0.45 s, one thread).
 * **Act order**: columns are visited by decreasing ``H_ii`` (the most active inputs first,
   while the most freedom is left). With groups the qparams are then fixed up front from the
   unquantized weight (static groups), so the groups stay contiguous blocks of ``g`` input
