@@ -144,9 +144,9 @@ def _symmetric_runs(scheme: str) -> list[list[tuple[str, Any]]]:
     def quant(signed: bool, **options: Any) -> Any:
         config = gp.quant.scheme(scheme, group_size=GROUP, symmetric=True, signed_scale=signed)
         return gp.passes.InsertFakeQuant(config, **options)
-    return [[(f"{name} {label}", quant(signed, **options)) for name, options in (
-        ("RTN", {}), ("AWQ", {"algorithm": "awq"}), ("GPTQ", {"algorithm": "gptq"}),
-        *([("GPTQ act order, damp auto", {"algorithm": "gptq", "algorithm_options": {
+    return [[(f"{name} {label}{extra}", quant(signed, **options)) for name, extra, options in (
+        ("RTN", "", {}), ("AWQ", "", {"algorithm": "awq"}), ("GPTQ", "", {"algorithm": "gptq"}),
+        *([("GPTQ", ", act order, damp auto", {"algorithm": "gptq", "algorithm_options": {
             "act_order": True, "damp": "auto"}})] if signed else []))]
         for signed, label in ((False, "sym"), (True, "sym signed"))]
 
