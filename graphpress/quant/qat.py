@@ -538,11 +538,6 @@ def prepare_qat(model: nn.Module, config: QuantConfig, example_inputs: Any, *,
     if not isinstance(config, QuantConfig):
         raise TypeError(f"prepare_qat needs a QuantConfig (gp.quant.int8_static(), "
                         f"gp.quant.scheme(name)...), got {type(config).__name__}")
-    signed = [spec.describe() for spec in (config.weight, config.activation)
-              if spec is not None and spec.signed_scale]
-    if signed:
-        raise ValueError(f"QAT keeps every scale positive, so it cannot train {signed[0]} "
-                         "(signed_scale); quantize with signed_scale=False")
     if any(isinstance(m, QATLayer | FrozenLayer) for m in model.modules()):
         raise ValueError("this model is already prepared for QAT (it has QATLayer modules); "
                          "pass the float model to prepare_qat")
@@ -569,6 +564,12 @@ def prepare_qat(model: nn.Module, config: QuantConfig, example_inputs: Any, *,
         if layer_config is None:
             skipped.append((path, "an override keeps it in float"))
             continue
+        signed = [spec.describe() for spec in (layer_config.weight, layer_config.activation)
+                  if spec is not None and spec.signed_scale]
+        if signed:
+            raise ValueError(f"QAT keeps every scale positive, so it cannot train {signed[0]} "
+                             f"(signed_scale) at {path or 'the model'}; quantize with "
+                             "signed_scale=False")
         bn_path = _norm_after(calls, path, layer, norms)
         bn = norms[bn_path] if bn_path else None
         weight_quant = input_quant = None

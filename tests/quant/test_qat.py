@@ -244,6 +244,10 @@ def test_errors_name_the_fix() -> None:
     signed = gp.quant.int4_weight_only(group_size=32, symmetric=True, signed_scale=True)
     with pytest.raises(ValueError, match="cannot train int4 per_group g32 sym signed"):
         gp.quant.prepare_qat(_net(), signed, example)
+    # an override's signed grid is refused too, naming the layer
+    with pytest.raises(ValueError, match=r"sym signed minmax \(signed_scale\) at fc"):
+        gp.quant.prepare_qat(_net(), gp.quant.int8_static().with_overrides(("fc", signed)),
+                             example)
     group = QuantConfig(weight=QuantSpec("int4", "per_group", group_size=7))
     with pytest.raises(ValueError, match="group_size=7 does not divide K=288 of fc"):
         gp.quant.prepare_qat(_net().requires_grad_(False),

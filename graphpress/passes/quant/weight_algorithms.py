@@ -291,7 +291,7 @@ def _quantize_stage(program: Program, batches: Sequence[Any],
                                              **gptq_options)
         rtn = fake_quantize(rows, block, operand.spec, *minmax_qparams(rows, block,
                                                                        operand.spec))
-        h = grams[value.name].total.to(torch.float32)
+        h = gram.total.to(torch.float32)
         err, base = (((rows - q) @ h) * (rows - q)).sum(), (((rows - rtn) @ h) * (rows - rtn)).sum()
         plan.summary.append(f"gptq {layer.node.name}: {chose}output error / RTN's "
                             f"{float(err / base.clamp(min=1e-30)):.3f}")

@@ -84,7 +84,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
     ``[1, g]``, ``[1, K]`` or ``[N, K]``) given ``hessian`` ``[K, K]`` (any positive multiple
     of ``X^T X``); see the module docstring."""
     _check(weight, hessian, spec)
-    q, scale, zero_point = _sweep(weight, hessian[None], torch.tensor([damp]), spec, block_size,
+    hessians = hessian.detach().to(torch.float64, copy=True)[None]
+    q, scale, zero_point = _sweep(weight, hessians, torch.tensor([damp]), spec, block_size,
                                   act_order, block)
     return q[0], scale[0], None if zero_point is None else zero_point[0]
 
@@ -114,13 +115,14 @@ def _sweep(weight: torch.Tensor, hessians: torch.Tensor, damps: torch.Tensor, sp
            block_size: Sequence[int], act_order: bool, block: int
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """GPTQ of one weight under ``C`` Hessians and damping factors at once: every tensor
-    carries a leading batch dim ``C``; results ``[C, N, K]`` and qparams ``[C, ...]``."""
+    carries a leading batch dim ``C``; results ``[C, N, K]`` and qparams ``[C, ...]``.
+    ``hessians`` is a float64 batch of the caller's own, which the sweep overwrites."""
     rows, columns = weight.shape
     count = hessians.shape[0]
     group = block_size[1] if block_size[0] == 1 and block_size[1] < columns else None
     batched_block = [1, *block_size]
     W = weight.detach().to(torch.float32).expand(count, rows, columns).clone()
-    H = hessians.detach().to(torch.float64).clone()
+    H = hessians
     diagonal = torch.diagonal(H, dim1=1, dim2=2)
     dead = diagonal == 0
     diagonal[dead] = 1.0
