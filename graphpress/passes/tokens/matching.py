@@ -11,17 +11,19 @@ With ``x`` the stream ``[B, N, C]`` after a block's attention, ``k`` its keys ``
     best_j = argmax_j S_ij, score_i = max_j S_ij       each A token's best B partner
     rank_i = #{j: score_j > score_i} + #{j < i: score_j = score_i}   (a stable descending sort)
     src    = the r tokens of rank < r, by rank;  kept A = the others, in their order
-    t      = [x * s, s]                                 s: token sizes [B, N, 1]
-    t_B   += scatter_add(best_j[src], t_A[src] * same_validity)
-    t'     = cat(t_P, t_A[kept], t_B)                  protected tokens keep positions 0..P-1
-    x', s' = t'[..., :C] / t'[..., C:],  t'[..., C:]
+    dst    = best_j[src]
+    s'_B   = s_B + scatter_add(dst, s_src * same_validity)        s: token sizes [B, N, 1]
+    x'     = cat(x_P, x_A[kept], x_B)   protected tokens keep positions 0..P-1
+    x'_B  += scatter_add(dst, (x_src - x_dst) * s_src * same_validity / s'_dst)
+    s'     = cat(s_P, s_A[kept], s'_B)
 
-so a merged token is the size-weighted average of what it absorbed (scatter-add then divide:
-``scatter_reduce(mean)`` exports to ONNX but onnxruntime computes it wrongly), and a padding
-token is never averaged into a real one. The float operations are ToMe's ``merge_wavg`` in its
-order; the graph is its cheap form: ``x * s`` and ``s`` are moved as two tensors (no
-concatenated ``t``), rows of ``C`` values are copied whole (:func:`take_tokens`), and the
-product is skipped before the first merge, where ``s = 1`` and ``x * 1 == x`` exactly.
+so a merged token is the size-weighted average of what it absorbed,
+``x_j + sum_i s_i (x_i - x_j) / s'_j = (s_j x_j + sum_i s_i x_i) / s'_j`` (ToMe's
+``merge_wavg``, up to float rounding; scatter-adds throughout: ``scatter_reduce(mean)`` exports
+to ONNX but onnxruntime computes it wrongly), and a padding token is never averaged into a real
+one. The form is chosen for its cost: arithmetic only on the ``r`` moved rows, and two copies of
+the ``[B, N, C]`` stream (one row copy, :func:`take_tokens`, and the out-of-place scatter-add),
+where ``merge_wavg`` multiplies, scatters, concatenates and divides all of it.
 
 Beside ``x`` the step carries, per current token, its representative's original index
 (``rep``: to gather the attention mask), its key validity, and, for ``unmerge``, the current
@@ -176,31 +178,34 @@ def merge_step(b: GraphBuilder, x: Node, key: Node, r: int, protected: int,
         parts.append(token_slice(b, t, p + 1, tokens, 2))
         return b.call(aten.cat.default, parts, 1)
 
-    # x * s and s go through the same moves; before the first merge every size is 1 and
-    # x * 1 == x exactly, so the product is skipped there
-    weighted = x if state.stage == 0 else b.call(aten.mul.Tensor, x, state.size)
-    moved = take_tokens(b, weighted, src, batch, p, 2)
+    # the size-weighted average, written as an update of each B token by what it absorbs:
+    # x'_j = x_j + sum_{i -> j} (s_i / s'_j) (x_i - x_j),  s'_j = s_j + sum_{i -> j} s_i
+    # (equal to ToMe's (s_j x_j + sum s_i x_i) / s'_j). Only the r moved rows are computed on;
+    # the output is one row copy of the kept tokens plus a scatter-add of the r updates.
     moved_size = take_tokens(b, state.size, src, batch, p, 2)
-    if state.valid is not None:
+    if state.valid is not None:  # a padding token is never averaged into a real one
         same_src = b.call(aten.eq.Tensor, take_tokens(b, state.valid, src, batch, p, 2),
                           take_tokens(b, state.valid, dst, batch, p + 1, 2))
-        keep = b.call(aten.unsqueeze.default,
-                      b.call(aten._to_copy.default, same_src, dtype=x.meta["val"].dtype), -1)
-        moved = b.call(aten.mul.Tensor, moved, keep)
+        keep = b.call(aten._to_copy.default, b.call(aten.unsqueeze.default, same_src, -1),
+                      dtype=x.meta["val"].dtype)
         moved_size = b.call(aten.mul.Tensor, moved_size, keep)
-    wide_dst = b.call(aten.expand.default, b.call(aten.unsqueeze.default, dst, -1),
-                      [batch, r, channels])
-    b_sums = b.call(aten.scatter_add.default, token_slice(b, weighted, p + 1, tokens, 2), 1,
-                    wide_dst, moved)
+    dst_column = b.call(aten.unsqueeze.default, dst, -1)
     b_sizes = b.call(aten.scatter_add.default, token_slice(b, state.size, p + 1, tokens, 2), 1,
-                     b.call(aten.unsqueeze.default, dst, -1), moved_size)
-    parts, size_parts = ([token_slice(b, weighted, 0, p)], [token_slice(b, state.size, 0, p)]) \
-        if p else ([], [])
+                     dst_column, moved_size)
+    share = b.call(aten.div.Tensor, moved_size,
+                   b.call(aten.gather.default, b_sizes, 1, dst_column))
+    update = b.call(aten.mul.Tensor,
+                    b.call(aten.sub.Tensor, take_tokens(b, x, src, batch, p, 2),
+                           take_tokens(b, x, dst, batch, p + 1, 2)), share)
+    out = take_tokens(b, x, _merged_order(b, kept, batch, p, n_b), batch)
+    out_dst = b.call(aten.add.Scalar, dst, p + n_a - r)
+    out = b.call(aten.scatter_add.default, out, 1,
+                 b.call(aten.expand.default, b.call(aten.unsqueeze.default, out_dst, -1),
+                        [batch, r, channels]), update)
+    size_parts = [token_slice(b, state.size, 0, p)] if p else []
     if kept is not None:
-        parts.append(take_tokens(b, weighted, kept, batch, p, 2))
         size_parts.append(take_tokens(b, state.size, kept, batch, p, 2))
     size = b.call(aten.cat.default, [*size_parts, b_sizes], 1)
-    out = b.call(aten.div.Tensor, b.call(aten.cat.default, [*parts, b_sums], 1), size)
     # sizes are counts: no gradient (SDPA picks a slower kernel for a mask that needs one)
     size = b.call(aten.detach.default, size)
     new = replace(state, tokens=tokens - r, stage=state.stage + 1, size=size)
@@ -212,6 +217,21 @@ def merge_step(b: GraphBuilder, x: Node, key: Node, r: int, protected: int,
         new = replace(new, source=_moved_sources(b, state.source, src, kept, dst, score, p,
                                                  n_a, n_b, r, tokens))
     return out, new
+
+
+def _merged_order(b: GraphBuilder, kept: Node | None, batch: Any, p: int, n_b: int) -> Node:
+    """``[B, N - r]``: the token each merged position copies: ``0..P-1``, then ``P + 2 k`` for
+    each kept A token ``k``, then every B token ``P + 1 + 2 j``."""
+    def fixed(name: str, tokens: list[int]) -> Node:
+        row = b.weight(b.program.free_weight_name(name),
+                       torch.tensor([tokens], dtype=torch.int64), kind="constant")
+        return b.call(aten.expand.default, row, [batch, len(tokens)])
+
+    parts = [fixed("merge_tokens_protected", list(range(p)))] if p else []
+    if kept is not None:
+        parts.append(b.call(aten.add.Scalar, b.call(aten.mul.Tensor, kept, 2), p))
+    parts.append(fixed("merge_tokens_b", [p + 1 + 2 * j for j in range(n_b)]))
+    return b.call(aten.cat.default, parts, 1)
 
 
 def rank_split(b: GraphBuilder, score: Node, r: int, n_a: int) -> tuple[Node, Node | None]:

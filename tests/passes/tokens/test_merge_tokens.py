@@ -36,11 +36,12 @@ def test_equals_a_direct_tome_forward_on_shorter_sequences(proportional: bool) -
     with torch.no_grad():
         expected = model.forward_tome(x, [8, 8, 4], proportional=proportional)
         other = model.forward_tome(x, [8, 8, 4], proportional=not proportional)
-        # bit for bit: the same float operations in the same order as ToMe's merge_wavg
-        torch.testing.assert_close(compiled(x), expected, rtol=0, atol=0)
+        # the same matches and sizes; the average is computed as an update of each B token
+        # (x_j + sum s_i (x_i - x_j) / s'_j), so only float rounding differs from merge_wavg
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(compiled(images(seed=1)),
                                    model.forward_tome(images(seed=1), [8, 8, 4], proportional),
-                                   rtol=0, atol=0)
+                                   rtol=1e-5, atol=1e-6)
         assert not torch.allclose(expected, other, atol=1e-4)  # the option matters
     # 67 tokens (CLS + 2 registers + 64 patches); blocks see 67, 59, 51; 47 leave
     assert _tokens_seen_by_sdpa(compiled.program) == [67, 59, 51]
@@ -117,10 +118,11 @@ def test_new_nodes_have_provenance_and_the_program_validates() -> None:
     assert any(n.target is aten.index_select.default for n in created)
     assert all(n.meta["val"].shape[-1] == 1 or n.meta["val"].dim() == 2 for n in created
                if n.target is aten.gather.default)
-    # before the first merge every size is 1: no x * s there, one in each later merge
-    products = [n for n in created if n.target is aten.mul.Tensor
-                and n.meta["val"].shape[-1] == 32 and n.meta["val"].dim() == 3]
-    assert len(products) == 2
+    # arithmetic on token rows only touches the r = 4 moved rows of each of the 3 merges:
+    # the stream itself is only copied (no x * s, no divide by the sizes over all tokens)
+    wide = [n for n in created if n.target in (aten.mul.Tensor, aten.div.Tensor, aten.sub.Tensor)
+            and n.meta["val"].dim() == 3 and n.meta["val"].shape[-1] == 32]
+    assert len(wide) == 6 and all(n.meta["val"].shape[1] == 4 for n in wide)
     # proportional attention goes through SDPA's attn_mask in blocks after the first merge
     masks = [n.kwargs.get("attn_mask") for n in program.graph.nodes
              if n.target is aten.scaled_dot_product_attention.default]
