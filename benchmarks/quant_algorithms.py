@@ -9,8 +9,9 @@ Usage::
 Weight-only grids (``GRIDS``): W4 g128 (``int4_weight_only(group_size=128)``) and W3 g128
 (``int3_weight_only(group_size=128)``), both asymmetric, each by round-to-nearest (RTN),
 ``algorithm='awq'`` (defaults: plain and duo scale candidates, power-of-two scales, clipping
-search), AWQ with two-sided clipping and exact scales, AWQ scored at the block's merge point
-(``loss='block'``), AWQ without clipping, ``algorithm='gptq'``
+search, 4 steps of grid refinement), AWQ with two-sided clipping (power-of-two and exact
+scales), AWQ scored at the block's merge point (``loss='block'``), AWQ's scales alone (no
+clipping, no refinement), AWQ without the grid refinement, ``algorithm='gptq'``
 (with and without act order, and act order with ``damp='auto'``) and GPTQ + an EoRA branch.
 NNCF's ``compress_weights`` has no asymmetric 3-bit mode, so at W3 its rows are ``INT3_SYM``,
 next to graphpress's symmetric W3 rows (RTN, AWQ, GPTQ) on the plain symmetric grid and on the
@@ -124,10 +125,15 @@ def _weight_runs(scheme: str, eora_rank: int, with_rtn_eora: bool
         config = gp.quant.scheme(scheme, group_size=GROUP, symmetric=symmetric)
         return gp.passes.InsertFakeQuant(config, **options)
     runs = [("RTN", quant()), ("AWQ", quant(algorithm="awq")),
+            ("AWQ two-sided clipping", quant(algorithm="awq",
+                                             algorithm_options={"two_sided": True})),
             ("AWQ two-sided clipping, exact scales", quant(
                 algorithm="awq", algorithm_options={"two_sided": True, "power_of_two": False})),
             ("AWQ block objective", quant(algorithm="awq", algorithm_options={"loss": "block"})),
-            ("AWQ scales only", quant(algorithm="awq", algorithm_options={"clip": False})),
+            ("AWQ scales only", quant(algorithm="awq", algorithm_options={
+                "clip": False, "refine": 0})),
+            ("AWQ without grid refinement", quant(algorithm="awq", algorithm_options={
+                "refine": 0})),
             ("GPTQ", quant(algorithm="gptq")),
             ("GPTQ act order", quant(algorithm="gptq", algorithm_options={"act_order": True})),
             ("GPTQ act order, damp auto", quant(algorithm="gptq", algorithm_options={

@@ -9,6 +9,7 @@ import torch
 from graphpress.quant.algorithms.awq import (
     AwqReader,
     awq_clip_search,
+    awq_refine_qparams,
     awq_scale_search,
     weight_salience,
 )
@@ -218,6 +219,57 @@ def test_two_sided_clipping_shrinks_the_ends_apart() -> None:
         return _output_error(weight, fake_quantize(weight, [1, 8], spec, *minmax_qparams(
             weight, [1, 8], spec, *ratios)), x)
     assert error((low, high)) <= error(one) < error((torch.ones(4, 1), torch.ones(4, 1)))
+
+
+def test_grid_refinement_by_hand_symmetric() -> None:
+    """w = 0.1 * [3, 1, -2, 7] on int4 symmetric: min-max's step is 0.7 / 7.5, whose codes are
+    [3, 1, -2, 7]; with H = I the least-squares step for those codes is q.w / q.q = 6.3 / 63 =
+    0.1, on which w is exact."""
+    spec = QuantSpec("int4", "per_group", group_size=4, symmetric=True)
+    weight = torch.tensor([[0.3, 0.1, -0.2, 0.7]])
+    x = torch.eye(4)
+    start = minmax_qparams(weight, [1, 4], spec)
+    assert float(start[0]) == pytest.approx(0.7 / 7.5)
+    scale, zero_point = awq_refine_qparams(x, weight, [1, 4], spec, *start, steps=1)
+    assert zero_point is None and float(scale) == pytest.approx(0.1, rel=1e-6)
+    assert torch.allclose(fake_quantize(weight, [1, 4], spec, scale, None), weight, atol=1e-7)
+
+
+def test_grid_refinement_by_hand_asymmetric() -> None:
+    """w = 0.1 * (q + 2) with codes q = [-4, -2, 3, 0] on int3 asymmetric (codes [-4, 3]):
+    min-max spans [-0.2, 0.5] with step 0.1 and zero point -2 already; shrink the high end to
+    0.4 (step 0.6 / 7, codes [-4, -2, 4 -> 3, 0]) and one refinement step (a 2 x 2 solve)
+    goes back to step 0.1, zero point -2."""
+    spec = QuantSpec("int3", "per_group", group_size=4, symmetric=False)
+    weight = torch.tensor([[-0.2, 0.0, 0.5, 0.2]])
+    x = torch.eye(4)
+    start = minmax_qparams(weight, [1, 4], spec, 1.0, torch.tensor([[0.8]]))
+    assert spec.qrange() == (-4, 3) and int(start[1]) == -2
+    assert float(start[0]) == pytest.approx(0.6 / 7)
+    scale, zero_point = awq_refine_qparams(x, weight, [1, 4], spec, *start, steps=2)
+    assert float(scale) == pytest.approx(0.1, rel=1e-5) and int(zero_point) == -2
+    assert torch.allclose(fake_quantize(weight, [1, 4], spec, scale, zero_point), weight,
+                          atol=1e-6)
+
+
+@pytest.mark.parametrize("spec", [
+    INT4_G8, QuantSpec("int3", "per_group", group_size=8, symmetric=True),
+    QuantSpec("int3", "per_group", group_size=8, symmetric=True, signed_scale=True)])
+def test_grid_refinement_never_loses_to_its_start_per_block(spec: QuantSpec) -> None:
+    generator = torch.Generator().manual_seed(8)
+    weight = torch.randn(16, 32, generator=generator)
+    x = _correlated(256, 32, seed=3)
+    start = minmax_qparams(weight, [1, 8], spec)
+    refined = awq_refine_qparams(x, weight, [1, 8], spec, *start, steps=4)
+
+    def block_errors(grid: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+        diff = (weight - fake_quantize(weight, [1, 8], spec, *grid)).reshape(16, 4, 8)
+        return (torch.einsum("tgk,ngk->tng", x.reshape(256, 4, 8), diff) ** 2).sum(dim=0)
+    before, after = block_errors(start), block_errors(refined)
+    assert bool((after <= before * (1 + 1e-9)).all())
+    assert float(after.sum()) < 0.9 * float(before.sum())
+    if spec.signed_scale:
+        assert torch.equal(refined[0].sign(), start[0].sign())
 
 
 def test_bias_correction_of_a_linear_is_the_mean_error_by_hand() -> None:

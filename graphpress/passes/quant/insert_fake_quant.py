@@ -166,6 +166,10 @@ class InsertFakeQuant(Pass):
                                or damp < 0):
             raise ValueError(f"algorithm option damp={damp!r} is neither a number >= 0 nor "
                              "'auto' (chosen by cross-validation over the calibration batches)")
+        refine = given.get("refine", 0)
+        if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+            raise ValueError(f"algorithm option refine={refine!r} is not a step count >= 0 "
+                             "(0: keep the clipping search's grids)")
         return {**accepted, **given}
 
     def _placement(self, config: QuantConfig) -> QuantConfig:

@@ -11,7 +11,8 @@ calibration runner (:func:`graphpress.quant.algorithms.statistics.collect`):
    the scales folded into the producer and the readers' weights (the exact part: recorded in
    ``folded``), then
    (``clip``) the clipping search for every weight-quantized linear, on its inputs after the
-   folding (the qparams recorded in ``qparams``);
+   folding, and (``refine``) that many steps of the grid refinement (the qparams recorded in
+   ``qparams``);
 2. ``algorithm='gptq'``: for each weight-quantized linear / matmul layer, ``H = X^T X`` of its
    input, then :func:`~graphpress.quant.algorithms.gptq.gptq_quantize`; the quantized weight
    replaces the stored one and its qparams are recorded (the fake-quant inserted on it is then
@@ -54,7 +55,12 @@ from graphpress.passes.quant.weight_edits import (
     layer_fn,
 )
 from graphpress.pipeline.base import Skip
-from graphpress.quant.algorithms.awq import AwqReader, awq_clip_search, awq_scale_search
+from graphpress.quant.algorithms.awq import (
+    AwqReader,
+    awq_clip_search,
+    awq_refine_qparams,
+    awq_scale_search,
+)
 from graphpress.quant.algorithms.bias_correction import output_shift
 from graphpress.quant.algorithms.eora import eora_factors
 from graphpress.quant.algorithms.gptq import DAMP_CANDIDATES, gptq_damp_search, gptq_quantize
@@ -68,7 +74,7 @@ OPTIONS = {
     "gptq": {"damp": 0.01, "act_order": False, "block": 128, "sequential": False},
     "awq": {"grid": 20, "duo": True, "loss": "linear", "block_batches": 8, "clip": True,
             "clip_steps": 20, "min_ratio": 0.5, "two_sided": False, "rows": 2048,
-            "clip_rows": 512, "power_of_two": True},
+            "clip_rows": 512, "power_of_two": True, "refine": 4},
     "rtn": {},
 }
 CHOICES = {"loss": ("block", "linear")}   # options that take one of a few values
@@ -192,10 +198,14 @@ def _awq_clip(program: Program, layers: Sequence[Layer], batches: Sequence[Any],
         weight = program.weight(operand.value).detach()
         x = rows[value.name].value
         two_sided = options["two_sided"] and not operand.spec.symmetric
-        low, high = awq_clip_search(x, weight.float(), operand.block_size,
-                                    operand.spec, steps=options["clip_steps"],
-                                    min_ratio=options["min_ratio"], two_sided=two_sided)
+        low, high = (awq_clip_search(x, weight.float(), operand.block_size, operand.spec,
+                                     steps=options["clip_steps"], min_ratio=options["min_ratio"],
+                                     two_sided=two_sided)
+                     if options["clip"] else (torch.ones(()), torch.ones(())))
         qparams = minmax_qparams(weight, operand.block_size, operand.spec, low, high)
+        if options["refine"]:
+            qparams = awq_refine_qparams(x, weight.float(), operand.block_size, operand.spec,
+                                         *qparams, steps=options["refine"])
         plan.qparams[program.weight_name(operand.value)] = qparams
         clipped = fake_quantize(weight, operand.block_size, operand.spec, *qparams)
         rtn = fake_quantize(weight, operand.block_size, operand.spec,
@@ -203,10 +213,11 @@ def _awq_clip(program: Program, layers: Sequence[Layer], batches: Sequence[Any],
         gain = float(((x @ (weight - clipped).float().T) ** 2).sum()) / max(
             float(((x @ (weight - rtn).float().T) ** 2).sum()), 1e-30)
         ratios = torch.cat([low.flatten(), high.flatten()])
-        plan.summary.append(f"awq clipping {layer.node.name}: range ratio "
-                            f"{float(ratios.min()):.2f}..{float(ratios.max()):.2f}, mean "
-                            f"{float(ratios.mean()):.3f}; output error / unclipped's "
-                            f"{gain:.3f}")
+        searched = (f"range ratio {float(ratios.min()):.2f}..{float(ratios.max()):.2f}, mean "
+                    f"{float(ratios.mean()):.3f}" if options["clip"] else "min-max range")
+        refined = f", grid refined ({options['refine']} steps)" if options["refine"] else ""
+        plan.summary.append(f"awq clipping {layer.node.name}: {searched}{refined}; output "
+                            f"error / min-max grid's {gain:.3f}")
 
 
 def _gptq_and_bias(program: Program, layers: Sequence[Layer], batches: Sequence[Any],
@@ -351,7 +362,7 @@ def plan_weights(program: Program, layers: Sequence[Layer], batches: Sequence[An
     plan = WeightPlan()
     if algorithm == "awq":
         _awq(program, layers, batches, options, plan)
-        if options["clip"]:
+        if options["clip"] or options["refine"]:
             _awq_clip(program, layers, batches, options, plan)
     if algorithm == "gptq" or bias_correction or eora_rank:
         gptq_options = options if algorithm == "gptq" else {}

@@ -32,6 +32,19 @@ smallest error of its share of the output, ``sum_t (X_t,group . (W - Q_r(W))_row
 The qparams come from the shrunk range; values beyond it clamp to the grid's ends. With
 ``two_sided`` (asymmetric grids) the low and the high end shrink by ratios searched apart (the
 ``(n + 1)^2`` pairs), so a group whose outliers sit on one side keeps the other end.
+
+**Grid refinement** (``refine`` steps, after clipping; in the spirit of NNCF's scale
+estimation, which fits each group's scale to activation-weighted error). With the codes ``q``
+of a block fixed, its error on the rows ``X`` is a quadratic in the block's grid: for the
+weights ``w`` of one output row in group ``G`` and ``H = X_G^T X_G``,
+
+    e(a, b) = (w - a q - b)^T H (w - a q - b),
+
+minimized by a 2 x 2 linear solve (symmetric grids: ``b = 0``, ``a = q^T H w / q^T H q``).
+The new grid is ``scale = a`` and ``zero_point = round(-b / a)`` (clamped to the code range),
+``a`` re-solved for that integer zero point; the codes are rounded again on the new grid, and
+each block keeps the grid with the smallest ``e`` seen, so refinement never does worse than
+the clipping it starts from on this objective.
 """
 
 from __future__ import annotations
@@ -44,8 +57,8 @@ import torch
 from graphpress.quant.algorithms.grid import fake_quantize, minmax_qparams, qparams_in
 from graphpress.quant.spec import QuantSpec, block_minmax
 
-__all__ = ["AwqReader", "Objective", "awq_clip_search", "awq_scale_search", "linear_objective",
-           "weight_salience"]
+__all__ = ["AwqReader", "Objective", "awq_clip_search", "awq_refine_qparams", "awq_scale_search",
+           "linear_objective", "weight_salience"]
 
 
 @dataclass
@@ -166,3 +179,66 @@ def awq_clip_search(x: torch.Tensor, weight: torch.Tensor, block_size: Sequence[
         best_low[start:start + chunk] = chosen_low
         best_high[start:start + chunk] = chosen_high
     return best_low, best_high
+
+
+def _block_error(diff: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """``d^T H d`` of every block: ``diff`` ``[N, G, g]``, ``gram`` ``[G, g, g]`` -> ``[N, G]``."""
+    return (torch.einsum("ngk,gkl->ngl", diff, gram) * diff).sum(dim=-1)
+
+
+def awq_refine_qparams(x: torch.Tensor, weight: torch.Tensor, block_size: Sequence[int],
+                       spec: QuantSpec, scale: torch.Tensor, zero_point: torch.Tensor | None, *,
+                       steps: int = 4) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The grid refinement of the module docstring: ``steps`` rounds from ``(scale,
+    zero_point)`` (``[N, K / g]``, blocks ``[1, g]`` of ``weight`` ``[N, K]``) on the rows
+    ``x`` ``[T, K]``; the best grid of every block."""
+    rows, columns = weight.shape
+    group = block_size[1]
+    groups = columns // group
+    qmin, qmax = spec.qrange()
+    xs = x.to(torch.float64).reshape(x.shape[0], groups, group)
+    gram = torch.einsum("tgk,tgl->gkl", xs, xs)
+    w = weight.to(torch.float64).reshape(rows, groups, group)
+    w_gram = torch.einsum("ngk,gkl->ngl", w, gram)
+
+    def error(grid: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+        quantized = fake_quantize(weight, block_size, spec, *grid).to(torch.float64)
+        return _block_error(w - quantized.reshape(rows, groups, group), gram)
+
+    best_scale, best_zero = scale.clone(), None if zero_point is None else zero_point.clone()
+    best_err = error((scale, zero_point))
+    current_scale, current_zero = scale, zero_point
+    for _ in range(steps):
+        step = current_scale.to(torch.float64).unsqueeze(-1)
+        offset = 0.0 if current_zero is None else current_zero.to(torch.float64).unsqueeze(-1)
+        codes = torch.clamp(torch.round(w * (1.0 / step)) + offset, qmin, qmax)
+        codes_gram = torch.einsum("ngk,gkl->ngl", codes, gram)
+        qhq = (codes_gram * codes).sum(dim=-1)
+        qhw = (codes_gram * w).sum(dim=-1)
+        if current_zero is None:
+            a = qhw / qhq.clamp(min=1e-30)
+            new_zero = None
+        else:
+            qh1 = codes_gram.sum(dim=-1)
+            one_h_one = gram.sum(dim=(1, 2))
+            one_h_w = w_gram.sum(dim=-1)
+            det = qhq * one_h_one - qh1 ** 2
+            a = (qhw * one_h_one - qh1 * one_h_w) / det
+            b = (qhq * one_h_w - qh1 * qhw) / det
+            zero = torch.clamp(torch.round(-b / a), qmin, qmax)
+            shifted = codes - zero.unsqueeze(-1)
+            shifted_gram = codes_gram - zero.unsqueeze(-1) * gram.sum(dim=1)
+            a = (shifted_gram * w).sum(dim=-1) / (shifted_gram * shifted).sum(dim=-1)
+            usable = torch.isfinite(a) & (a > 0) & (det > 0)
+            a = torch.where(usable, a, current_scale.to(torch.float64))
+            new_zero = torch.where(usable, zero, current_zero.to(torch.float64)).to(
+                current_zero.dtype)
+        a = torch.where(torch.isfinite(a) & (a.abs() > 1e-12), a, current_scale.to(torch.float64))
+        current_scale, current_zero = a.to(scale.dtype), new_zero
+        err = error((current_scale, current_zero))
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, current_scale, best_scale)
+        if best_zero is not None:
+            best_zero = torch.where(better, current_zero, best_zero)
+    return best_scale, best_zero

@@ -174,6 +174,21 @@ def test_awq_two_sided_clipping_and_exact_scales() -> None:
     assert any(line.startswith("awq clipping") for line in record.details["summary"])
 
 
+def test_awq_grid_refinement_lowers_the_error_of_clipping() -> None:
+    """``refine`` re-fits each block's grid after the clipping search (qparams the contract
+    checks); with ``clip=False`` it starts from the min-max grid."""
+    model, batches = _norm_mlp()
+    clipped = _compile(model, batches, W4 + ", algorithm='awq', algorithm_options={'refine': 0})")
+    refined = _compile(model, batches, W4 + ", algorithm='awq', algorithm_options={'refine': 4})")
+    alone = _compile(model, batches, W4 + ", algorithm='awq', algorithm_options={'refine': 4, "
+                     "'clip': False})")
+    for compiled in (refined, alone):
+        record = compiled.report().records[0]
+        assert record.max_error <= 1e-5 and record.details["weight_plan"].qparams
+    assert _error(refined, model, batches) < _error(clipped, model, batches)
+    assert any("refined" in line for line in refined.report().records[0].details["summary"])
+
+
 def test_awq_exact_part_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     """A folding that changes the float function fails the contract, naming the exact part,
     even though the quantized reference uses the same (wrong) weights."""
