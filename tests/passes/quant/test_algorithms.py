@@ -247,6 +247,9 @@ def test_errors_name_the_fix() -> None:
     with pytest.raises(PipelineError, match="damp=-1 is neither a number >= 0 nor 'auto'"):
         gp.compile(model, batches[0], calibration_data=batches,
                    passes=W4 + ", algorithm='gptq', algorithm_options={'damp': -1})")
+    with pytest.raises(PipelineError, match=r"refine=1.5 is not a step count >= 0 \(0: keep"):
+        gp.compile(model, batches[0], calibration_data=batches,
+                   passes=W4 + ", algorithm='awq', algorithm_options={'refine': 1.5})")
     with pytest.raises(PassError, match="damp='auto' .* needs at least 2, got 1"):
         gp.compile(model, batches[0], calibration_data=batches[:1],
                    passes=W4 + ", algorithm='gptq', algorithm_options={'damp': 'auto'})")
