@@ -199,7 +199,9 @@ def awq_refine_qparams(x: torch.Tensor, weight: torch.Tensor, block_size: Sequen
     xs = x.to(torch.float64).reshape(x.shape[0], groups, group)
     gram = torch.einsum("tgk,tgl->gkl", xs, xs)
     w = weight.to(torch.float64).reshape(rows, groups, group)
-    w_gram = torch.einsum("ngk,gkl->ngl", w, gram)
+    one_h = gram.sum(dim=1)                      # 1^T H per group, [G, g]
+    one_h_one = one_h.sum(dim=-1)                # [G]
+    one_h_w = (w * one_h).sum(dim=-1)            # [N, G]
 
     def error(grid: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
         quantized = fake_quantize(weight, block_size, spec, *grid).to(torch.float64)
@@ -209,32 +211,30 @@ def awq_refine_qparams(x: torch.Tensor, weight: torch.Tensor, block_size: Sequen
     best_err = error((scale, zero_point))
     current_scale, current_zero = scale, zero_point
     for _ in range(steps):
-        step = current_scale.to(torch.float64).unsqueeze(-1)
+        old_scale = current_scale.to(torch.float64)
         offset = 0.0 if current_zero is None else current_zero.to(torch.float64).unsqueeze(-1)
-        codes = torch.clamp(torch.round(w * (1.0 / step)) + offset, qmin, qmax)
+        codes = torch.clamp(torch.round(w * (1.0 / old_scale.unsqueeze(-1))) + offset, qmin, qmax)
         codes_gram = torch.einsum("ngk,gkl->ngl", codes, gram)
         qhq = (codes_gram * codes).sum(dim=-1)
         qhw = (codes_gram * w).sum(dim=-1)
         if current_zero is None:
             a = qhw / qhq.clamp(min=1e-30)
+            usable = torch.isfinite(a) & (a.abs() > 1e-12)
             new_zero = None
         else:
             qh1 = codes_gram.sum(dim=-1)
-            one_h_one = gram.sum(dim=(1, 2))
-            one_h_w = w_gram.sum(dim=-1)
             det = qhq * one_h_one - qh1 ** 2
             a = (qhw * one_h_one - qh1 * one_h_w) / det
             b = (qhq * one_h_w - qh1 * qhw) / det
             zero = torch.clamp(torch.round(-b / a), qmin, qmax)
             shifted = codes - zero.unsqueeze(-1)
-            shifted_gram = codes_gram - zero.unsqueeze(-1) * gram.sum(dim=1)
+            shifted_gram = codes_gram - zero.unsqueeze(-1) * one_h
             a = (shifted_gram * w).sum(dim=-1) / (shifted_gram * shifted).sum(dim=-1)
-            usable = torch.isfinite(a) & (a > 0) & (det > 0)
-            a = torch.where(usable, a, current_scale.to(torch.float64))
+            usable = torch.isfinite(a) & (a > 1e-12) & (det > 0)
             new_zero = torch.where(usable, zero, current_zero.to(torch.float64)).to(
                 current_zero.dtype)
-        a = torch.where(torch.isfinite(a) & (a.abs() > 1e-12), a, current_scale.to(torch.float64))
-        current_scale, current_zero = a.to(scale.dtype), new_zero
+        current_scale = torch.where(usable, a, old_scale).to(scale.dtype)
+        current_zero = new_zero
         err = error((current_scale, current_zero))
         better = err < best_err
         best_err = torch.where(better, err, best_err)
