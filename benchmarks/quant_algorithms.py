@@ -4,7 +4,8 @@ real weights and on trained CNNs, side by side with NNCF. Prints Markdown tables
 
 Usage::
 
-    python benchmarks/quant_algorithms.py [--sections lm,minilm,gptq_speed,digits] [--threads 1]
+    python benchmarks/quant_algorithms.py [--sections lm,minilm,gptq_speed,digits,awq_scales]
+        [--threads 1]
 
 Weight-only grids (``GRIDS``): W4 g128 (``int4_weight_only(group_size=128)``) and W3 g128
 (``int3_weight_only(group_size=128)``), both asymmetric, each by round-to-nearest (RTN),
@@ -47,11 +48,17 @@ compilation).
   and int8 static quantization (per-channel and per-tensor weights), with ``equalize`` and/or
   ``bias_correction=True``, all calibrated on the training images; NNCF's ``nncf.quantize``
   defaults (which include its bias correction) on the same batches.
+* awq_scales: what AWQ's scale search finds on the two transformers above (the lm section's LM,
+  trained the same way, and MiniLM, on the same calibration batches), W3 g128 with the
+  defaults: per producer, the alpha it chose, its readers' output error over RTN's, and the
+  spread of the input channels' magnitudes (max / median of ``mean|X_c|``), parsed from the
+  pass's summary lines.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from collections.abc import Callable
 from importlib.metadata import version
@@ -485,8 +492,41 @@ def lm_section() -> None:
     print()
 
 
+_AWQ_LINE = re.compile(r"awq (?P<where>.+?) -> (?P<readers>.+?): alpha (?P<alpha>[\d.]+), "
+                       r".*?/ RTN's (?P<error>[\d.]+); input channel magnitude max / median "
+                       r"(?P<spread>[\d.]+)")
+
+
+def _awq_scale_rows(model: nn.Module, calibration: list[Batch]) -> list[tuple[str, ...]]:
+    config = gp.quant.scheme("int3_weight_only", group_size=GROUP)
+    compiled = gp.compile(model, calibration[0], calibration_data=calibration, verify=True,
+                          passes=[gp.passes.InsertFakeQuant(config, algorithm="awq")])
+    summary = next(r for r in compiled.report().records
+                   if r.name == "insert_fake_quant").details["summary"]
+    return [(m["where"], m["readers"], m["alpha"], m["error"], m["spread"])
+            for m in map(_AWQ_LINE.match, summary) if m]
+
+
+def awq_scales_section() -> None:
+    train, _ = _lm_windows()
+    lm = _Logits(_trained_lm(train, steps=LM_STEPS)).eval()
+    lm_calibration = [(b,) for b in train[:LM_CALIBRATION * LM_BATCH].split(LM_BATCH)]
+    minilm, _ = get_model("minilm").make()
+    minilm_calibration, _ = minilm_batches()
+    for label, model, calibration in (("LM", lm, lm_calibration),
+                                      ("MiniLM", minilm, minilm_calibration)):
+        rows = _awq_scale_rows(model, calibration)
+        spreads = sorted(float(r[-1]) for r in rows)
+        print(f"{label}, AWQ W3 g128 (defaults): {len(rows)} producers, alpha 0 for "
+              f"{sum(float(r[2]) == 0 for r in rows)}; channel magnitude max / median "
+              f"{spreads[0]:.1f} to {spreads[-1]:.1f} (median {spreads[len(spreads) // 2]:.1f})\n")
+        print(markdown_table(("producer", "readers", "alpha", "output error / RTN's",
+                              "channel max / median"), rows))
+        print()
+
+
 SECTIONS = {"lm": lm_section, "minilm": minilm_section, "gptq_speed": gptq_speed_section,
-            "digits": digits_section}
+            "digits": digits_section, "awq_scales": awq_scales_section}
 
 
 def main() -> None:

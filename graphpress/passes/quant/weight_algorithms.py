@@ -177,8 +177,10 @@ def _awq(program: Program, layers: Sequence[Layer], batches: Sequence[Any],
             plan.folded[program.weight_name(param)] = program.weight(param).detach()
         gain = losses[0] / max(min(losses), 1e-30)
         where = "output" if region is None else f"error at {region.merge.name}"
+        spread = float(mean_abs.max() / mean_abs.median().clamp(min=1e-30))
         plan.summary.append(f"awq {chain.where} -> {', '.join(r.node.name for r in chain.readers)}"
-                            f": alpha {alpha:.2f}, {where} / RTN's {1 / gain:.3f}")
+                            f": alpha {alpha:.2f}, {where} / RTN's {1 / gain:.3f}; input "
+                            f"channel magnitude max / median {spread:.1f}")
     plan.adjusted.update(plan.folded)
 
 

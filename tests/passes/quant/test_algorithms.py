@@ -161,6 +161,20 @@ def test_awq_folds_into_the_norm_exactly_and_beats_rtn() -> None:
             assert torch.equal(folded(*batch), model(*batch))
 
 
+def test_awq_reports_the_spread_of_input_channel_magnitudes() -> None:
+    """The summary line of a producer states max / median of mean|X_c| over its channels (what
+    the scale search has to protect): the norm's channels 3 and 17 are scaled by 12."""
+    model, batches = _norm_mlp()
+    awq = _compile(model, batches, W4 + ", algorithm='awq')")
+    with torch.no_grad():
+        mean_abs = torch.cat([model.norm(x).reshape(-1, 32) for (x,) in batches]).abs().mean(0)
+    expected = float(mean_abs.max() / mean_abs.median())
+    line = next(line for line in awq.report().records[0].details["summary"]
+                if line.startswith("awq ") and "alpha" in line)
+    assert line.endswith(f"input channel magnitude max / median {expected:.1f}")
+    assert expected > 5
+
+
 def test_awq_two_sided_clipping_and_exact_scales() -> None:
     """The options of the search: two-sided clipping picks a low and a high ratio per block
     (recorded as qparams the contract checks), exact scales fold within the referee."""
