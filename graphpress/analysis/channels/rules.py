@@ -91,7 +91,11 @@ def size(n: Any) -> int:
 
 
 def shape(node: Any) -> tuple[int, ...]:
-    return tuple(size(s) for s in node.meta["val"].shape)
+    dims = node.meta["val"].shape
+    for s in dims:
+        if type(s) is not int:      # symbolic: every size by its hint
+            return tuple(map(size, dims))
+    return tuple(dims)
 
 
 def dims(t: Tracer, node: Node) -> list[Layout | None]:

@@ -103,15 +103,18 @@ def kept_elements(plan: PrunePlan, program: Program) -> dict[tuple[str, int], to
         if any(not 0 <= k < g.size for k in g.keep):
             raise ValueError(f"plan group over {g.slices[0][0]!r} keeps channels outside "
                              f"0..{g.size - 1}: {sorted(g.keep)}")
-        dropped = torch.ones(g.size, dtype=torch.bool)
-        dropped[g.keep] = False
-        drop = dropped.nonzero().flatten()
+        drop = torch.tensor(sorted(set(range(g.size)).difference(g.keep)), dtype=torch.long)
+        elements: dict[int, torch.Tensor] = {}      # rep -> the dropped elements at offset 0
         for weight, axis, offset, rep in g.slices:
             mask = out.get((weight, axis))
             if mask is None:
                 mask = out[(weight, axis)] = torch.ones(program.weight(weight).shape[axis],
                                                         dtype=torch.bool)
-            mask[(offset + drop[:, None] * rep + torch.arange(rep)).flatten()] = False
+            at_zero = elements.get(rep)
+            if at_zero is None:
+                at_zero = elements[rep] = drop if rep == 1 else (
+                    drop[:, None] * rep + torch.arange(rep)).flatten()
+            mask[at_zero + offset if offset else at_zero] = False
     return out
 
 
