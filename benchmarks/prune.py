@@ -4,6 +4,7 @@ side by side; digits CNN accuracy after pruning 50% and a brief fine-tune.
 Usage::
 
     python benchmarks/prune.py [--sections latency,depth,tp,digits,hidden,scale] [--repeats 10]
+        [--tp-rounds 10]
                                [--threads N] [--models a,b]
 
 * latency: ``hf_resnet50`` and ``hf_vit_base`` (zoo, batch 1, random weights), dense and pruned
@@ -28,11 +29,11 @@ Usage::
   rewrite and the shape metadata refresh that keeps the IR valid), ``torch.export``
   excluded (shown in its own column: it is the IR every pass shares) and no verification.
   Torch-Pruning's: ``MagnitudePruner(...)`` (its dependency graph, which runs one forward pass
-  of the module to trace it, and the groups) plus ``pruner.step()``. Four rounds, each one
-  graphpress call on a fresh copy of the program then one Torch-Pruning call on a fresh model:
-  the first round's ratio (cold: FakeTensor's dispatch cache, process-wide, is empty for this
-  model) and the median ratio of the other three. A Torch-Pruning call past 60 s stops the
-  model's comparison.
+  of the module to trace it, and the groups) plus ``pruner.step()``. ``--tp-rounds`` rounds
+  (default 10), each one graphpress call on a fresh copy of the program then one
+  Torch-Pruning call on a fresh model: the first round's ratio (cold: FakeTensor's dispatch
+  cache, process-wide, is empty for this model) and the median ratio of the other rounds. A
+  Torch-Pruning call past 60 s stops the model's comparison.
 * digits: the zoo's trained digits CNN pruned 50% by every criterion in turn (each on a fresh
   trace of the same model, same run), then fine-tuned 3 epochs (Adam, lr 1e-3); test accuracy
   dense, pruned, and fine-tuned. ``taylor`` and ``hessian`` take their gradients from 128
@@ -247,7 +248,7 @@ def _kept_rows(original: torch.Tensor, pruned: torch.Tensor) -> set[int]:
     return {i for i in range(original.shape[0]) if any(torch.equal(original[i], r) for r in pruned)}
 
 
-def torch_pruning(names: list[str], rounds: int = 4, limit: int = 60) -> None:
+def torch_pruning(names: list[str], rounds: int = 10, limit: int = 60) -> None:
     """Per model: ``rounds`` rounds, each one graphpress call (analysis + plan + rewrite on a
     fresh copy of the traced program) then one Torch-Pruning call (dependency graph + pruner
     step on a fresh model); the first round's ratio (cold: nothing cached yet), and the
@@ -439,6 +440,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     parser.add_argument("--models", default="", help="tp: these zoo models (default: all)")
+    parser.add_argument("--tp-rounds", type=int, default=10,
+                        help="tp: rounds per model, the first one cold (default: 10)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sections = args.sections.split(",")
@@ -446,7 +449,7 @@ def main() -> None:
         digits()
     if "tp" in sections:
         torch_pruning(args.models.split(",") if args.models
-                      else [z.name for z in zoo_models(exclude=())])
+                      else [z.name for z in zoo_models(exclude=())], rounds=args.tp_rounds)
     if "depth" in sections:
         depth()
     if "hidden" in sections:
