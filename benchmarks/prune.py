@@ -4,8 +4,7 @@ side by side; digits CNN accuracy after pruning 50% and a brief fine-tune.
 Usage::
 
     python benchmarks/prune.py [--sections latency,depth,tp,digits,hidden,scale] [--repeats 10]
-        [--tp-rounds 10]
-                               [--threads N] [--models a,b]
+                               [--threads N] [--models a,b] [--tp-rounds 10]
 
 * latency: ``hf_resnet50`` and ``hf_vit_base`` (zoo, batch 1, random weights), dense and pruned
   at ratios 0.3 and 0.5 (L2, per-group ratio) with ``round_to`` 1, the multiple

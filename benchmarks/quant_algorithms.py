@@ -455,13 +455,20 @@ class _Logits(nn.Module):
         return self.model(input_ids=ids).logits
 
 
-def lm_section() -> None:
+def _benchmark_lm() -> tuple[nn.Module, int, float, list[Batch], list[Batch]]:
+    """The lm section's LM as ``ids -> logits``, its training windows, training seconds, and
+    the calibration and evaluation batches."""
     train, held_out = _lm_windows()
     start = time.perf_counter()
     model = _Logits(_trained_lm(train, steps=LM_STEPS)).eval()
     train_s = time.perf_counter() - start
     calibration = [(b,) for b in train[:LM_CALIBRATION * LM_BATCH].split(LM_BATCH)]
     evaluation = [(b,) for b in held_out[:LM_EVAL].split(LM_BATCH)]
+    return model, len(train), train_s, calibration, evaluation
+
+
+def lm_section() -> None:
+    model, windows, train_s, calibration, evaluation = _benchmark_lm()
     base = _perplexity(model, evaluation)
 
     def measure(quantized: Any) -> tuple[tuple[str, ...], float]:
@@ -481,7 +488,7 @@ def lm_section() -> None:
               lambda: nncf_quantize(model, calibration[0], calibration,
                                     model_type=_nncf_transformer()))
     print(f"Llama-style LM (4 layers, 128 wide, byte-level) trained {train_s:.0f} s on "
-          f"standard-library docstrings ({len(train)} windows of {LM_SEQ} bytes), perplexity on "
+          f"standard-library docstrings ({windows} windows of {LM_SEQ} bytes), perplexity on "
           f"{len(evaluation) * LM_BATCH} held-out windows; calibration "
           f"{len(calibration) * LM_BATCH} training windows ({len(calibration) * LM_BATCH * LM_SEQ}"
           " tokens). 'gap closed': share of the RTN-to-float perplexity gap recovered (NNCF's "
@@ -508,9 +515,7 @@ def _awq_scale_rows(model: nn.Module, calibration: list[Batch]) -> list[tuple[st
 
 
 def awq_scales_section() -> None:
-    train, _ = _lm_windows()
-    lm = _Logits(_trained_lm(train, steps=LM_STEPS)).eval()
-    lm_calibration = [(b,) for b in train[:LM_CALIBRATION * LM_BATCH].split(LM_BATCH)]
+    lm, _, _, lm_calibration, _ = _benchmark_lm()
     minilm, _ = get_model("minilm").make()
     minilm_calibration, _ = minilm_batches()
     for label, model, calibration in (("LM", lm, lm_calibration),

@@ -51,6 +51,10 @@ class GroupPlan:
     size: int
     keep: list[int]
 
+    def dropped(self) -> list[int]:
+        """The channels the plan removes, in order."""
+        return sorted(set(range(self.size)).difference(self.keep))
+
 
 @dataclass
 class PrunePlan:
@@ -62,7 +66,7 @@ class PrunePlan:
         """(weight, axis) -> removed element indices along that axis."""
         out: dict[tuple[str, int], set[int]] = {}
         for g in self.groups:
-            drop = sorted(set(range(g.size)) - set(g.keep))
+            drop = g.dropped()
             for weight, axis, offset, rep in g.slices:
                 out.setdefault((weight, axis), set()).update(
                     offset + c * rep + r for c in drop for r in range(rep))
@@ -103,7 +107,7 @@ def kept_elements(plan: PrunePlan, program: Program) -> dict[tuple[str, int], to
         if any(not 0 <= k < g.size for k in g.keep):
             raise ValueError(f"plan group over {g.slices[0][0]!r} keeps channels outside "
                              f"0..{g.size - 1}: {sorted(g.keep)}")
-        drop = torch.tensor(sorted(set(range(g.size)).difference(g.keep)), dtype=torch.long)
+        drop = torch.tensor(g.dropped(), dtype=torch.long)
         elements: dict[int, torch.Tensor] = {}      # rep -> the dropped elements at offset 0
         for weight, axis, offset, rep in g.slices:
             mask = out.get((weight, axis))
