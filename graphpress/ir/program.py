@@ -205,9 +205,7 @@ class Program:
         """The fake value of a weight. A plain dense tensor's is built directly (what
         ``from_tensor`` builds for it: same sizes, strides, dtype, device, ``requires_grad`` and
         parameter flag, about 30x faster); anything else goes through ``from_tensor``."""
-        from torch._subclasses.fake_tensor import FakeTensor
-
-        from graphpress.ir.shapes import no_dispatch_modes
+        from graphpress.ir.shapes import fake_over_meta, no_dispatch_modes
 
         mode = self.fake_mode()
         with no_dispatch_modes():
@@ -217,8 +215,8 @@ class Program:
                     and (tensor.device.type != "meta" or mode.allow_meta)):
                 elem = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype,
                                            device="meta", requires_grad=tensor.requires_grad)
-                return FakeTensor(mode, elem, tensor.device,
-                                  _is_param=isinstance(tensor, torch.nn.Parameter))
+                return fake_over_meta(mode, elem, tensor.device,
+                                      is_param=isinstance(tensor, torch.nn.Parameter))
             return mode.from_tensor(tensor, static_shapes=True)
 
     def add_weight(self, name: str, tensor: torch.Tensor, *, kind: str = "parameter",

@@ -37,6 +37,7 @@ sympy expression over the input symbols (``s0``, ``2*s0``, ...); ``symbolic_shap
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterable, Mapping
 from functools import cache
 from typing import TYPE_CHECKING, Any
@@ -44,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import sympy
 import torch
 from torch._guards import detect_fake_mode
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorConfig, FakeTensorMode
 from torch.fx import GraphModule, Node
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils import _pytree as pytree
@@ -54,8 +55,13 @@ from graphpress.errors import MetadataError
 if TYPE_CHECKING:
     from graphpress.ir.program import Program
 
-__all__ = ["fake_mode_of", "needs_full_propagation", "no_dispatch_modes", "propagate_shapes",
-           "symbolic_shapes", "value_key", "value_signature"]
+__all__ = ["fake_mode_of", "fake_over_meta", "needs_full_propagation", "no_dispatch_modes",
+           "propagate_shapes", "symbolic_shapes", "value_key", "value_signature"]
+
+# mode -> {(device, is_param): the attribute state FakeTensor's constructor gives a new tensor}
+_FAKE_STATE: weakref.WeakKeyDictionary[FakeTensorMode, dict[tuple[torch.device, bool],
+                                                            dict[str, Any]]] = (
+    weakref.WeakKeyDictionary())
 
 
 def fake_mode_of(program: Program) -> FakeTensorMode:
@@ -65,6 +71,40 @@ def fake_mode_of(program: Program) -> FakeTensorMode:
     if mode is None:
         mode = program.graph_module.meta.setdefault("graphpress_fake_mode", FakeTensorMode())
     return mode
+
+
+def fake_over_meta(mode: FakeTensorMode, elem: torch.Tensor, device: torch.device, *,
+                   is_param: bool = False) -> FakeTensor:
+    """``FakeTensor(mode, elem, device, _is_param=is_param)`` for a plain meta tensor ``elem``,
+    about 3x faster (4 µs against 12).
+
+    The constructor makes the subclass instance over ``elem`` with the fake device's dispatch
+    keys, flags its data pointer, then sets Python attributes that are the same for every tensor
+    of one mode, device and parameter flag: the mode, the normalised device, no constant, no
+    real tensor, empty memos. The first call for each (mode, device, flag) runs the constructor
+    and keeps that attribute state; later calls make the instance the same way and copy the
+    state (``tests/ir/test_shapes.py`` checks the two agree in type, attributes, dispatch keys,
+    sizes, strides, dtype, device and ``requires_grad``). With FakeTensor's debug tracebacks
+    on, or while exporting (its constructor then tracks tensors), the constructor runs."""
+    states = _FAKE_STATE.get(mode)
+    if states is None:
+        states = _FAKE_STATE[mode] = {}
+    state = states.get((device, is_param))
+    if state is None or FakeTensorConfig.debug or torch.compiler.is_exporting():
+        value = FakeTensor(mode, elem, device, _is_param=is_param)
+        if value.fake_device == device:     # "cuda" means the current device: not cached
+            states[(device, is_param)] = dict(value.__dict__)
+        return value
+    if elem.device.type != "meta":
+        raise ValueError(f"fake_over_meta needs a meta tensor, got one on {elem.device}")
+    value = torch.Tensor._make_subclass(FakeTensor, elem, elem.requires_grad,
+                                        dispatch_device=True, device_for_backend_keys=device)
+    if mode._allow_unsafe_data_ptr_access:
+        torch._C._set_warn_deprecated_on_mutable_data_ptr(value)
+    else:
+        torch._C._set_throw_on_mutable_data_ptr(value)
+    value.__dict__.update(state)
+    return value
 
 
 def no_dispatch_modes() -> Any:

@@ -51,11 +51,11 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx import Node
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-from torch.utils import _pytree as pytree
 
 from graphpress.analysis.channels.views import new_size
 from graphpress.ir.program import Program
 from graphpress.ir.shapes import (
+    fake_over_meta,
     needs_full_propagation,
     no_dispatch_modes,
     propagate_shapes,
@@ -163,8 +163,7 @@ class _Refresh:
             value = self.dense_value(node, old, facts)
         if value is None:
             return None
-        floating = all(t.dtype.is_floating_point or t.dtype.is_complex
-                       for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor))
+        floating = all(t.dtype.is_floating_point or t.dtype.is_complex for t in _tensors(value))
         return value, grad and floating
 
     def facts(self, node: Node) -> tuple[bool, bool, bool, bool]:
@@ -235,21 +234,38 @@ def refresh_pruned_shapes(program: Program, layouts: Mapping[str, Any], kept: Ma
 
 
 def _view_value(node: Node, mode: FakeTensorMode, old: Any) -> Any:
-    def mirror(arg: Any) -> Any:
-        if isinstance(arg, Node):
-            v = arg.meta["val"]
-            return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="meta")
-        return arg
-
     with no_dispatch_modes():
-        args, kwargs = pytree.tree_map(mirror, (node.args, node.kwargs))
-        out = node.target(*args, **kwargs)
-    leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-    if node.target not in _STRIDES_KEPT and any(1 in t.shape for t in leaves):
+        out = node.target(*_mirror(node.args), **{k: _mirror(v) for k, v in node.kwargs.items()})
+    if node.target not in _STRIDES_KEPT and any(1 in t.shape for t in _tensors(out)):
         return None     # the stride of a size-1 dimension: meta and fake view kernels differ
-    return pytree.tree_map(
-        lambda t, like: _fake(mode, t.shape, t.stride(), like, like.requires_grad)
-        if isinstance(t, torch.Tensor) else t, out, old)
+    if isinstance(out, torch.Tensor):
+        return _fake(mode, out.shape, out.stride(), old, old.requires_grad)
+    if not isinstance(out, list | tuple) or len(out) != len(old):
+        return None
+    return type(out)(_fake(mode, t.shape, t.stride(), like, like.requires_grad)
+                     if isinstance(t, torch.Tensor) else t for t, like in zip(out, old))
+
+
+def _mirror(arg: Any) -> Any:
+    """Arguments with each node replaced by a plain meta tensor of its value's sizes and
+    strides."""
+    if isinstance(arg, Node):
+        v = arg.meta["val"]
+        return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="meta")
+    if isinstance(arg, list):       # fx's immutable lists too
+        return [_mirror(a) for a in arg]
+    if isinstance(arg, tuple):
+        return tuple(_mirror(a) for a in arg)
+    return arg
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors of a value: itself, or the tensors of a list or tuple of values."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, list | tuple):
+        return [t for v in value for t in _tensors(v)]
+    return []
 
 
 def _fake(mode: FakeTensorMode, shape: Any, strides: Any, like: FakeTensor,
@@ -257,7 +273,7 @@ def _fake(mode: FakeTensorMode, shape: Any, strides: Any, like: FakeTensor,
     with no_dispatch_modes():
         elem = torch.empty_strided(shape, strides, dtype=like.dtype, device="meta",
                                    requires_grad=requires_grad)
-    return FakeTensor(mode, elem, like.device)
+    return fake_over_meta(mode, elem, like.device)
 
 
 def _same_value(was: Any, now: Any) -> bool:
@@ -285,9 +301,8 @@ def _contiguous_class(target: torch._ops.OpOverload) -> bool:
 
 
 def _static_dense(value: Any) -> bool:
-    return (isinstance(value, FakeTensor) and value.layout == torch.strided
-            and all(type(s) is int for s in value.shape)
-            and all(type(s) is int for s in value.stride()))
+    return (isinstance(value, FakeTensor) and not value._has_symbolic_sizes_strides
+            and value.layout == torch.strided)
 
 
 def _became_one(value: torch.Tensor, was: torch.Tensor) -> bool:
@@ -297,7 +312,13 @@ def _became_one(value: torch.Tensor, was: torch.Tensor) -> bool:
 
 
 def _contiguous(value: torch.Tensor) -> bool:
-    return tuple(value.stride()) == tuple(_contiguous_strides(list(value.shape)))
+    """Exactly the contiguous strides (size-1 dimensions included, unlike ``is_contiguous``)."""
+    step = 1
+    for n, stride in zip(reversed(value.shape), reversed(value.stride()), strict=True):
+        if stride != step:
+            return False
+        step *= max(n, 1)
+    return True
 
 
 def _dense_order(value: torch.Tensor) -> tuple[int, ...] | None:
