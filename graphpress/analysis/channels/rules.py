@@ -58,6 +58,16 @@ def rule(*names: str) -> Callable[[Rule], Rule]:
 def op_name(node: Node) -> str:
     """The op's name: bare for ``aten`` ops (``linear``), qualified for others (``mylib::op``)."""
     target = node.target
+    name = _OP_NAMES.get(target)
+    if name is None:
+        name = _OP_NAMES[target] = _target_name(target)
+    return name
+
+
+_OP_NAMES: dict[Any, str] = {}     # op targets are interned (OpOverload, builtins): never freed
+
+
+def _target_name(target: Any) -> str:
     if target is operator.getitem:
         return "getitem"
     qualified = qualified_name(target)

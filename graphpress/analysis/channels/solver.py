@@ -285,14 +285,21 @@ def channel_groups(program: Program, *, head_dim: bool = False,
                            root in heads)
               for root, slices in members.items()]
 
+    converted: dict[Layout, tuple[tuple[int, int, int], ...]] = {}   # nodes share layouts
+
+    def in_group_ids(layout: Layout) -> tuple[tuple[int, int, int], ...]:
+        out = converted.get(layout)
+        if out is None:
+            out = converted[layout] = tuple((ids.get(t.find(s), -1), r, t.size[s])
+                                            for s, r in layout)
+        return out
+
     def in_groups(value: object) -> object:
         if isinstance(value, tuple):    # an op with several outputs
             return tuple(in_groups(v) for v in value)
         if not isinstance(value, list):
             return None
-        return [None if layout is None else
-                tuple((ids.get(t.find(s), -1), r, t.size[s]) for s, r in layout)
-                for layout in value]
+        return [None if layout is None else in_group_ids(layout) for layout in value]
 
     return ChannelAnalysis(groups, {k: in_groups(v) for k, v in t.values.items()},
                            dict(t.normalized))

@@ -11,16 +11,17 @@ is built directly in these cases, and every other node runs on fake tensors as t
   expand, unsqueeze, ...): the op runs on plain meta tensors with the inputs' new sizes and
   strides (view kernels compute the output's sizes and strides from the input ones, at a few
   µs without the fake dispatch), and the results are wrapped as FakeTensors. The stride of a
-  size-1 dimension is arbitrary, and there the meta kernel of a view that computes strides
-  (view, reshape, unsqueeze, ...) and the fake one (a Python reference) choose differently: such
-  a view with a size-1 dimension in its result, or an input that pruning shrank to size 1, takes
-  the fake path. Views that only keep or reorder the input's strides (slice, select, permute,
-  transpose, split, expand) do not depend on that choice;
+  size-1 dimension is arbitrary, and the meta kernel of a view that computes strides (view,
+  reshape, unsqueeze, ...) and the fake one carry an input's size-1 dimension over differently:
+  such a view with a size-1 dimension both in an input and in its result, or an input that
+  pruning shrank to size 1, takes the fake path. Views that only keep or reorder the input's
+  strides (slice, select, permute, transpose, split, expand) do not depend on that choice;
 * ops whose output is contiguous when their inputs are (pointwise ops, convolution, matmuls,
   norms, softmax, reductions, embedding, padding, copies), when the output and every tensor
-  input had contiguous strides before and every input has them now: contiguous strides over the
-  sizes the channel layouts give (each dimension's ``new_size`` of its atoms, the sizes the
-  rewritten shape arguments also come from);
+  input had contiguous strides before and every input has them now, and ``repeat_interleave``
+  (a copy, contiguous whatever its input): contiguous strides over the sizes the channel
+  layouts give (each dimension's ``new_size`` of its atoms, the sizes the rewritten shape
+  arguments also come from);
 * the same ops, and attention whose query, key and value keep their sequence and head sizes
   (the kernel is chosen as before pruning), when the output was dense in some order of its
   dimensions and every input keeps its stride order, none with a size-1 dimension: dense
@@ -62,7 +63,7 @@ from graphpress.ir.shapes import (
     value_key,
 )
 
-__all__ = ["refresh_pruned_shapes"]
+__all__ = ["meta_view_strides_agree", "refresh_pruned_shapes"]
 
 aten = torch.ops.aten
 
@@ -80,6 +81,10 @@ _CONTIGUOUS_OUT = {
     aten.cat.default, aten.avg_pool2d.default, aten.max_pool2d.default,
     aten.adaptive_avg_pool2d.default, aten._adaptive_avg_pool2d.default,
 }
+
+
+# Output contiguous whatever the inputs' strides (repeat_interleave copies into a new tensor).
+_ALWAYS_CONTIGUOUS = {aten.repeat_interleave.self_int}
 
 
 # Views whose result strides are some of the input's, in some order (or 0 where expanded): the
@@ -101,7 +106,7 @@ class _Refresh:
         self.runner = FakeTensorProp(program.graph_module, self.mode)
         self.layouts, self.kept, self.previous = layouts, kept, previous
         self.grads: dict[Node, bool] = {}
-        self._facts: dict[Node, tuple[bool, bool, bool, bool]] = {}
+        self._facts: dict[Node, tuple[bool, bool, bool]] = {}
         self.grad_mode = torch.is_grad_enabled()
 
     def update(self, node: Node) -> None:
@@ -156,8 +161,6 @@ class _Refresh:
         grad = (self.grad_mode and any(self.requires_grad(a) for a in args)
                 and isinstance(old, torch.Tensor | list | tuple))
         if _is_view_op(target):
-            if target not in _STRIDES_KEPT and any(shrunk for *_, shrunk in facts):
-                return None     # as in _view_value
             value = _view_value(node, self.mode, old)
         else:
             value = self.dense_value(node, old, facts)
@@ -166,11 +169,10 @@ class _Refresh:
         floating = all(t.dtype.is_floating_point or t.dtype.is_complex for t in _tensors(value))
         return value, grad and floating
 
-    def facts(self, node: Node) -> tuple[bool, bool, bool, bool]:
+    def facts(self, node: Node) -> tuple[bool, bool, bool]:
         """Whether a value can feed a directly built one (static and dense before and after
-        pruning), whether it was and is contiguous, whether its dimensions keep their stride
-        order (unchanged, contiguous, or dense in the same order without size-1 dimensions),
-        and whether pruning shrank one of its dimensions to 1."""
+        pruning), whether it was and is contiguous, and whether its dimensions keep their stride
+        order (unchanged, contiguous, or dense in the same order without size-1 dimensions)."""
         known = self._facts.get(node)
         if known is None:
             new, old = node.meta.get("val"), self.previous.get(node)
@@ -179,11 +181,10 @@ class _Refresh:
             ordered = contiguous or new is old or (
                 usable and 1 not in new.shape and _dense_order(new) is not None
                 and _dense_order(new) == _dense_order(old))
-            shrunk = usable and _became_one(new, old)
-            known = self._facts[node] = (usable, contiguous, ordered, shrunk)
+            known = self._facts[node] = (usable, contiguous, ordered)
         return known
 
-    def dense_value(self, node: Node, old: Any, facts: list[tuple[bool, bool, bool, bool]]
+    def dense_value(self, node: Node, old: Any, facts: list[tuple[bool, bool, bool]]
                     ) -> FakeTensor | None:
         """Contiguous ops with contiguous inputs: contiguous; contiguous ops and attention with
         inputs that keep their stride order (and attention its head and sequence sizes): dense
@@ -193,12 +194,13 @@ class _Refresh:
                 or any(d is None for d in layout)):
             return None
         shape = [new_size(d, self.kept) for d in layout]
-        if (_contiguous_class(node.target) and _contiguous(old)
+        if node.target in _ALWAYS_CONTIGUOUS or (
+                _contiguous_class(node.target) and _contiguous(old)
                 and all(contiguous for _, contiguous, *_ in facts)):
             return _fake(self.mode, shape, _contiguous_strides(shape), old, old.requires_grad)
         order = _dense_order(old)
         if (order is None or 1 in old.shape or 1 in shape
-                or not all(ordered for _, _, ordered, _ in facts)
+                or not all(ordered for _, _, ordered in facts)
                 or not (_contiguous_class(node.target) or self.attention_keeps_heads(node))):
             return None
         return _fake(self.mode, shape, _dense_strides(shape, order), old, old.requires_grad)
@@ -236,8 +238,9 @@ def refresh_pruned_shapes(program: Program, layouts: Mapping[str, Any], kept: Ma
 def _view_value(node: Node, mode: FakeTensorMode, old: Any) -> Any:
     with no_dispatch_modes():
         out = node.target(*_mirror(node.args), **{k: _mirror(v) for k, v in node.kwargs.items()})
-    if node.target not in _STRIDES_KEPT and any(1 in t.shape for t in _tensors(out)):
-        return None     # the stride of a size-1 dimension: meta and fake view kernels differ
+    if not meta_view_strides_agree(node.target, [a.meta["val"] for a in node.all_input_nodes],
+                                   _tensors(out)):
+        return None
     if isinstance(out, torch.Tensor):
         return _fake(mode, out.shape, out.stride(), old, old.requires_grad)
     if not isinstance(out, list | tuple) or len(out) != len(old):
@@ -266,6 +269,20 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     if isinstance(value, list | tuple):
         return [t for v in value for t in _tensors(v)]
     return []
+
+
+def meta_view_strides_agree(target: Any, inputs: list[torch.Tensor],
+                            outputs: list[torch.Tensor]) -> bool:
+    """Whether a view's meta kernel gives the strides its fake kernel gives: always for views
+    that keep or reorder the input strides, and for ``contiguous`` (its input where that is
+    contiguous, else a contiguous copy); for views that compute strides, unless a size-1
+    dimension is in the result and also in an input (the stride a size-1 dimension has is
+    arbitrary; where an input has one, the two kernels carry it over differently, and
+    ``tests/passes/prune/test_metadata.py`` checks random views of every kind against the
+    fake kernel)."""
+    if target in _STRIDES_KEPT or target is aten.contiguous.default:   # input or a copy
+        return True
+    return not (any(1 in t.shape for t in outputs) and any(1 in t.shape for t in inputs))
 
 
 def _fake(mode: FakeTensorMode, shape: Any, strides: Any, like: FakeTensor,
@@ -303,12 +320,6 @@ def _contiguous_class(target: torch._ops.OpOverload) -> bool:
 def _static_dense(value: Any) -> bool:
     return (isinstance(value, FakeTensor) and not value._has_symbolic_sizes_strides
             and value.layout == torch.strided)
-
-
-def _became_one(value: torch.Tensor, was: torch.Tensor) -> bool:
-    """Whether pruning left a dimension of size 1 that was larger: the strides of size-1
-    dimensions are arbitrary, and fake kernels and meta kernels pick them differently."""
-    return any(n == 1 < o for n, o in zip(value.shape, was.shape, strict=True))
 
 
 def _contiguous(value: torch.Tensor) -> bool:

@@ -3,18 +3,21 @@ dispatch equal, sizes and strides, what the incremental fake-tensor propagation 
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx import Node
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 import graphpress.passes.prune.plan as plan_module
 from graphpress.frontends import trace
-from graphpress.ir.shapes import propagate_shapes, value_key
+from graphpress.ir.shapes import fake_over_meta, propagate_shapes, value_key
 from graphpress.passes import PassContext, PruneChannels
+from graphpress.passes.prune.metadata import meta_view_strides_agree
 from graphpress.testing.zoo import get_model, zoo_models
 
 
@@ -120,3 +123,83 @@ def test_meta_device_weights(monkeypatch: pytest.MonkeyPatch) -> None:
     assert program.weights()["q.weight"].shape == (4, 8)
     assert program.weights()["q.weight"].device.type == "meta"
     assert _differences(program, reference) == []
+
+
+def _random_view(rng: random.Random) -> tuple[Any, list[int], list[int], tuple]:
+    """A view op, an input's sizes and strides (dense in a random order, maybe sliced, size-1
+    dimensions with arbitrary strides) and arguments giving a result with size-1 dimensions."""
+    rank = rng.randint(1, 4)
+    shape = [rng.choice([1, 2, 3, 4]) for _ in range(rank)]
+    order = list(range(rank))
+    rng.shuffle(order)
+    strides, step = [0] * rank, 1
+    for d in reversed(order):
+        strides[d] = step
+        step *= shape[d]
+    if rank > 1 and rng.random() < 0.2:        # a slice of the outermost dimension
+        strides = [s * 2 if d == order[0] else s for d, s in enumerate(strides)]
+    strides = [rng.choice([1, 7, s]) if n == 1 else s for n, s in zip(shape, strides)]
+    kind = rng.choice(["view", "reshape", "_unsafe_view", "unsqueeze", "unflatten", "squeeze",
+                       "flatten", "expand", "permute", "transpose", "slice", "contiguous"])
+    target_shape = list(shape)
+    if rng.random() < 0.7:
+        target_shape.insert(rng.randint(0, rank), 1)
+    if rng.random() < 0.5 and len(target_shape) > 1:
+        i = rng.randrange(len(target_shape) - 1)
+        target_shape[i:i + 2] = [target_shape[i] * target_shape[i + 1]]
+    aten = torch.ops.aten
+    if kind in ("view", "reshape", "_unsafe_view"):
+        return getattr(aten, kind).default, shape, strides, (target_shape,)
+    d = rng.randrange(rank)
+    target, args = {
+        "unsqueeze": (aten.unsqueeze.default, (rng.randint(0, rank),)),
+        "unflatten": (aten.unflatten.int, (d, rng.choice([[1, shape[d]], [shape[d], 1]]))),
+        "squeeze": (aten.squeeze.dim, (d,)),
+        "flatten": (aten.flatten.using_ints, (0, rank - 1)),
+        "expand": (aten.expand.default, ([1, *shape],)),
+        "permute": (aten.permute.default, (list(reversed(range(rank))),)),
+        "transpose": (aten.transpose.int, (0, rank - 1)),
+        "slice": (aten.slice.Tensor, (d, 0, 1)),
+        "contiguous": (aten.contiguous.default, ()),
+    }[kind]
+    return target, shape, strides, args
+
+
+def test_views_built_on_meta_tensors_have_the_fake_kernels_strides() -> None:
+    """Where ``meta_view_strides_agree`` says so, a view's meta kernel and its fake kernel give
+    the same sizes and strides (3000 random views, inputs with and without size-1 dims)."""
+    mode = FakeTensorMode()
+    rng = random.Random(0)
+    checked = disagree = 0
+    for _ in range(3000):
+        target, shape, strides, args = _random_view(rng)
+        meta = torch.empty_strided(shape, strides, device="meta")
+        try:
+            out = target(meta, *args)
+        except RuntimeError:            # a view the strides do not allow
+            continue
+        fake = fake_over_meta(mode, torch.empty_strided(shape, strides, device="meta"),
+                              torch.device("cpu"))
+        with mode:
+            expected = target(fake, *args)
+        same = out.shape == expected.shape and out.stride() == expected.stride()
+        disagree += not same
+        if meta_view_strides_agree(target, [meta], [out]):
+            checked += 1
+            assert same, (target, shape, strides, args, out.stride(), expected.stride())
+    assert checked > 1500 and disagree > 50, "both kinds of case are drawn"
+
+
+def test_repeat_interleave_is_contiguous_whatever_its_input() -> None:
+    """What ``_ALWAYS_CONTIGUOUS`` relies on: the fake kernel's output of repeat_interleave has
+    contiguous strides for inputs in any order, sliced, with size-1 dimensions (500 random)."""
+    mode = FakeTensorMode()
+    rng = random.Random(1)
+    for _ in range(500):
+        _, shape, strides, _ = _random_view(rng)
+        fake = fake_over_meta(mode, torch.empty_strided(shape, strides, device="meta"),
+                              torch.device("cpu"))
+        dim = rng.choice([None, *range(-len(shape), len(shape))])
+        with mode:
+            out = torch.ops.aten.repeat_interleave.self_int(fake, rng.choice([1, 2, 3]), dim)
+        assert out.stride() == torch.empty(out.shape).stride(), (shape, strides, dim)
