@@ -12,16 +12,17 @@ is built directly in these cases, and every other node runs on fake tensors as t
   strides (view kernels compute the output's sizes and strides from the input ones, at a few
   µs without the fake dispatch), and the results are wrapped as FakeTensors. The stride of a
   size-1 dimension is arbitrary, and the meta kernel of a view that computes strides (view,
-  reshape, unsqueeze, ...) and the fake one carry an input's size-1 dimension over differently:
-  such a view with a size-1 dimension both in an input and in its result, or an input that
-  pruning shrank to size 1, takes the fake path. Views that only keep or reorder the input's
-  strides (slice, select, permute, transpose, split, expand) do not depend on that choice;
+  reshape, unsqueeze, ...) and the fake one carry an input's size-1 dimension over differently
+  unless the input's strides are exactly the contiguous ones: such a view with a size-1
+  dimension in its result and in an input that is not exactly contiguous takes the fake path.
+  Views that only keep or reorder the input's strides (slice, select, permute, transpose,
+  split, expand) do not depend on that choice;
 * ops whose output is contiguous when their inputs are (pointwise ops, convolution, matmuls,
-  norms, softmax, reductions, embedding, padding, copies), when the output and every tensor
-  input had contiguous strides before and every input has them now, and ``repeat_interleave``
-  (a copy, contiguous whatever its input): contiguous strides over the sizes the channel
-  layouts give (each dimension's ``new_size`` of its atoms, the sizes the rewritten shape
-  arguments also come from);
+  norms, softmax, reductions, padding, copies), when the output and every tensor input had
+  contiguous strides before and every input has them now, and ``repeat_interleave``,
+  ``embedding`` and ``gather`` (contiguous whatever their inputs): contiguous strides over the
+  sizes the channel layouts give (each dimension's ``new_size`` of its atoms, the sizes the
+  rewritten shape arguments also come from);
 * the same ops, and attention whose query, key and value keep their sequence and head sizes
   (the kernel is chosen as before pruning), when the output was dense in some order of its
   dimensions and every input keeps its stride order, none with a size-1 dimension: dense
@@ -83,8 +84,10 @@ _CONTIGUOUS_OUT = {
 }
 
 
-# Output contiguous whatever the inputs' strides (repeat_interleave copies into a new tensor).
-_ALWAYS_CONTIGUOUS = {aten.repeat_interleave.self_int}
+# Output contiguous whatever the inputs' strides (each allocates its result at the index's or
+# the repeated sizes; checked on random inputs in tests/passes/prune/test_metadata.py).
+_ALWAYS_CONTIGUOUS = {aten.repeat_interleave.self_int, aten.embedding.default,
+                      aten.gather.default}
 
 
 # Views whose result strides are some of the input's, in some order (or 0 where expanded): the
@@ -276,13 +279,14 @@ def meta_view_strides_agree(target: Any, inputs: list[torch.Tensor],
     """Whether a view's meta kernel gives the strides its fake kernel gives: always for views
     that keep or reorder the input strides, and for ``contiguous`` (its input where that is
     contiguous, else a contiguous copy); for views that compute strides, unless a size-1
-    dimension is in the result and also in an input (the stride a size-1 dimension has is
-    arbitrary; where an input has one, the two kernels carry it over differently, and
-    ``tests/passes/prune/test_metadata.py`` checks random views of every kind against the
-    fake kernel)."""
+    dimension is in the result and in an input whose strides are not exactly the contiguous
+    ones (the stride of a size-1 dimension is arbitrary, and the two kernels carry such an
+    input's over differently; ``tests/passes/prune/test_metadata.py`` checks random views of
+    every kind against the fake kernel)."""
     if target in _STRIDES_KEPT or target is aten.contiguous.default:   # input or a copy
         return True
-    return not (any(1 in t.shape for t in outputs) and any(1 in t.shape for t in inputs))
+    return not (any(1 in t.shape for t in outputs)
+                and any(1 in t.shape and not _contiguous(t) for t in inputs))
 
 
 def _fake(mode: FakeTensorMode, shape: Any, strides: Any, like: FakeTensor,

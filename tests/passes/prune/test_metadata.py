@@ -190,16 +190,31 @@ def test_views_built_on_meta_tensors_have_the_fake_kernels_strides() -> None:
     assert checked > 1500 and disagree > 50, "both kinds of case are drawn"
 
 
-def test_repeat_interleave_is_contiguous_whatever_its_input() -> None:
-    """What ``_ALWAYS_CONTIGUOUS`` relies on: the fake kernel's output of repeat_interleave has
-    contiguous strides for inputs in any order, sliced, with size-1 dimensions (500 random)."""
+def test_always_contiguous_ops_are_contiguous_whatever_their_inputs() -> None:
+    """What ``_ALWAYS_CONTIGUOUS`` relies on: the fake kernels of repeat_interleave, embedding
+    and gather give contiguous strides for inputs in any order, sliced, with size-1 dimensions
+    (500 random cases each)."""
     mode = FakeTensorMode()
     rng = random.Random(1)
+
+    def fake(shape: list[int], strides: list[int], dtype: torch.dtype) -> torch.Tensor:
+        meta = torch.empty_strided(shape, strides, dtype=dtype, device="meta")
+        return fake_over_meta(mode, meta, torch.device("cpu"))
+
+    aten = torch.ops.aten
     for _ in range(500):
         _, shape, strides, _ = _random_view(rng)
-        fake = fake_over_meta(mode, torch.empty_strided(shape, strides, device="meta"),
-                              torch.device("cpu"))
+        table_columns = _random_view(rng)[1][-1]
+        x = fake(shape, strides, torch.float32)
+        index = fake(shape, strides, torch.long)
+        source = fake([s + 1 for s in shape], torch.empty([s + 1 for s in shape]).stride(),
+                      torch.float32)
+        table = fake([5, table_columns], [1, 5] if rng.random() < 0.5 else [table_columns, 1],
+                     torch.float32)
         dim = rng.choice([None, *range(-len(shape), len(shape))])
         with mode:
-            out = torch.ops.aten.repeat_interleave.self_int(fake, rng.choice([1, 2, 3]), dim)
-        assert out.stride() == torch.empty(out.shape).stride(), (shape, strides, dim)
+            outs = [aten.repeat_interleave.self_int(x, rng.choice([1, 2, 3]), dim),
+                    aten.embedding.default(table, index),
+                    aten.gather.default(source, rng.randrange(len(shape)), index)]
+        for out in outs:
+            assert out.stride() == torch.empty(out.shape).stride(), (shape, strides, dim)
