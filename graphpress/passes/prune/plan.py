@@ -147,15 +147,21 @@ def apply_plan(program: Program, plan: PrunePlan, analysis: ChannelAnalysis) -> 
     previous = {n: n.meta.get("val") for n in program.graph.nodes}
     touched: set[Node] = set()
     before = 0
+    by_weight: dict[str, list[tuple[int, torch.Tensor]]] = {}
     for (weight, axis), mask in kept_elements(plan, program).items():
+        by_weight.setdefault(weight, []).append((axis, mask))
+    for weight, axes in by_weight.items():     # every pruned axis of a weight, one replacement
         tensor = program.weight(weight)
         before += tensor.numel()
-        index = mask.nonzero().flatten()
-        if tensor.device.type == "meta":
-            new = torch.empty_like(tensor).narrow(axis, 0, len(index))
-        else:
-            new = tensor.detach().index_select(axis, index.to(tensor.device)).contiguous()
-        program.replace_weight(weight, new)
+        new = tensor.detach()
+        for axis, mask in axes:
+            index = mask.nonzero().flatten()
+            if new.device.type == "meta":
+                new = torch.empty_like(new).narrow(axis, 0, len(index))
+            else:
+                new = new.index_select(axis, index if new.device == index.device
+                                       else index.to(new.device))
+        program.replace_weight(weight, new.contiguous())
         touched.add(program.weight_node(weight))
         before -= new.numel()
     for node in list(program.graph.nodes):
