@@ -106,7 +106,9 @@ class _Refresh:
     def __init__(self, program: Program, layouts: Mapping[str, Any], kept: Mapping[int, int],
                  previous: Mapping[Node, Any]) -> None:
         self.mode = program.fake_mode()
-        self.runner = FakeTensorProp(program.graph_module, self.mode)
+        self.graph_module = program.graph_module
+        self._runner: FakeTensorProp | None = None   # built on the first node the fake path runs
+        self.env: dict[Node, Any] = {}               # the values the fake path computed
         self.layouts, self.kept, self.previous = layouts, kept, previous
         self.grads: dict[Node, bool] = {}
         self._facts: dict[Node, tuple[bool, bool, bool]] = {}
@@ -120,12 +122,15 @@ class _Refresh:
             node.meta["val"], self.grads[node] = built
 
     def on_fake(self, node: Node) -> None:
-        env = self.runner.env
+        if self._runner is None:
+            self._runner = FakeTensorProp(self.graph_module, self.mode)
+            self._runner.env = self.env
+        env, runner = self.env, self._runner
         with self.mode:
             for arg in node.all_input_nodes:
                 if arg not in env:
-                    env[arg] = self.live(arg) if "val" in arg.meta else self.runner.run_node(arg)
-            env[node] = self.runner.run_node(node)
+                    env[arg] = self.live(arg) if "val" in arg.meta else runner.run_node(arg)
+            env[node] = runner.run_node(node)
 
     def live(self, node: Node) -> Any:
         """A value built directly, with this run's ``requires_grad``."""
@@ -135,8 +140,8 @@ class _Refresh:
         return _fake(self.mode, stored.shape, stored.stride(), stored, grad)
 
     def requires_grad(self, node: Node) -> bool:
-        if node in self.runner.env:
-            return getattr(self.runner.env[node], "requires_grad", False)
+        if node in self.env:
+            return getattr(self.env[node], "requires_grad", False)
         if node in self.grads:
             return self.grads[node]
         return getattr(node.meta.get("val"), "requires_grad", False)
@@ -151,7 +156,7 @@ class _Refresh:
         if node.target is operator.getitem:
             source, index = node.args
             stored = source.meta.get("val") if isinstance(source, Node) else None
-            if not isinstance(stored, tuple | list) or source in self.runner.env:
+            if not isinstance(stored, tuple | list) or source in self.env:
                 return None
             return stored[index], self.requires_grad(source)
         target = node.target
