@@ -333,12 +333,12 @@ def _static_dense(value: Any) -> bool:
 
 def _contiguous(value: torch.Tensor) -> bool:
     """Exactly the contiguous strides (size-1 dimensions included, unlike ``is_contiguous``)."""
-    step = 1
-    for n, stride in zip(reversed(value.shape), reversed(value.stride()), strict=True):
-        if stride != step:
-            return False
-        step *= max(n, 1)
-    return True
+    return value.stride() == _contiguous_strides_of(value.shape)
+
+
+@functools.lru_cache(maxsize=4096)
+def _contiguous_strides_of(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(_contiguous_strides(list(shape)))
 
 
 def _dense_order(value: torch.Tensor) -> tuple[int, ...] | None:
