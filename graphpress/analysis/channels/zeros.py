@@ -87,7 +87,8 @@ def zero_symbols(t: Tracer, node: Node, is_view: bool) -> set[int]:
     name = op_name(node)
     out = _layouts(t, node)
     if is_view or name in _ZERO_PRESERVING:
-        return _syms(t.values.get(node.name)) & _inputs_zero(t, node)
+        zero = _inputs_zero(t, node)
+        return _syms(t.values.get(node.name)) & zero if zero else zero
     if name in _CREATE_LAST and out and out[-1]:
         return {s for s, _ in out[-1]}
     if name in _CREATE_CHANNEL and len(out) > 1 and out[1]:
