@@ -47,15 +47,21 @@ REDUCTIONS = ("mean", "sum", "max")
 def _rows(tensor: torch.Tensor, s: ChannelSlice, size: int,
           dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The elements of each of the ``size`` channels of slice ``s``: ``[size, elements]``."""
-    rows = tensor.detach().to(dtype).movedim(s.axis, 0)
-    return rows[s.offset: s.offset + size * s.rep].reshape(size, -1)
+    rows = tensor.detach()
+    if rows.dtype != dtype:
+        rows = rows.to(dtype)
+    if s.axis:
+        rows = rows.movedim(s.axis, 0)
+    if s.offset or size * s.rep != rows.shape[0]:
+        rows = rows[s.offset: s.offset + size * s.rep]
+    return rows.reshape(size, -1)
 
 
 def _slice_scores(tensor: torch.Tensor, s: ChannelSlice, size: int, p: int) -> torch.Tensor:
     rows = _rows(tensor, s, size)
     if p == 0:          # taylor: the tensor is w * grad; the first-order term is signed
         return rows.sum(1).abs()
-    return rows.abs().sum(1) if p == 1 else rows.pow(2).sum(1).sqrt()
+    return torch.linalg.vector_norm(rows, p, dim=1)
 
 
 def weight_gradients(program: Program, batches: list[tuple[Any, ...]],
