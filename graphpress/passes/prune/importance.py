@@ -47,14 +47,10 @@ REDUCTIONS = ("mean", "sum", "max")
 def _rows(tensor: torch.Tensor, s: ChannelSlice, size: int,
           dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The elements of each of the ``size`` channels of slice ``s``: ``[size, elements]``."""
-    rows = tensor.detach()
-    if rows.dtype != dtype:
-        rows = rows.to(dtype)
+    rows = tensor.detach().to(dtype)
     if s.axis:
         rows = rows.movedim(s.axis, 0)
-    if s.offset or size * s.rep != rows.shape[0]:
-        rows = rows[s.offset: s.offset + size * s.rep]
-    return rows.reshape(size, -1)
+    return rows[s.offset: s.offset + size * s.rep].reshape(size, -1)
 
 
 def _slice_scores(tensor: torch.Tensor, s: ChannelSlice, size: int, p: int) -> torch.Tensor:

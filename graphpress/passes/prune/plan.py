@@ -159,8 +159,7 @@ def apply_plan(program: Program, plan: PrunePlan, analysis: ChannelAnalysis) -> 
             if new.device.type == "meta":
                 new = torch.empty_like(new).narrow(axis, 0, len(index))
             else:
-                new = new.index_select(axis, index if new.device == index.device
-                                       else index.to(new.device))
+                new = new.index_select(axis, index.to(new.device))
         program.replace_weight(weight, new.contiguous())
         touched.add(program.weight_node(weight))
         before -= new.numel()

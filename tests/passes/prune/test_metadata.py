@@ -127,7 +127,8 @@ def test_meta_device_weights(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _random_view(rng: random.Random) -> tuple[Any, list[int], list[int], tuple]:
     """A view op, an input's sizes and strides (dense in a random order, maybe sliced, size-1
-    dimensions with arbitrary strides) and arguments giving a result with size-1 dimensions."""
+    dimensions with arbitrary strides) and arguments giving a result, most often with a size-1
+    dimension."""
     rank = rng.randint(1, 4)
     shape = [rng.choice([1, 2, 3, 4]) for _ in range(rank)]
     order = list(range(rank))
