@@ -100,25 +100,58 @@ def key_of(group: ChannelGroup) -> list[Key]:
 
 def kept_elements(plan: PrunePlan, program: Program) -> dict[tuple[str, int], torch.Tensor]:
     """(weight, axis) -> bool mask of the elements kept along that axis (pruned axes only)."""
-    out: dict[tuple[str, int], torch.Tensor] = {}
+    dropped: dict[tuple[int, int], torch.Tensor] = {}
+    return {(weight, axis): _mask(program.weight(weight).shape[axis], found, dropped)
+            for (weight, axis), found in _spans(plan).items()}
+
+
+def _spans(plan: PrunePlan) -> dict[tuple[str, int], list[tuple[GroupPlan, int, int]]]:
+    """(weight, axis) -> the (group, offset, rep) of every pruned group's slice on it."""
+    spans: dict[tuple[str, int], list[tuple[GroupPlan, int, int]]] = {}
     for g in plan.groups:
-        if len(g.keep) == g.size:
+        if len(g.keep) < g.size:
+            if any(not 0 <= k < g.size for k in g.keep):
+                raise ValueError(f"plan group over {g.slices[0][0]!r} keeps channels outside "
+                                 f"0..{g.size - 1}: {sorted(g.keep)}")
+            for weight, axis, offset, rep in g.slices:
+                spans.setdefault((weight, axis), []).append((g, offset, rep))
+    return spans
+
+
+def _mask(n: int, found: list[tuple[GroupPlan, int, int]],
+          dropped: dict[tuple[int, int], torch.Tensor]) -> torch.Tensor:
+    """The kept elements of an axis of ``n`` as a bool mask; ``dropped`` caches each group's
+    dropped elements at offset 0 by (group, rep)."""
+    mask = torch.ones(n, dtype=torch.bool)
+    for g, offset, rep in found:
+        at_zero = dropped.get((id(g), rep))
+        if at_zero is None:
+            drop = torch.tensor(g.dropped(), dtype=torch.long)
+            at_zero = dropped[(id(g), rep)] = drop if rep == 1 else (
+                drop[:, None] * rep + torch.arange(rep)).flatten()
+        mask[at_zero + offset if offset else at_zero] = False
+    return mask
+
+
+def _kept_index(plan: PrunePlan, program: Program) -> dict[tuple[str, int], torch.Tensor]:
+    """(weight, axis) -> the indices of the elements kept along that axis (pruned axes only),
+    the ``True`` positions of ``kept_elements``'s mask: taken directly from the plan where one
+    slice spans the whole axis (the common case), else from the mask."""
+    out: dict[tuple[str, int], torch.Tensor] = {}
+    kept: dict[tuple[int, int], torch.Tensor] = {}      # (group, rep) -> kept elements
+    dropped: dict[tuple[int, int], torch.Tensor] = {}
+    for (weight, axis), found in _spans(plan).items():
+        g, offset, rep = found[0]
+        n = program.weight(weight).shape[axis]
+        if len(found) > 1 or offset or g.size * rep != n:
+            out[(weight, axis)] = _mask(n, found, dropped).nonzero().flatten()
             continue
-        if any(not 0 <= k < g.size for k in g.keep):
-            raise ValueError(f"plan group over {g.slices[0][0]!r} keeps channels outside "
-                             f"0..{g.size - 1}: {sorted(g.keep)}")
-        drop = torch.tensor(g.dropped(), dtype=torch.long)
-        elements: dict[int, torch.Tensor] = {}      # rep -> the dropped elements at offset 0
-        for weight, axis, offset, rep in g.slices:
-            mask = out.get((weight, axis))
-            if mask is None:
-                mask = out[(weight, axis)] = torch.ones(program.weight(weight).shape[axis],
-                                                        dtype=torch.bool)
-            at_zero = elements.get(rep)
-            if at_zero is None:
-                at_zero = elements[rep] = drop if rep == 1 else (
-                    drop[:, None] * rep + torch.arange(rep)).flatten()
-            mask[at_zero + offset if offset else at_zero] = False
+        index = kept.get((id(g), rep))
+        if index is None:
+            keep = torch.tensor(sorted(set(g.keep)), dtype=torch.long)
+            index = kept[(id(g), rep)] = keep if rep == 1 else (
+                keep[:, None] * rep + torch.arange(rep)).flatten()
+        out[(weight, axis)] = index
     return out
 
 
@@ -148,14 +181,13 @@ def apply_plan(program: Program, plan: PrunePlan, analysis: ChannelAnalysis) -> 
     touched: set[Node] = set()
     before = 0
     by_weight: dict[str, list[tuple[int, torch.Tensor]]] = {}
-    for (weight, axis), mask in kept_elements(plan, program).items():
-        by_weight.setdefault(weight, []).append((axis, mask))
+    for (weight, axis), index in _kept_index(plan, program).items():
+        by_weight.setdefault(weight, []).append((axis, index))
     for weight, axes in by_weight.items():     # every pruned axis of a weight, one replacement
         tensor = program.weight(weight)
         before += tensor.numel()
         new = tensor.detach()
-        for axis, mask in axes:
-            index = mask.nonzero().flatten()
+        for axis, index in axes:
             if new.device.type == "meta":
                 new = torch.empty_like(new).narrow(axis, 0, len(index))
             else:

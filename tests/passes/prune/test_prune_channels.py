@@ -314,3 +314,24 @@ def test_pruned_batch_times_heads_size_stays_symbolic() -> None:
     for batch in (3, 1):
         inputs = (torch.randn(batch, *x.shape[1:]),)
         assert_equivalent(program, masked, inputs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("name", "offsets", "reps"), [
+    ("concat_net", True, False), ("fused_qkv_net", True, True), ("hf_bert", True, True),
+    ("hf_swin", False, True)])
+def test_kept_indices_are_the_true_positions_of_the_kept_masks(name: str, offsets: bool,
+                                                               reps: bool) -> None:
+    """apply_plan takes the kept indices straight from the plan where one slice spans a whole
+    axis, else from the mask: the same indices either way (slices at offsets, fused parts,
+    heads with ``rep`` elements per channel)."""
+    from graphpress.passes.prune.plan import _kept_index, kept_elements
+
+    program = trace(*get_model(name).make())
+    plan, _ = PruneChannels(ratio=0.5, importance="random").make_plan(program)
+    direct = _kept_index(plan, program)
+    masks = kept_elements(plan, program)
+    assert direct.keys() == masks.keys()
+    for key, mask in masks.items():
+        assert torch.equal(direct[key], mask.nonzero().flatten()), key
+    assert any(rep > 1 for g in plan.groups for *_, rep in g.slices) == reps
+    assert any(offset for g in plan.groups for _, _, offset, _ in g.slices) == offsets
