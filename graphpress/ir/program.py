@@ -161,6 +161,11 @@ class Program:
                 out[spec.target] = self.weight(spec.target)
         return out
 
+    def weight_placeholders(self) -> dict[str, str]:
+        """Placeholder name -> the fully qualified name of the weight it stands for, for every
+        weight placeholder (one lookup table instead of a ``weight_name`` call per node)."""
+        return {node: weight for weight, node in self._index().weight_nodes.items()}
+
     def weight_node(self, name: str) -> Node:
         index = self._index()
         if name in index.weight_nodes:

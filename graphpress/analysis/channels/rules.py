@@ -152,12 +152,14 @@ def propagate(program: Program, t: Tracer, rules: dict[Any, Rule | None] | None 
     from graphpress.analysis.channels.zeros import zero_symbols
 
     rules = {} if rules is None else rules
+    weights = program.weight_placeholders()
     for node in program.graph.nodes:
         if node.op == "placeholder":
-            if program.is_weight(node):
+            weight = weights.get(node.name)
+            if weight is not None:
                 t.weights[node.name] = [None] * node.meta["val"].dim()
                 t.values[node.name] = t.weights[node.name]
-                t.names[node.name] = program.weight_name(node) or node.name
+                t.names[node.name] = weight
             else:
                 t.values[node.name] = fixed_like(t, node, f"model input {node.name}")
         elif node.op == "call_function":
@@ -193,14 +195,14 @@ def _unary(t: Tracer, node: Node, program: Program) -> Any:
 @rule(*_BINARY)
 def _binary(t: Tracer, node: Node, program: Program) -> Any:
     out = shape(node)
-    operands = [a for a in node.args if isinstance(a, Node)
+    rank = len(out)
+    operands = [(a, shape(a)) for a in node.args if isinstance(a, Node)
                 and isinstance(a.meta.get("val"), torch.Tensor)]
     where = f"{op_name(node)} (node {node.name})"
     result = []
     for i, n in enumerate(out):
-        aligned = [(a, a.meta["val"].dim() - len(out) + i) for a in operands
-                   if a.meta["val"].dim() - len(out) + i >= 0
-                   and shape(a)[a.meta["val"].dim() - len(out) + i] == n]
+        aligned = [(a, ax) for a, sizes in operands
+                   if (ax := len(sizes) - rank + i) >= 0 and sizes[ax] == n]
         if not aligned:
             result.append(t.fixed(n, f"broadcast in {where}"))
             continue

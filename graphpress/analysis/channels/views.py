@@ -16,6 +16,7 @@ naming the node. ``cat`` lays layouts end to end,
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from torch.fx import Node
@@ -57,6 +58,13 @@ def view_rule(t: Tracer, node: Node, program: Program) -> Any:
         same = [False] * lead + [shape(x)[i] == out[lead + i] for i in range(rank)]
         result = [layouts[i - lead] if same[i] else t.fixed(n, where) for i, n in enumerate(out)]
         return _like(t, node, result, same, program, where) if name == "expand_as" else result
+    if name == "unsqueeze":     # what _reshape gives: unit dimensions fixed, the others kept
+        sizes, d = shape(x), node.args[1] % (rank + 1)
+        t.block([layouts[i] for i, n in enumerate(sizes) if n == 1],
+                f"{where} drops a unit dimension")
+        carried = [*layouts[:d], None, *layouts[d:]]
+        return [layout if n != 1 else t.fixed(1, where)
+                for layout, n in zip(carried, (*sizes[:d], 1, *sizes[d:]), strict=True)]
     if name in ("select", "unbind"):
         d = get_arg(node, "dim") % rank
         t.block([layouts[d]], f"{where} picks single channels")
@@ -89,7 +97,7 @@ def view_rule(t: Tracer, node: Node, program: Program) -> Any:
             pieces.append([*layouts[:d], piece, *layouts[d + 1:]])
             start = end
         return tuple(pieces)
-    out = _reshape(t, layouts, shape(x), shape(node), where, _swapped_pairs(node))
+    out = _reshape(t, layouts, shape(x), shape(node), where, lambda: _swapped_pairs(node))
     if name in ("reshape_as", "view_as"):
         return _like(t, node, out, [True] * len(out), program, where)
     return out
@@ -183,7 +191,9 @@ def _swapped_pairs(node: Node) -> set[tuple[int, int]]:
 
 
 def _reshape(t: Tracer, layouts: list[Layout], a: tuple[int, ...], b: tuple[int, ...],
-             where: str, swapped: set[tuple[int, int]] = frozenset()) -> list[Layout]:
+             where: str, swapped: Callable[[], set[tuple[int, int]]] = set) -> list[Layout]:
+    """The layouts of a reshape from sizes ``a`` to ``b``; ``swapped()`` gives the adjacent
+    output dims every user swaps (asked only where a dimension splits)."""
     out: list[Layout | None] = [None] * len(b)
     groups = _groups(a, b)
     if groups is None:
@@ -208,7 +218,7 @@ def _reshape(t: Tracer, layouts: list[Layout], a: tuple[int, ...], b: tuple[int,
                                   for _, r in layouts[gi[0]]):
             inner = math.prod(b[j] for j in gj[1:])     # split back a merged C*H*W
             out[gj[0]] = tuple((s, r // inner) for s, r in layouts[gi[0]])
-        elif len(gi) == 1 and (len(gj) > 2 or t.head_dim or tuple(gj) in swapped):
+        elif len(gi) == 1 and (len(gj) > 2 or t.head_dim or tuple(gj) in swapped()):
             # (3, heads, head_dim) of a fused qkv: q, k, v share their heads; in head_dim mode
             # every head shares its positions; a channel shuffle's (g, c/g) then transposed:
             # the g groups share their c/g channels, which the merge of (c/g, g) restores
