@@ -135,23 +135,31 @@ def _mask(n: int, found: list[tuple[GroupPlan, int, int]],
 
 def _kept_index(plan: PrunePlan, program: Program) -> dict[tuple[str, int], torch.Tensor]:
     """(weight, axis) -> the indices of the elements kept along that axis (pruned axes only),
-    the ``True`` positions of ``kept_elements``'s mask: taken directly from the plan where one
-    slice spans the whole axis (the common case), else from the mask."""
+    the ``True`` positions of ``kept_elements``'s mask, built from the plan: each slice's kept
+    channels moved to its offset, the elements between slices kept. Overlapping slices (not
+    made by the analysis) take the mask."""
     out: dict[tuple[str, int], torch.Tensor] = {}
-    kept: dict[tuple[int, int], torch.Tensor] = {}      # (group, rep) -> kept elements
-    dropped: dict[tuple[int, int], torch.Tensor] = {}
+    kept: dict[tuple[int, int], torch.Tensor] = {}      # (group, rep) -> kept elements at 0
     for (weight, axis), found in _spans(plan).items():
-        g, offset, rep = found[0]
         n = program.weight(weight).shape[axis]
-        if len(found) > 1 or offset or g.size * rep != n:
-            out[(weight, axis)] = _mask(n, found, dropped).nonzero().flatten()
-            continue
-        index = kept.get((id(g), rep))
-        if index is None:
-            keep = torch.tensor(sorted(set(g.keep)), dtype=torch.long)
-            index = kept[(id(g), rep)] = keep if rep == 1 else (
-                keep[:, None] * rep + torch.arange(rep)).flatten()
-        out[(weight, axis)] = index
+        pieces, end = [], 0
+        for g, offset, rep in sorted(found, key=lambda f: f[1]):
+            if offset < end or offset + g.size * rep > n:
+                out[(weight, axis)] = _mask(n, found, {}).nonzero().flatten()
+                break
+            if offset > end:
+                pieces.append(torch.arange(end, offset))
+            index = kept.get((id(g), rep))
+            if index is None:
+                keep = torch.tensor(sorted(set(g.keep)), dtype=torch.long)
+                index = kept[(id(g), rep)] = keep if rep == 1 else (
+                    keep[:, None] * rep + torch.arange(rep)).flatten()
+            pieces.append(index + offset if offset else index)
+            end = offset + g.size * rep
+        else:
+            if end < n:
+                pieces.append(torch.arange(end, n))
+            out[(weight, axis)] = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     return out
 
 

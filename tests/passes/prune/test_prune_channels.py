@@ -14,7 +14,7 @@ import graphpress as gp
 from graphpress.frontends import trace
 from graphpress.ir.program import Program
 from graphpress.passes import PassContext, PruneChannels
-from graphpress.passes.prune.plan import PrunePlan
+from graphpress.passes.prune.plan import GroupPlan, PrunePlan
 from graphpress.testing import assert_equivalent
 from graphpress.testing.zoo import get_model
 
@@ -317,8 +317,8 @@ def test_pruned_batch_times_heads_size_stays_symbolic() -> None:
 
 
 @pytest.mark.parametrize(("name", "offsets", "reps"), [
-    ("concat_net", True, False), ("fused_qkv_net", True, True), ("hf_bert", True, True),
-    ("hf_swin", False, True)])
+    ("concat_net", True, False), ("depthwise_grouped_net", True, False),
+    ("fused_qkv_net", True, True), ("hf_bert", True, True), ("hf_swin", False, True)])
 def test_kept_indices_are_the_true_positions_of_the_kept_masks(name: str, offsets: bool,
                                                                reps: bool) -> None:
     """apply_plan takes the kept indices straight from the plan where one slice spans a whole
@@ -328,10 +328,13 @@ def test_kept_indices_are_the_true_positions_of_the_kept_masks(name: str, offset
 
     program = trace(*get_model(name).make())
     plan, _ = PruneChannels(ratio=0.5, importance="random").make_plan(program)
-    direct = _kept_index(plan, program)
-    masks = kept_elements(plan, program)
-    assert direct.keys() == masks.keys()
-    for key, mask in masks.items():
-        assert torch.equal(direct[key], mask.nonzero().flatten()), key
+    partial = PrunePlan([GroupPlan(g.slices, g.size, list(range(g.size)) if i % 2 else g.keep)
+                         for i, g in enumerate(plan.groups)])     # gaps between pruned slices
+    for p in (plan, partial):
+        direct = _kept_index(p, program)
+        masks = kept_elements(p, program)
+        assert direct.keys() == masks.keys()
+        for key, mask in masks.items():
+            assert torch.equal(direct[key], mask.nonzero().flatten()), key
     assert any(rep > 1 for g in plan.groups for *_, rep in g.slices) == reps
     assert any(offset for g in plan.groups for _, _, offset, _ in g.slices) == offsets
