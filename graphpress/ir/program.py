@@ -29,6 +29,7 @@ from torch.fx import GraphModule, Node
 from torch.utils import _pytree as pytree
 
 from graphpress.errors import MetadataError
+from graphpress.ir.shapes import fake_over_meta, no_dispatch_modes
 
 __all__ = ["Program", "WEIGHT_KINDS"]
 
@@ -210,18 +211,17 @@ class Program:
         """The fake value of a weight. A plain dense tensor's is built directly (what
         ``from_tensor`` builds for it: same sizes, strides, dtype, device, ``requires_grad`` and
         parameter flag, about 30x faster); anything else goes through ``from_tensor``."""
-        from graphpress.ir.shapes import fake_over_meta, no_dispatch_modes
-
         mode = self.fake_mode()
         with no_dispatch_modes():
-            if (type(tensor) in (torch.Tensor, torch.nn.Parameter)
+            kind = type(tensor)
+            if ((kind is torch.nn.Parameter or kind is torch.Tensor)
                     and tensor.layout == torch.strided and tensor.storage_offset() == 0
-                    and not (tensor.is_quantized or tensor.is_conj() or tensor.is_neg())
-                    and (tensor.device.type != "meta" or mode.allow_meta)):
-                elem = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype,
-                                           device="meta", requires_grad=tensor.requires_grad)
-                return fake_over_meta(mode, elem, tensor.device,
-                                      is_param=isinstance(tensor, torch.nn.Parameter))
+                    and not (tensor.is_quantized or tensor.is_conj() or tensor.is_neg())):
+                device = tensor.device
+                if device.type != "meta" or mode.allow_meta:
+                    elem = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype,
+                                               device="meta", requires_grad=tensor.requires_grad)
+                    return fake_over_meta(mode, elem, device, is_param=kind is torch.nn.Parameter)
             return mode.from_tensor(tensor, static_shapes=True)
 
     def add_weight(self, name: str, tensor: torch.Tensor, *, kind: str = "parameter",

@@ -247,4 +247,7 @@ def _repeats(layout: Layout, k: int) -> bool:
 
 def new_size(layout: Any, kept: dict[int, int]) -> int:
     """The size of a dimension (layout in group ids) once groups keep ``kept`` channels."""
+    if len(layout) == 1:
+        g, r, n = layout[0]
+        return kept.get(g, n) * r
     return sum(kept.get(g, n) * r for g, r, n in layout)

@@ -199,7 +199,7 @@ class _Refresh:
         strides in the order the output had."""
         layout = self.layouts.get(node.name)
         if (not _static_dense(old) or not isinstance(layout, list) or len(layout) != old.dim()
-                or any(d is None for d in layout)):
+                or None in layout):
             return None
         shape = [new_size(d, self.kept) for d in layout]
         if node.target in _ALWAYS_CONTIGUOUS or (
