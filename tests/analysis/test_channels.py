@@ -443,3 +443,40 @@ def test_hidden_mode_lets_the_stream_normalisations_pass_and_lists_them() -> Non
            for name in hidden.normalized}
     assert sorted(ops.values()) == ["aten.layer_norm.default", "aten.mean.dim"]
     assert set(hidden.normalized.values()) == {1}
+
+
+class ThreeWaySplit(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 12)
+        self.b, self.c, self.d = nn.Linear(2, 3), nn.Linear(4, 3), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u, v, w = torch.split(self.a(x), [2, 4, 6], dim=-1)
+        _, r = torch.split(self.a(x), [3, 9], dim=-1)        # a second split, other cuts
+        return self.b(u) + self.c(v) + self.d(w) + r.sum(-1, keepdim=True)
+
+
+def test_a_split_asks_for_all_its_cuts_in_one_round() -> None:
+    """Both splits' boundaries inside the one atom of ``a``'s outputs are asked for in the first
+    round, the second split's although the first already asked for a rerun: one rerun."""
+    analysis = _groups(ThreeWaySplit(), torch.randn(2, 4))
+    ranges = sorted((s.offset, g.size) for g in analysis.groups for s in g.slices
+                    if s.weight == "a.weight" and s.axis == 0)
+    assert ranges == [(0, 2), (2, 1), (3, 3), (6, 6)]
+    assert analysis.rounds == 2
+    assert not any("(rerun)" in r for g in analysis.groups for r in g.reasons)
+
+
+@pytest.mark.parametrize("name", ["hf_gpt2", "minilm", "fused_qkv_net"])
+def test_head_dim_mode_converges_on_fused_and_split_projections(name: str) -> None:
+    """In head_dim mode every head is cut at its head_dim boundaries: all of them in one round
+    (one at a time took more rounds than the analysis allows, leaving groups blocked)."""
+    from graphpress.testing.zoo import get_model
+
+    program = trace(*get_model(name).make())
+    analysis = gp.analysis.channel_groups(program, head_dim=True)
+    assert analysis.rounds <= 3
+    assert not any("(rerun)" in r for g in analysis.groups for r in g.reasons)
+    assert any(g.prunable and not g.heads for g in analysis.groups
+               if any("attn" in w or "qkv" in w or "query" in w for w in g.weights))

@@ -81,10 +81,10 @@ def _conv(t: Tracer, node: Node, program: Program) -> Any:
 
 def same_in_every_group(t: Tracer, layout: Layout, groups: int, where: str) -> Layout:
     """Unify the ``groups`` equal slices of a channel layout; returns the first slice."""
-    from graphpress.analysis.channels.views import slice_layout
+    from graphpress.analysis.channels.views import slice_pieces
 
     n = t.bounds(layout)[-1] // groups
-    pieces = [slice_layout(t, layout, j * n, (j + 1) * n, where) for j in range(groups)]
+    pieces = slice_pieces(t, layout, [(j + 1) * n for j in range(groups)], where)
     for piece in pieces[1:]:
         t.unify(pieces[0], piece, where)
     return pieces[0]

@@ -7,7 +7,11 @@ elements each channel occupies (``rep > 1`` after flattening ``C x H x W``). Op 
 that must stay aligned (a conv's input channels and its weight's axis 1, the two operands of an
 add, ...) in a union-find, so grouping is near-linear in graph size. A concat lays atoms end
 to end; a split or slice whose boundary falls inside an atom *cuts* the weight dimensions that
-created it, and the analysis reruns with those cuts (a few rounds at most).
+created it, and the analysis reruns with those cuts (a few rounds at most). A round collects as
+many requests as it can: a split asks for every piece's cuts at once, and a group already
+waiting for a rerun still takes more cuts (element offsets of a weight axis, the same whatever
+else is cut); a request for coarser channels (whole heads) waits for the rerun instead, since
+its range would be the uncut atom's.
 
 Invariant: a group is prunable only if every tensor dimension in it is one whose channels can be
 removed without changing any other value: it never reaches a model input or output, an op with
@@ -76,6 +80,7 @@ class ChannelAnalysis:
     # hidden mode: node -> the dim of its input it normalises over (layer_norm, rms_norm, mean),
     # computed over the kept channels once pruned
     normalized: dict[str, int] = field(default_factory=dict)
+    rounds: int = 1     # propagation rounds until no op asked for cuts or coarser channels
 
     def prunable(self) -> list[ChannelGroup]:
         return [g for g in self.groups if g.prunable]
@@ -103,6 +108,7 @@ class Tracer:
         self.parent: list[int] = []
         self.size: list[int] = []
         self.blocked: dict[int, list[str]] = {}
+        self.rerun: dict[int, list[str]] = {}   # roots realigned by the next round, and where
         self.origin: dict[int, tuple[str, int, int, int]] = {}   # -> (weight, axis, start, rep)
         self.cuts = cuts            # (weight, axis) -> element offsets where channels split
         self.grain = grain          # (weight, axis) -> {(start, end): elements per channel}
@@ -136,17 +142,25 @@ class Tracer:
         if a == b:
             return
         self.parent[b] = a
-        reasons = self.blocked.pop(b, []) + self.blocked.get(a, [])
-        if reasons:
-            self.blocked[a] = reasons[:_MAX_REASONS]
+        for table in (self.blocked, self.rerun):
+            reasons = table.pop(b, []) + table.get(a, [])
+            if reasons:
+                table[a] = reasons[:_MAX_REASONS]
 
-    def block(self, layouts: Iterable[Layout | None], reason: str) -> None:
+    def block(self, layouts: Iterable[Layout | None], reason: str, *,
+              table: dict[int, list[str]] | None = None) -> None:
+        table = self.blocked if table is None else table
         for layout in layouts:
             for sym, _ in layout or ():
                 root = self.find(sym)
-                reasons = self.blocked.setdefault(root, [])
+                reasons = table.setdefault(root, [])
                 if reason not in reasons and len(reasons) < _MAX_REASONS:
                     reasons.append(reason)
+
+    def reasons(self, sym: int) -> list[str]:
+        """Why ``sym``'s group cannot be pruned in this round (empty: it can)."""
+        root = self.find(sym)
+        return (self.blocked.get(root, []) + self.rerun.get(root, []))[:_MAX_REASONS]
 
     def fixed(self, n: int, reason: str) -> Layout:
         """A dimension of fixed size (batch, spatial, a model input's)."""
@@ -169,10 +183,12 @@ class Tracer:
             atoms.append((sym, rep))
         return tuple(atoms)
 
-    def _sites(self, sym: int) -> list[tuple[int, tuple[str, int, int, int]]]:
-        """The weight atoms of ``sym``'s group: (symbol, (weight, axis, start, rep))."""
+    def _sites(self, sym: int, *, through_rerun: bool = False
+               ) -> list[tuple[int, tuple[str, int, int, int]]]:
+        """The weight atoms of ``sym``'s group: (symbol, (weight, axis, start, rep)); none for
+        a blocked group, nor (unless ``through_rerun``) for one the next round realigns."""
         root = self.find(sym)
-        if root in self.blocked:
+        if root in self.blocked or (root in self.rerun and not through_rerun):
             return []
         return [(s, o) for s, o in self.origin.items() if self.find(s) == root]
 
@@ -208,14 +224,15 @@ class Tracer:
         return a
 
     def refined(self, ok: bool, layouts: Iterable[Layout], where: str) -> None:
-        """After asking for cuts: rerun if they were recorded, else block for good."""
+        """After asking for cuts or grain: rerun if they were recorded, else block for good."""
         layouts = list(layouts)
-        self.dirty = self.dirty or ok
-        why = "realigned (rerun)" if ok else "do not align"
-        blocked = [r for layout in layouts for s, _ in layout or ()
-                   for r in self.blocked.get(self.find(s), [])]
-        cause = f" with a dimension blocked by {blocked[0]}" if blocked and not ok else ""
-        self.block(layouts, f"channel ranges {why} at {where}{cause}")
+        if ok:
+            self.dirty = True
+            self.block(layouts, f"channel ranges realigned (rerun) at {where}", table=self.rerun)
+            return
+        blocked = [r for layout in layouts for s, _ in layout or () for r in self.reasons(s)]
+        cause = f" with a dimension blocked by {blocked[0]}" if blocked else ""
+        self.block(layouts, f"channel ranges do not align at {where}{cause}")
 
     def cut_at(self, a: Layout, bounds: set[int]) -> bool:
         """Ask for the weight axes creating ``a`` to be cut at element offsets ``bounds``."""
@@ -229,7 +246,10 @@ class Tracer:
         return True
 
     def request_cut(self, sym: int, channel: int) -> bool:
-        sites = self._sites(sym)
+        """Ask for the weight axes of ``sym``'s group to be cut ``channel`` channels into
+        ``sym``. Cuts are element offsets, the same whatever else the next round cuts, so a
+        group already realigned for other cuts takes more (every cut in one rerun)."""
+        sites = self._sites(sym, through_rerun=True)
         for _, (weight, axis, start, rep) in sites:
             self.cuts.setdefault((weight, axis), set()).add(start + channel * rep)
         return bool(sites)
@@ -243,20 +263,21 @@ class Tracer:
         return out
 
 
-def _analyse(program: Program, head_dim: bool, hidden: bool) -> Tracer:
+def _analyse(program: Program, head_dim: bool, hidden: bool) -> tuple[Tracer, int]:
     from graphpress.analysis.channels.rules import propagate
 
     cuts: dict[tuple[str, int], set[int]] = {}
     grain: dict[tuple[str, int], dict[tuple[int, int], int]] = {}
     rules: dict[Any, Any] = {}
-    for _ in range(_MAX_ROUNDS):
+    rounds = 0
+    while True:
+        rounds += 1
         tracer = Tracer(cuts, grain)
         tracer.head_dim = head_dim
         tracer.hidden = hidden
         propagate(program, tracer, rules)
-        if not tracer.dirty:
-            break
-    return tracer
+        if not tracer.dirty or rounds == _MAX_ROUNDS:
+            return tracer, rounds
 
 
 @register_analysis("channel_groups")
@@ -270,7 +291,7 @@ def channel_groups(program: Program, *, head_dim: bool = False,
     ``hidden=True`` a ``layer_norm`` / ``rms_norm`` over one dim and a ``mean`` over one channel
     dim no longer block it: they are recorded in ``normalized``, to be computed over the kept
     channels (width pruning of a transformer's residual stream)."""
-    t = _analyse(program, head_dim, hidden)
+    t, rounds = _analyse(program, head_dim, hidden)
     members: dict[int, list[ChannelSlice]] = {}
     for weight, dims in t.weights.items():
         for axis, layout in enumerate(dims):
@@ -281,8 +302,7 @@ def channel_groups(program: Program, *, head_dim: bool = False,
                 pos += t.size[sym] * rep
     ids = {root: i for i, root in enumerate(members)}
     heads = {t.find(s) for s in t.heads}
-    groups = [ChannelGroup(ids[root], t.size[root], slices, list(t.blocked.get(root, [])),
-                           root in heads)
+    groups = [ChannelGroup(ids[root], t.size[root], slices, t.reasons(root), root in heads)
               for root, slices in members.items()]
 
     converted: dict[Layout, tuple[tuple[int, int, int], ...]] = {}   # nodes share layouts
@@ -302,5 +322,5 @@ def channel_groups(program: Program, *, head_dim: bool = False,
         return [None if layout is None else in_group_ids(layout) for layout in value]
 
     return ChannelAnalysis(groups, {k: in_groups(v) for k, v in t.values.items()},
-                           dict(t.normalized))
+                           dict(t.normalized), rounds)
 

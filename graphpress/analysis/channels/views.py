@@ -15,6 +15,7 @@ naming the node. ``cat`` lays layouts end to end,
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from graphpress.analysis.channels.solver import Layout, Tracer
     from graphpress.ir.program import Program
 
-__all__ = ["new_size", "slice_layout", "view_rule"]
+__all__ = ["new_size", "slice_layout", "slice_pieces", "view_rule"]
 
 
 def view_rule(t: Tracer, node: Node, program: Program) -> Any:
@@ -90,13 +91,9 @@ def view_rule(t: Tracer, node: Node, program: Program) -> Any:
         return [*layouts[:d], slice_layout(t, layouts[d], start, end, where), *layouts[d + 1:]]
     if name in ("split", "split_with_sizes", "chunk"):
         d = get_arg(node, "dim") % rank
-        pieces, start = [], 0
-        for v in node.meta["val"]:
-            end = start + size(v.shape[d])
-            piece = slice_layout(t, layouts[d], start, end, where)
-            pieces.append([*layouts[:d], piece, *layouts[d + 1:]])
-            start = end
-        return tuple(pieces)
+        ends = itertools.accumulate(size(v.shape[d]) for v in node.meta["val"])
+        return tuple([*layouts[:d], piece, *layouts[d + 1:]]
+                     for piece in slice_pieces(t, layouts[d], list(ends), where))
     out = _reshape(t, layouts, shape(x), shape(node), where, lambda: _swapped_pairs(node))
     if name in ("reshape_as", "view_as"):
         return _like(t, node, out, [True] * len(out), program, where)
@@ -127,6 +124,18 @@ def slice_layout(t: Tracer, layout: Layout, start: int, end: int, where: str) ->
         return layout[bounds.index(start):bounds.index(end)]
     t.refined(t.cut_at(layout, {start, end}), [layout], where)
     return t.fixed(end - start, f"a slice of channels that do not align at {where}")
+
+
+def slice_pieces(t: Tracer, layout: Layout, ends: list[int], where: str) -> list[Layout]:
+    """The layouts of consecutive pieces ``[0, ends[0]), [ends[0], ends[1]), ...`` of a
+    dimension (a split). Where a boundary falls inside an atom, the cuts of every piece are
+    asked for at once, so one rerun aligns them all; a piece that does not align is fixed."""
+    bounds = {0, *t.bounds(layout)}
+    if not bounds.issuperset(ends):
+        t.refined(t.cut_at(layout, set(ends)), [layout], where)
+    return [slice_layout(t, layout, start, end, where) if {start, end} <= bounds
+            else t.fixed(end - start, f"a slice of channels that do not align at {where}")
+            for start, end in itertools.pairwise([0, *ends])]
 
 
 def _cat(t: Tracer, node: Node, program: Program, where: str) -> Any:

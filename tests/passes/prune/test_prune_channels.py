@@ -338,3 +338,16 @@ def test_kept_indices_are_the_true_positions_of_the_kept_masks(name: str, offset
             assert torch.equal(direct[key], mask.nonzero().flatten()), key
     assert any(rep > 1 for g in plan.groups for *_, rep in g.slices) == reps
     assert any(offset for g in plan.groups for _, _, offset, _ in g.slices) == offsets
+
+
+@pytest.mark.parametrize("name", ["hf_gpt2", "minilm", "fused_qkv_net"])
+def test_head_dim_pruning_of_fused_and_split_projections(name: str) -> None:
+    """prune_heads=False on models whose q, k and v come from one projection (split or
+    unflattened) or whose heads split a fused axis: head_dim positions removed, exact against
+    the masked original."""
+    model, inputs = get_model(name).make()
+    program = trace(model, inputs)
+    params = sum(t.numel() for t in program.state_dict.values())
+    _, masked = _run(PruneChannels(ratio=0.5, prune_heads=False), program)
+    assert sum(t.numel() for t in program.state_dict.values()) < params
+    assert_equivalent(program, masked, inputs, rtol=1e-5, atol=1e-5)
