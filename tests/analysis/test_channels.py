@@ -480,3 +480,44 @@ def test_head_dim_mode_converges_on_fused_and_split_projections(name: str) -> No
     assert not any("(rerun)" in r for g in analysis.groups for r in g.reasons)
     assert any(g.prunable and not g.heads for g in analysis.groups
                if any("attn" in w or "qkv" in w or "query" in w for w in g.weights))
+
+
+def _zoo_names() -> list[str]:
+    from graphpress.testing.zoo import zoo_models
+
+    return [z.name for z in zoo_models()]
+
+
+@pytest.mark.parametrize("name", _zoo_names())
+def test_refinements_within_a_round_equal_the_rerun(name: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whole heads and the cuts of a freshly sliced weight made within a round
+    (``regrain.py``) give the groups, reasons and layouts the rerun gives, in every mode, in
+    no more rounds."""
+    from graphpress.analysis.channels import regrain
+    from graphpress.testing.zoo import get_model
+
+    program = trace(*get_model(name).make())
+    modes = [{}, {"head_dim": True}, {"hidden": True}]
+    within = [gp.analysis.channel_groups(program, **mode) for mode in modes]
+    monkeypatch.setattr(regrain, "regrain_in_place", lambda *args: None)
+    monkeypatch.setattr(regrain, "cut_fresh_weight", lambda *args: None)
+    rerun = [gp.analysis.channel_groups(program, **mode) for mode in modes]
+    for a, b in zip(within, rerun, strict=True):
+        assert [(g.size, g.slices, g.reasons, g.heads) for g in a.groups] == \
+            [(g.size, g.slices, g.reasons, g.heads) for g in b.groups]
+        assert a.layouts == b.layouts and a.normalized == b.normalized
+        assert a.rounds <= b.rounds
+    if name == "hf_bert":       # the rerun was taken: heads and position ids asked for one
+        assert within[0].rounds == 1 < rerun[0].rounds == 2
+
+
+def test_head_views_of_projections_need_no_rerun() -> None:
+    """Attention whose q, k, v come from linear layers reshaped into heads, and BERT's sliced
+    position ids: one round."""
+    from graphpress.testing.zoo import get_model
+
+    for name in ("hf_bert", "hf_vit", "bmm_attention_net", "mlp_1d_bn"):
+        analysis = gp.analysis.channel_groups(trace(*get_model(name).make()))
+        assert analysis.rounds == 1, name
+        assert any(g.heads and g.prunable for g in analysis.groups) or name == "mlp_1d_bn"

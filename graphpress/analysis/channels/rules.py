@@ -31,12 +31,12 @@ if TYPE_CHECKING:
     from graphpress.analysis.channels.solver import Layout, Tracer
     from graphpress.ir.program import Program
 
-__all__ = ["RULES", "propagate", "rule_for"]
+__all__ = ["RULES", "UNARY", "propagate", "rule_for"]
 
 Rule = Callable[["Tracer", Node, "Program"], Any]
 RULES: dict[str, Rule] = {}
 
-_UNARY = (
+UNARY = (
     "relu", "relu_", "gelu", "silu", "silu_", "sigmoid", "tanh", "neg", "abs", "exp", "log",
     "sqrt", "rsqrt", "hardtanh", "hardtanh_", "hardswish", "hardswish_", "hardsigmoid",
     "leaky_relu", "elu", "dropout", "clone", "contiguous", "alias", "detach", "_to_copy", "to",
@@ -160,6 +160,7 @@ def propagate(program: Program, t: Tracer, rules: dict[Any, Rule | None] | None 
                 t.weights[node.name] = [None] * node.meta["val"].dim()
                 t.values[node.name] = t.weights[node.name]
                 t.names[node.name] = weight
+                t.placeholders[node.name] = node
             else:
                 t.values[node.name] = fixed_like(t, node, f"model input {node.name}")
         elif node.op == "call_function":
@@ -186,7 +187,7 @@ _VIEWS = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", 
           "slice", "narrow", "cat", "split", "split_with_sizes", "chunk", "getitem", "unbind"}
 
 
-@rule(*_UNARY)
+@rule(*UNARY)
 def _unary(t: Tracer, node: Node, program: Program) -> Any:
     x = node.args[0]
     return [dim(t, x, i, program) for i in range(x.meta["val"].dim())]

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 from graphpress.ir.analyses import register_analysis
 
 if TYPE_CHECKING:
+    from torch.fx import Node
+
     from graphpress.ir.program import Program
 
 __all__ = ["ChannelAnalysis", "ChannelGroup", "ChannelSlice", "channel_groups"]
@@ -122,6 +124,7 @@ class Tracer:
         self.zero: dict[str, set[int]] = {}     # node -> its symbols zero in the masked original
         self.weights: dict[str, list[Layout | None]] = {}   # by placeholder name
         self.names: dict[str, str] = {}                      # placeholder -> weight name
+        self.placeholders: dict[str, Node] = {}              # weight placeholders by name
 
     # ------------------------------------------------------------ union-find
     def new(self, n: int, reason: str | None = None) -> int:

@@ -32,6 +32,7 @@ __all__ = ["new_size", "slice_layout", "slice_pieces", "view_rule"]
 
 
 def view_rule(t: Tracer, node: Node, program: Program) -> Any:
+    from graphpress.analysis.channels.regrain import cut_fresh_weight
     from graphpress.analysis.channels.rules import dim, fixed_like, op_name, shape, size
 
     name = op_name(node)
@@ -88,12 +89,16 @@ def view_rule(t: Tracer, node: Node, program: Program) -> Any:
             t.block([layouts[d]], f"{where} {why}")
             return [*layouts[:d], t.fixed(shape(node)[d], where), *layouts[d + 1:]]
         start, end = _clamp(start, n), _clamp(end, n)
+        cut_fresh_weight(t, x, d, (start, end))
+        layouts[d] = dim(t, x, d, program)
         return [*layouts[:d], slice_layout(t, layouts[d], start, end, where), *layouts[d + 1:]]
     if name in ("split", "split_with_sizes", "chunk"):
         d = get_arg(node, "dim") % rank
-        ends = itertools.accumulate(size(v.shape[d]) for v in node.meta["val"])
+        ends = list(itertools.accumulate(size(v.shape[d]) for v in node.meta["val"]))
+        cut_fresh_weight(t, x, d, ends)
+        layouts[d] = dim(t, x, d, program)
         return tuple([*layouts[:d], piece, *layouts[d + 1:]]
-                     for piece in slice_pieces(t, layouts[d], list(ends), where))
+                     for piece in slice_pieces(t, layouts[d], ends, where))
     out = _reshape(t, layouts, shape(x), shape(node), where, lambda: _swapped_pairs(node))
     if name in ("reshape_as", "view_as"):
         return _like(t, node, out, [True] * len(out), program, where)
@@ -239,7 +244,13 @@ def _reshape(t: Tracer, layouts: list[Layout], a: tuple[int, ...], b: tuple[int,
             for j, layout in zip(gj[1:], rest, strict=True):
                 out[j] = layout
         elif len(gi) == 1 and len(gj) == 2:   # C -> (heads, head_dim): ask for whole heads
+            from graphpress.analysis.channels.regrain import regrain_in_place
+
             inner = b[gj[1]]
+            coarse = regrain_in_place(t, layouts, gi[0], inner)
+            if coarse is not None:      # whole heads already, as the rerun would give
+                out[gj[0]] = tuple((s, r // inner) for s, r in coarse)
+                continue
             ok = all(t.request_grain(s, inner // math.gcd(r, inner)) for s, r in layouts[gi[0]])
             t.refined(ok, [layouts[gi[0]]], where)
         else:

@@ -1,0 +1,135 @@
+"""Refinements within a round: whole attention heads, and cuts of a freshly sliced weight,
+without a rerun.
+
+A reshape ``C -> (heads, head_dim)`` needs the channels of C's group to be whole heads: ``rep =
+head_dim`` elements per channel where the weights create them. The general answer is a request
+for that grain and a rerun of the propagation (``Tracer.request_grain``). The rerun differs from
+the round so far only in the atoms of that group: each weight atom ``(s, 1)`` of ``n`` channels
+is created as ``(s', f)`` of ``n / f`` channels. So where nothing yet depends on how finely the
+group is cut, the round can be put in the state the rerun would reach at this node instead, by
+rewriting those atoms in place (:func:`regrain_in_place`):
+
+- the group is one atom of ``rep`` 1 at the reshape, not blocked, no rerun asked for yet in this
+  round, every weight atom ``(s, 1)`` created at an offset and a length that are multiples of
+  ``f``, on a weight axis with no grain yet (so the rerun would create exactly ``(s', f)``);
+- every value already computed that holds the group's atoms comes from nodes whose rules only
+  unify them, whatever their ``rep``: ``linear``, ``batch_norm`` in eval mode, elementwise
+  ``add`` / ``sub`` / ``mul`` / ``div`` and the unary ops, reached from the group's weights
+  along the graph (a view, a slice, a norm over the channels, a reduction, a contraction or any
+  other consumer makes the request take the rerun);
+- each such atom has ``rep`` 1 and only the reshaped dimension of its input holds the group.
+
+Then every ``(s, 1)`` of the group becomes ``(s, f)``, each symbol counts ``n / f`` channels,
+and the grain is recorded as the request would record it (a later rerun of this round, for
+another reason, creates the same atoms).
+
+A slice or split of a weight that no computed node reads yet (``position_ids[:, :seq]``) would
+ask for cuts of that weight's axis and a rerun; its axis was created by this very node, so it is
+created again with the cuts instead (:func:`cut_fresh_weight`), the atoms the rerun would create.
+
+Symbol numbers differ from the rerun's, which nothing reads: groups are listed by their weights.
+``tests/analysis/test_channels.py`` checks groups and layouts equal those of the rerun on every
+zoo model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from torch.fx import Node
+
+from graphpress.analysis.channels.rules import UNARY, op_name
+from graphpress.ir.graph import get_arg
+
+if TYPE_CHECKING:
+    from graphpress.analysis.channels.solver import Layout, Tracer
+
+__all__ = ["cut_fresh_weight", "regrain_in_place"]
+
+_ONLY_UNIFY = {"linear", "add", "sub", "mul", "div", *UNARY}
+
+
+def regrain_in_place(t: Tracer, layouts: list[Layout], index: int, factor: int
+                     ) -> Layout | None:
+    """Make the channels of ``layouts[index]`` (a reshaped input dimension) ``factor`` times
+    coarser in place, where that is what a rerun would give (see the module docstring); returns
+    the dimension's new layout, or None (then ask for the grain and rerun)."""
+    layout = layouts[index]
+    if t.dirty or len(layout) != 1 or layout[0][1] != 1 or t.size[layout[0][0]] % factor:
+        return None
+    root = t.find(layout[0][0])
+    if root in t.blocked or root in t.rerun:
+        return None
+    if any(a and any(t.find(s) == root for s, _ in a) for i, a in enumerate(layouts)
+           if i != index):
+        return None
+    sites = [(s, o) for s, o in t.origin.items() if t.find(s) == root]
+    for s, (weight, axis, start, rep) in sites:
+        if rep != 1 or start % factor or t.size[s] % factor or (weight, axis) in t.grain:
+            return None
+    holders = _holders(t, root, {weight for _, (weight, *_) in sites})
+    if holders is None:
+        return None
+    symbols = {root, *(s for s, _ in sites)}
+    for value in holders:
+        for a in value:
+            for s, r in a or ():
+                if t.find(s) == root:
+                    if r != 1 or t.size[s] % factor:
+                        return None
+                    symbols.add(s)
+    for value in holders:
+        for i, a in enumerate(value):
+            if a and any(t.find(s) == root for s, _ in a):
+                value[i] = tuple((s, factor) if t.find(s) == root else (s, r) for s, r in a)
+    for s, (weight, axis, start, _) in sites:
+        t.grain.setdefault((weight, axis), {})[(start, start + t.size[s])] = factor
+        t.origin[s] = (weight, axis, start, factor)
+    for s in symbols:
+        t.size[s] //= factor
+    return ((layout[0][0], factor),)
+
+
+def _holders(t: Tracer, root: int, weights: set[str]) -> list[list[Layout | None]] | None:
+    """The computed values (lists of layouts, each once) that hold ``root``'s atoms, found from
+    its weights along the graph; None where a node on the way is not one that only unifies."""
+    stack: list[Node] = [t.placeholders[w] for w in weights]
+    seen: set[Node] = set()
+    found: dict[int, list[Layout | None]] = {}
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        value = t.values.get(node.name)
+        if node.op == "call_function" and op_name(node) not in _ONLY_UNIFY and not (
+                op_name(node) == "batch_norm" and not get_arg(node, "training")):
+            return None
+        if not isinstance(value, list):
+            return None
+        holds = any(a and any(t.find(s) == root for s, _ in a) for a in value)
+        if holds:
+            found[id(value)] = value
+        if node.op == "call_function":
+            stack.extend(a for a in node.all_input_nodes if a.name in t.weights)
+        if holds or node.op == "placeholder":
+            stack.extend(u for u in node.users if u.name in t.values)
+    return list(found.values())
+
+
+def cut_fresh_weight(t: Tracer, weight: Node, axis: int, bounds: Iterable[int]) -> None:
+    """Where ``weight`` is a weight no computed node reads yet, create its ``axis`` again with
+    cuts at the element offsets ``bounds`` that fall inside an atom (see the module docstring);
+    a no-op otherwise."""
+    if weight.name not in t.weights or any(u.name in t.values for u in weight.users):
+        return
+    layout = t.weights[weight.name][axis]
+    n = t.bounds(layout)[-1]
+    needed = {e for e in bounds if 0 < e < n}.difference(t.bounds(layout))
+    if not needed or any(t.find(s) != s or s not in t.origin for s, _ in layout):
+        return
+    t.cuts.setdefault((weight.name, axis), set()).update(needed)
+    for s, _ in layout:
+        del t.origin[s]
+    t.weights[weight.name][axis] = t.created(weight.name, axis, n)
