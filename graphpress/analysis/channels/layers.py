@@ -154,8 +154,14 @@ def _group_norm(t: Tracer, node: Node, program: Program) -> Any:
         t.block([channel], f"{where} normalises groups of {per} channels: only whole groups can "
                 "be removed, and channels coupled elsewhere straddle a group boundary")
     elif any(r % per for _, r in channel):
-        ok = all(t.request_grain(s, per // math.gcd(r, per)) for s, r in channel)
-        t.refined(ok, [channel], where)
+        from graphpress.analysis.channels.regrain import regrain_in_place
+
+        coarse = regrain_in_place(t, layouts, 1, per)
+        if coarse is not None:      # whole norm groups already, as the rerun would give
+            channel = layouts[1] = coarse
+        else:
+            ok = all(t.request_grain(s, per // math.gcd(r, per)) for s, r in channel)
+            t.refined(ok, [channel], where)
     for p in (get_arg(node, "weight"), get_arg(node, "bias")):
         if isinstance(p, Node):
             link(t, p, 0, channel, where)

@@ -1,23 +1,28 @@
-"""Refinements within a round: whole attention heads, and cuts of a freshly sliced weight,
-without a rerun.
+"""Refinements within a round: whole attention heads and norm groups, and cuts of a freshly
+sliced weight, without a rerun.
 
-A reshape ``C -> (heads, head_dim)`` needs the channels of C's group to be whole heads: ``rep =
-head_dim`` elements per channel where the weights create them. The general answer is a request
-for that grain and a rerun of the propagation (``Tracer.request_grain``). The rerun differs from
+A reshape ``C -> (heads, head_dim)`` needs the channels of C's group to be whole heads (``rep =
+head_dim`` elements per channel where the weights create them), a ``group_norm`` whole norm
+groups (``rep = C / G``). The general answer is a request for that grain and a rerun of the
+propagation (``Tracer.request_grain``). The rerun differs from
 the round so far only in the atoms of that group: each weight atom ``(s, 1)`` of ``n`` channels
 is created as ``(s', f)`` of ``n / f`` channels. So where nothing yet depends on how finely the
 group is cut, the round can be put in the state the rerun would reach at this node instead, by
 rewriting those atoms in place (:func:`regrain_in_place`):
 
-- the group is one atom of ``rep`` 1 at the reshape, not blocked, no rerun asked for yet in this
-  round, every weight atom ``(s, 1)`` created at an offset and a length that are multiples of
-  ``f``, on a weight axis with no grain yet (so the rerun would create exactly ``(s', f)``);
+- the group is one atom of ``rep`` 1 at the reshape (or norm), not blocked, no rerun asked for
+  yet in this round, every weight atom ``(s, 1)`` created at an offset and a length that are
+  multiples of ``f``, on a weight axis with no grain yet (so the rerun would create exactly
+  ``(s', f)``);
 - every value already computed that holds the group's atoms comes from nodes whose rules only
-  unify them, whatever their ``rep``: ``linear``, ``batch_norm`` in eval mode, elementwise
-  ``add`` / ``sub`` / ``mul`` / ``div`` and the unary ops, reached from the group's weights
-  along the graph (a view, a slice, a norm over the channels, a reduction, a contraction or any
-  other consumer makes the request take the rerun);
-- each such atom has ``rep`` 1 and only the reshaped dimension of its input holds the group.
+  unify them or carry them whole, whatever their ``rep``: ``linear``, an ungrouped convolution,
+  elementwise ``add`` / ``sub`` / ``mul`` / ``div``, the unary ops, pooling and padding, a batch
+  norm with the group on its channel dim, and views that move the group's one dimension to one
+  output dimension (permute, or a reshape whose dimension groups pair it with one), reached from
+  the group's weights along the graph (a split or merge of it, a slice, a norm over the channels,
+  a reduction, a contraction or any other consumer makes the request take the rerun);
+- each such atom has ``rep`` 1 and only the reshaped (normalised) dimension of the input holds
+  the group.
 
 Then every ``(s, 1)`` of the group becomes ``(s, f)``, each symbol counts ``n / f`` channels,
 and the grain is recorded as the request would record it (a later rerun of this round, for
@@ -39,7 +44,7 @@ from typing import TYPE_CHECKING
 
 from torch.fx import Node
 
-from graphpress.analysis.channels.rules import UNARY, op_name
+from graphpress.analysis.channels.rules import UNARY, op_name, shape
 from graphpress.ir.graph import get_arg
 
 if TYPE_CHECKING:
@@ -48,6 +53,14 @@ if TYPE_CHECKING:
 __all__ = ["cut_fresh_weight", "regrain_in_place"]
 
 _ONLY_UNIFY = {"linear", "add", "sub", "mul", "div", *UNARY}
+_MOVES = {"permute", "transpose", "t"}
+_SPATIAL = {"adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "avg_pool1d",
+            "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d", "pad",
+            "constant_pad_nd"}    # channels carried, spatial dims blocked (a blocked group stops)
+_RESHAPES = {"view", "reshape", "_unsafe_view", "reshape_as", "view_as", "flatten", "unflatten",
+             "unsqueeze", "squeeze"}
+_CONVS = {"conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d",
+          "conv_transpose3d"}
 
 
 def regrain_in_place(t: Tracer, layouts: list[Layout], index: int, factor: int
@@ -103,8 +116,7 @@ def _holders(t: Tracer, root: int, weights: set[str]) -> list[list[Layout | None
             continue
         seen.add(node)
         value = t.values.get(node.name)
-        if node.op == "call_function" and op_name(node) not in _ONLY_UNIFY and not (
-                op_name(node) == "batch_norm" and not get_arg(node, "training")):
+        if node.op == "call_function" and not _unifies_only(t, node, root):
             return None
         if not isinstance(value, list):
             return None
@@ -133,3 +145,32 @@ def cut_fresh_weight(t: Tracer, weight: Node, axis: int, bounds: Iterable[int]) 
     for s, _ in layout:
         del t.origin[s]
     t.weights[weight.name][axis] = t.created(weight.name, axis, n)
+
+
+def _unifies_only(t: Tracer, node: Node, root: int) -> bool:
+    """Whether ``node``'s rule only unified ``root``'s atoms or carried them to one output
+    dimension, whatever their ``rep``: the ops of ``_ONLY_UNIFY``, pooling and padding, an
+    ungrouped convolution, a batch norm with the group on its channel dim, and views that move
+    the group's one input dimension to one output dimension whole."""
+    from graphpress.analysis.channels.views import _groups
+
+    name = op_name(node)
+    if name in _ONLY_UNIFY or name in _MOVES or name in _SPATIAL:
+        return True
+    if name in _CONVS:
+        groups = node.args[8] if name == "convolution" else get_arg(node, "groups")
+        return groups == 1
+    held = _held_dims(t, node.args[0], root) if isinstance(node.args[0], Node) else set()
+    if name == "batch_norm":
+        return held <= {1}
+    if name in _RESHAPES and len(held) == 1:
+        pairs = _groups(shape(node.args[0]), shape(node))
+        return pairs is not None and any(gi == [*held] and len(gj) == 1 for gi, gj in pairs)
+    return False
+
+
+def _held_dims(t: Tracer, node: Node, root: int) -> set[int]:
+    value = t.values.get(node.name)
+    if not isinstance(value, list):
+        return {-1}
+    return {i for i, a in enumerate(value) if a and any(t.find(s) == root for s, _ in a)}
