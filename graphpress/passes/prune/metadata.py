@@ -16,7 +16,9 @@ is built directly in these cases, and every other node runs on fake tensors as t
   unless the input's strides are exactly the contiguous ones: such a view with a size-1
   dimension in its result and in an input that is not exactly contiguous takes the fake path.
   Views that only keep or reorder the input's strides (slice, select, permute, transpose,
-  split, expand) do not depend on that choice;
+  split, expand) do not depend on that choice. Two kinds are not even run: a permute or
+  transpose reorders its input's sizes and strides, and ``view`` / ``reshape`` of an input with
+  exactly the contiguous strides has exactly the contiguous strides of its new sizes;
 * ops whose output is contiguous when their inputs are (pointwise ops, convolution, matmuls,
   norms, softmax, reductions, padding, copies), when the output and every tensor input had
   contiguous strides before and every input has them now, and ``repeat_interleave``,
@@ -169,7 +171,9 @@ class _Refresh:
         grad = (self.grad_mode and any(self.requires_grad(a) for a in args)
                 and isinstance(old, torch.Tensor | list | tuple))
         if _is_view_op(target):
-            value = _view_value(node, self.mode, old)
+            value = self.moved_value(node, old)
+            if value is None:
+                value = _view_value(node, self.mode, old)
         else:
             value = self.dense_value(node, old, facts)
         if value is None:
@@ -213,6 +217,28 @@ class _Refresh:
             return None
         return _fake(self.mode, shape, _dense_strides(shape, order), old, old.requires_grad)
 
+    def moved_value(self, node: Node, old: Any) -> FakeTensor | None:
+        """Views computed without running them: a permute or transpose reorders its input's
+        sizes and strides; ``view`` / ``reshape`` of an input with exactly the contiguous
+        strides gives exactly the contiguous strides of its sizes (the channel layouts' sizes),
+        unit dimensions included, in the meta and the fake kernel alike (checked on random
+        shapes in ``tests/passes/prune/test_metadata.py``)."""
+        x = node.args[0]
+        if not isinstance(x, Node) or not isinstance(old, FakeTensor):
+            return None
+        value = x.meta["val"]
+        order = _moved_order(node, value.dim())
+        if order is not None:
+            shape = [value.shape[d] for d in order]
+            return _fake(self.mode, shape, [value.stride(d) for d in order], old,
+                         old.requires_grad)
+        layout = self.layouts.get(node.name)
+        if (node.target not in _CONTIGUOUS_VIEWS or not _contiguous(value)
+                or not isinstance(layout, list) or len(layout) != old.dim() or None in layout):
+            return None
+        shape = [new_size(d, self.kept) for d in layout]
+        return _fake(self.mode, shape, _contiguous_strides(shape), old, old.requires_grad)
+
     def attention_keeps_heads(self, node: Node) -> bool:
         """SDPA whose query, key and value keep their sequence and head sizes: the kernel it
         takes is chosen as before pruning, so its output has the same stride order."""
@@ -241,6 +267,21 @@ def refresh_pruned_shapes(program: Program, layouts: Mapping[str, Any], kept: Ma
         if not _same_value(previous.get(node), node.meta.get("val")):
             pending.update(node.users)
     return filled
+
+
+_CONTIGUOUS_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+
+
+def _moved_order(node: Node, rank: int) -> list[int] | None:
+    """The input dimension of each output dimension of a permute or transpose, else None."""
+    if node.target is aten.permute.default:
+        return [d % rank for d in node.args[1]]
+    if node.target is aten.transpose.int or (node.target is aten.t.default and rank == 2):
+        a, b = (node.args[1] % rank, node.args[2] % rank) if len(node.args) > 2 else (0, 1)
+        order = list(range(rank))
+        order[a], order[b] = order[b], order[a]
+        return order
+    return None
 
 
 def _view_value(node: Node, mode: FakeTensorMode, old: Any) -> Any:

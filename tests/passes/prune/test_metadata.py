@@ -219,3 +219,37 @@ def test_always_contiguous_ops_are_contiguous_whatever_their_inputs() -> None:
                     aten.gather.default(source, rng.randrange(len(shape)), index)]
         for out in outs:
             assert out.stride() == torch.empty(out.shape).stride(), (shape, strides, dim)
+
+
+def test_permutes_and_contiguous_reshapes_built_without_running_them() -> None:
+    """``moved_value``'s rules against the fake kernels on random views: a permute, transpose
+    or t reorders the input's sizes and strides; view / reshape / _unsafe_view of an input with
+    exactly the contiguous strides has exactly the contiguous strides of its sizes."""
+    from types import SimpleNamespace
+
+    from graphpress.passes.prune.metadata import _contiguous, _contiguous_strides, _moved_order
+
+    mode = FakeTensorMode()
+    rng = random.Random(1)
+    moved = reshaped = 0
+    for _ in range(3000):
+        target, shape, strides, args = _random_view(rng)
+        if rng.random() < 0.5:
+            strides = _contiguous_strides(list(shape))
+        fake = fake_over_meta(mode, torch.empty_strided(shape, strides, device="meta"),
+                              torch.device("cpu"))
+        try:
+            with mode:
+                expected = target(fake, *args)
+        except (RuntimeError, ValueError):     # a view the strides do not allow
+            continue
+        order = _moved_order(SimpleNamespace(target=target, args=(None, *args)), len(shape))
+        if order is not None:
+            moved += 1
+            assert list(expected.shape) == [shape[d] for d in order]
+            assert list(expected.stride()) == [strides[d] for d in order]
+        elif target in (torch.ops.aten.view.default, torch.ops.aten.reshape.default,
+                        torch.ops.aten._unsafe_view.default) and _contiguous(fake):
+            reshaped += 1
+            assert list(expected.stride()) == _contiguous_strides(list(expected.shape))
+    assert moved > 300 and reshaped > 300
