@@ -63,24 +63,45 @@ def _schema_index(node: Node, key: str | int) -> tuple[int, Any]:
 
 
 _REQUIRED = object()
+_NO_ARGUMENT = object()
+# (op, key) -> (position, name, default) of a schema argument, or _NO_ARGUMENT; ops are interned
+_ARGUMENTS: dict[tuple[Any, str | int], Any] = {}
+
+
+def _argument(node: Node, key: str | int) -> Any:
+    """``(position, name, default)`` of argument ``key`` of the node's op (read from the schema
+    once per op and key, which builds Python objects for every argument), or _NO_ARGUMENT."""
+    cache_key = (node.target, key)
+    found = _ARGUMENTS.get(cache_key)
+    if found is None:
+        schema = getattr(node.target, "_schema", None)
+        names = [a.name for a in schema.arguments] if schema is not None else []
+        if (key not in names) if isinstance(key, str) else not 0 <= key < len(names):
+            found = _NO_ARGUMENT
+        else:
+            index, argument = _schema_index(node, key)
+            default = argument.default_value if argument.has_default_value() else None
+            found = (index, argument.name, default)
+        if schema is not None:
+            _ARGUMENTS[cache_key] = found
+    return found
 
 
 def get_arg(node: Node, key: str | int, *, missing: Any = _REQUIRED) -> Any:
     """Argument ``key`` (schema name or position) of an op call: positional, keyword, or its
     schema default (None when it has none). An overload without that argument (``aten.max``
     without ``dim``) is an error, or ``missing`` when given."""
-    if missing is not _REQUIRED:
-        schema = getattr(node.target, "_schema", None)
-        names = {a.name for a in schema.arguments} if schema is not None else set()
-        if (key not in names) if isinstance(key, str) else (
-                schema is None or key >= len(schema.arguments)):
+    found = _argument(node, key)
+    if found is _NO_ARGUMENT:
+        if missing is not _REQUIRED:
             return missing
-    index, argument = _schema_index(node, key)
+        _schema_index(node, key)    # raises, naming the op and its arguments
+    index, name, default = found
     if index < len(node.args):
         return node.args[index]
-    if argument.name in node.kwargs:
-        return node.kwargs[argument.name]
-    return argument.default_value if argument.has_default_value() else None
+    if name in node.kwargs:
+        return node.kwargs[name]
+    return list(default) if isinstance(default, list) else default     # callers may edit it
 
 
 def set_arg(node: Node, key: str | int, value: Any) -> None:

@@ -66,8 +66,9 @@ _FAKE_STATE: weakref.WeakKeyDictionary[FakeTensorMode, dict[tuple[torch.device, 
 
 def fake_mode_of(program: Program) -> FakeTensorMode:
     """The FakeTensorMode of the graph's placeholders (created once if the graph has none)."""
-    vals = [n.meta.get("val") for n in program.nodes("placeholder")]
-    mode = detect_fake_mode([v for v in vals if v is not None])
+    first = next((v for n in program.nodes("placeholder")
+                  if isinstance(v := n.meta.get("val"), FakeTensor)), None)
+    mode = detect_fake_mode([first] if first is not None else [])   # they share one mode
     if mode is None:
         mode = program.graph_module.meta.setdefault("graphpress_fake_mode", FakeTensorMode())
     return mode
