@@ -175,8 +175,13 @@ class Tracer:
     def created(self, weight: str, axis: int, n: int) -> Layout:
         """Fresh channel symbols for a weight axis that creates channels, split at its cuts and
         grouped by its grain (``rep`` consecutive elements per channel)."""
-        grains = self.grain.get((weight, axis), {})
-        bounds = sorted({0, n} | {c for c in self.cuts.get((weight, axis), ()) if 0 < c < n})
+        grains, cuts = self.grain.get((weight, axis)), self.cuts.get((weight, axis))
+        if n and not grains and not cuts:     # one atom of n channels, one element each
+            sym = self.new(n)
+            self.origin[sym] = (weight, axis, 0, 1)
+            return ((sym, 1),)
+        grains = grains or {}
+        bounds = sorted({0, n} | {c for c in cuts or () if 0 < c < n})
         atoms = []
         for start, end in itertools.pairwise(bounds):
             g = math.lcm(1, *(k for (lo, hi), k in grains.items() if lo <= start < hi))

@@ -110,9 +110,12 @@ class PruneChannels(Pass):
             self.ignore = (self.ignore,)
 
     # --------------------------------------------------------------- selection
-    def _ignored(self, program: Program) -> Callable[[str], bool]:
+    def _ignored(self, program: Program) -> Callable[[str], bool] | None:
+        """Whether a weight is in an ignored module; None when nothing is ignored."""
         if callable(self.ignore):
             return self.ignore
+        if not self.ignore:
+            return None
         names = list(program.state_dict) + list(program.constants)
         for path in self.ignore:
             if not any(_under(n, path) for n in names):
@@ -150,7 +153,7 @@ class PruneChannels(Pass):
             if not g.prunable:
                 reason = "; ".join(g.reasons) or "a single channel"
                 skips.append(Skip(where, f"group of {g.size} channels unprunable: {reason}"))
-            elif any(ignored(w) for w in g.weights):
+            elif ignored is not None and any(ignored(w) for w in g.weights):
                 skips.append(Skip(where, "group touches an ignored module"))
             else:
                 chosen.append(g)

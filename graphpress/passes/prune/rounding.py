@@ -158,7 +158,8 @@ def choose_round_to(program: Program, prune: PruneChannels,
         raise ValueError(f"candidates must be multiples >= 1, got {candidates}")
     analysis = prune._analysis(program)
     ignored = prune._ignored(program)
-    groups = [g for g in analysis.prunable() if not any(ignored(w) for w in g.weights)]
+    groups = [g for g in analysis.prunable()
+              if ignored is None or not any(ignored(w) for w in g.weights)]
     layers = _layers(program)
     if not groups or not layers:
         raise ValueError("nothing to choose from: the program has no prunable group feeding a "
