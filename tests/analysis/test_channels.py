@@ -491,9 +491,9 @@ def _zoo_names() -> list[str]:
 @pytest.mark.parametrize("name", _zoo_names())
 def test_refinements_within_a_round_equal_the_rerun(name: str,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """Whole heads and the cuts of a freshly sliced weight made within a round
-    (``regrain.py``) give the groups, reasons and layouts the rerun gives, in every mode, in
-    no more rounds."""
+    """Whole heads and norm groups, the cuts of a freshly sliced weight and the cuts of a split
+    made within a round (``regrain.py``) give the groups, reasons and layouts the rerun gives, in
+    every mode, in no more rounds."""
     from graphpress.analysis.channels import regrain
     from graphpress.testing.zoo import get_model
 
@@ -502,6 +502,7 @@ def test_refinements_within_a_round_equal_the_rerun(name: str,
     within = [gp.analysis.channel_groups(program, **mode) for mode in modes]
     monkeypatch.setattr(regrain, "regrain_in_place", lambda *args: None)
     monkeypatch.setattr(regrain, "cut_fresh_weight", lambda *args: None)
+    monkeypatch.setattr(regrain, "cut_in_place", lambda *args: None)
     rerun = [gp.analysis.channel_groups(program, **mode) for mode in modes]
     for a, b in zip(within, rerun, strict=True):
         assert [(g.size, g.slices, g.reasons, g.heads) for g in a.groups] == \

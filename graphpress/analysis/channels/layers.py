@@ -68,9 +68,10 @@ def _conv(t: Tracer, node: Node, program: Program) -> Any:
             t.cuts.setdefault((w.name, 0), set()).update(range(0, cout, cout // groups))
         out = dim(t, w, 0, program)
         same_in_every_group(t, out, groups, where)
+        out = dims(t, w)[0]                 # as cut within the round, if it was
     else:                                   # transposed: W is [Cin, Cout/groups, k...]
         same_in_every_group(t, xin, groups, where)
-        link(t, w, 0, xin, where)
+        link(t, w, 0, dims(t, x)[1], where)     # as cut within the round, if it was
         out = dim(t, w, 1, program) * groups
     if b is not None:
         link(t, b, 0, out, where)

@@ -1,5 +1,5 @@
-"""Refinements within a round: whole attention heads and norm groups, and cuts of a freshly
-sliced weight, without a rerun.
+"""Refinements within a round: whole attention heads and norm groups, and cuts, without a
+rerun.
 
 A reshape ``C -> (heads, head_dim)`` needs the channels of C's group to be whole heads (``rep =
 head_dim`` elements per channel where the weights create them), a ``group_norm`` whole norm
@@ -31,6 +31,11 @@ another reason, creates the same atoms).
 A slice or split of a weight that no computed node reads yet (``position_ids[:, :seq]``) would
 ask for cuts of that weight's axis and a rerun; its axis was created by this very node, so it is
 created again with the cuts instead (:func:`cut_fresh_weight`), the atoms the rerun would create.
+A split whose boundaries fall inside an atom (a grouped convolution's groups, ``chunk``) is cut
+in place under the same conditions as a regrain (:func:`cut_in_place`): every symbol of the
+group becomes one symbol per piece, the pieces of all weights unified piece by piece, as the
+rerun's atoms would be, and the cuts recorded as the request would record them. A rule that
+splits a layout reads it again from the tracer afterwards.
 
 Symbol numbers differ from the rerun's, which nothing reads: groups are listed by their weights.
 ``tests/analysis/test_channels.py`` checks groups and layouts equal those of the rerun on every
@@ -50,7 +55,7 @@ from graphpress.ir.graph import get_arg
 if TYPE_CHECKING:
     from graphpress.analysis.channels.solver import Layout, Tracer
 
-__all__ = ["cut_fresh_weight", "regrain_in_place"]
+__all__ = ["cut_fresh_weight", "cut_in_place", "regrain_in_place"]
 
 _ONLY_UNIFY = {"linear", "add", "sub", "mul", "div", *UNARY}
 _MOVES = {"permute", "transpose", "t"}
@@ -81,9 +86,10 @@ def regrain_in_place(t: Tracer, layouts: list[Layout], index: int, factor: int
     for s, (weight, axis, start, rep) in sites:
         if rep != 1 or start % factor or t.size[s] % factor or (weight, axis) in t.grain:
             return None
-    holders = _holders(t, root, {weight for _, (weight, *_) in sites})
-    if holders is None:
+    found = _holders(t, root, {weight for _, (weight, *_) in sites})
+    if found is None:
         return None
+    holders = _values(found)
     symbols = {root, *(s for s, _ in sites)}
     for value in holders:
         for a in value:
@@ -104,12 +110,13 @@ def regrain_in_place(t: Tracer, layouts: list[Layout], index: int, factor: int
     return ((layout[0][0], factor),)
 
 
-def _holders(t: Tracer, root: int, weights: set[str]) -> list[list[Layout | None]] | None:
-    """The computed values (lists of layouts, each once) that hold ``root``'s atoms, found from
-    its weights along the graph; None where a node on the way is not one that only unifies."""
+def _holders(t: Tracer, root: int, weights: set[str]
+             ) -> list[tuple[Node, list[Layout | None]]] | None:
+    """The computed nodes whose values (lists of layouts) hold ``root``'s atoms, found from its
+    weights along the graph; None where a node on the way is not one that only unifies."""
     stack: list[Node] = [t.placeholders[w] for w in weights]
     seen: set[Node] = set()
-    found: dict[int, list[Layout | None]] = {}
+    found: list[tuple[Node, list[Layout | None]]] = []
     while stack:
         node = stack.pop()
         if node in seen:
@@ -122,12 +129,17 @@ def _holders(t: Tracer, root: int, weights: set[str]) -> list[list[Layout | None
             return None
         holds = any(a and any(t.find(s) == root for s, _ in a) for a in value)
         if holds:
-            found[id(value)] = value
+            found.append((node, value))
         if node.op == "call_function":
             stack.extend(a for a in node.all_input_nodes if a.name in t.weights)
         if holds or node.op == "placeholder":
             stack.extend(u for u in node.users if u.name in t.values)
-    return list(found.values())
+    return found
+
+
+def _values(holders: list[tuple[Node, list[Layout | None]]]) -> list[list[Layout | None]]:
+    """Each held value once (nodes may share a list)."""
+    return list({id(value): value for _, value in holders}.values())
 
 
 def cut_fresh_weight(t: Tracer, weight: Node, axis: int, bounds: Iterable[int]) -> None:
@@ -150,16 +162,19 @@ def cut_fresh_weight(t: Tracer, weight: Node, axis: int, bounds: Iterable[int]) 
 def _unifies_only(t: Tracer, node: Node, root: int) -> bool:
     """Whether ``node``'s rule only unified ``root``'s atoms or carried them to one output
     dimension, whatever their ``rep``: the ops of ``_ONLY_UNIFY``, pooling and padding, an
-    ungrouped convolution, a batch norm with the group on its channel dim, and views that move
-    the group's one input dimension to one output dimension whole."""
+    ungrouped or depthwise convolution, a batch norm with the group on its channel dim, and
+    views that move the group's one input dimension to one output dimension whole."""
     from graphpress.analysis.channels.views import _groups
 
     name = op_name(node)
     if name in _ONLY_UNIFY or name in _MOVES or name in _SPATIAL:
         return True
-    if name in _CONVS:
+    if name in _CONVS:          # ungrouped, or depthwise (output channel i reads input i)
         groups = node.args[8] if name == "convolution" else get_arg(node, "groups")
-        return groups == 1
+        transposed = node.args[6] if name == "convolution" else "transpose" in name
+        x, w = node.args[0], node.args[1]
+        return groups == 1 or (not transposed and groups == shape(x)[1] == shape(node)[1]
+                               and shape(w)[1] == 1)
     held = _held_dims(t, node.args[0], root) if isinstance(node.args[0], Node) else set()
     if name == "batch_norm":
         return held <= {1}
@@ -174,3 +189,65 @@ def _held_dims(t: Tracer, node: Node, root: int) -> set[int]:
     if not isinstance(value, list):
         return {-1}
     return {i for i, a in enumerate(value) if a and any(t.find(s) == root for s, _ in a)}
+
+
+def cut_in_place(t: Tracer, layout: Layout, bounds: set[int]) -> Layout | None:
+    """Cut the atoms of ``layout`` at the element offsets ``bounds`` that fall inside them, in
+    place, where that is what the rerun would give (each group one atom of ``rep`` 1 in this
+    layout, its values computed by ops that only unify it, each holding it in one dimension, its
+    weight axes without grain); returns the cut layout, or None (then ask for the cuts)."""
+    if t.dirty:
+        return None
+    offsets: dict[int, list[int]] = {}     # root -> channel offsets of the cuts in its atom
+    pos = 0
+    for s, r in layout:
+        end = pos + t.size[s] * r
+        inside = sorted(e - pos for e in bounds if pos < e < end)
+        root = t.find(s)
+        if inside and (r != 1 or root in offsets or root in t.blocked or root in t.rerun):
+            return None
+        if inside:
+            offsets[root] = inside
+        pos = end
+    plans = []
+    for root, inside in offsets.items():
+        sites = [(s, o) for s, o in t.origin.items() if t.find(s) == root]
+        found = _holders(t, root, {weight for _, (weight, *_) in sites}) if sites else None
+        if found is None or any((w, a) in t.grain or rep != 1 for _, (w, a, _, rep) in sites):
+            return None
+        symbols = {s for s, _ in sites}
+        for _, value in found:
+            held = [a for a in value if a and any(t.find(s) == root for s, _ in a)]
+            if len(held) > 1 or any(r != 1 for a in held for s, r in a if t.find(s) == root):
+                return None
+            symbols.update(s for a in held for s, _ in a if t.find(s) == root)
+        if len({t.size[s] for s in symbols}) != 1:
+            return None
+        plans.append((root, inside, sites, found, symbols))
+    pieces: dict[int, tuple[tuple[int, int], ...]] = {}
+    for _, inside, sites, found, symbols in plans:
+        n = t.size[next(iter(symbols))]
+        sizes = [b - a for a, b in zip([0, *inside], [*inside, n], strict=True)]
+        first = None
+        for s in symbols:
+            pieces[s] = tuple((t.new(k), 1) for k in sizes)
+            first = first or pieces[s]
+            for (a, _), (b, _) in zip(first, pieces[s], strict=True):
+                t.union(a, b)
+        for s, (weight, axis, start, _) in sites:
+            t.cuts.setdefault((weight, axis), set()).update(start + c for c in inside)
+            del t.origin[s]
+            for (piece, _), at in zip(pieces[s], [0, *inside], strict=True):
+                t.origin[piece] = (weight, axis, start + at, 1)
+        for node, _ in found:
+            zero = t.zero.get(node.name)
+            if zero and zero & symbols:
+                t.zero[node.name] = (zero - symbols) | {p for s in zero & symbols
+                                                        for p, _ in pieces[s]}
+        for value in _values(found):
+            for i, a in enumerate(value):
+                if a and any(s in pieces for s, _ in a):
+                    value[i] = tuple(p for s, r in a for p in (pieces.get(s) or ((s, r),)))
+        if t.heads & symbols:
+            t.heads = (t.heads - symbols) | {p for s in t.heads & symbols for p, _ in pieces[s]}
+    return tuple(p for s, r in layout for p in (pieces.get(s) or ((s, r),)))

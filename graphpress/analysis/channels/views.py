@@ -135,9 +135,15 @@ def slice_pieces(t: Tracer, layout: Layout, ends: list[int], where: str) -> list
     """The layouts of consecutive pieces ``[0, ends[0]), [ends[0], ends[1]), ...`` of a
     dimension (a split). Where a boundary falls inside an atom, the cuts of every piece are
     asked for at once, so one rerun aligns them all; a piece that does not align is fixed."""
+    from graphpress.analysis.channels.regrain import cut_in_place
+
     bounds = {0, *t.bounds(layout)}
     if not bounds.issuperset(ends):
-        t.refined(t.cut_at(layout, set(ends)), [layout], where)
+        cut = cut_in_place(t, layout, set(ends))
+        if cut is not None:         # the pieces the rerun would create
+            layout, bounds = cut, {0, *t.bounds(cut)}
+        else:
+            t.refined(t.cut_at(layout, set(ends)), [layout], where)
     return [slice_layout(t, layout, start, end, where) if {start, end} <= bounds
             else t.fixed(end - start, f"a slice of channels that do not align at {where}")
             for start, end in itertools.pairwise([0, *ends])]
