@@ -273,20 +273,22 @@ class Program:
             name = f"{base}{i}"
         return name
 
-    def replace_weight(self, node_or_name: Node | str, tensor: torch.Tensor) -> None:
-        """Store a new tensor for a weight (shape may change); updates the placeholder's meta."""
+    def replace_weight(self, node_or_name: Node | str, tensor: torch.Tensor) -> Node:
+        """Store a new tensor for a weight (shape may change); updates the placeholder's meta.
+        Returns the placeholder."""
         name = self._resolve_name(node_or_name)
         node = self.weight_node(name)
-        old = self.weight(name)
+        store = self.state_dict
+        if name not in store:
+            store = self.constants
+        old = store[name]
         tensor = tensor.detach()
         if isinstance(old, torch.nn.Parameter):
             tensor = torch.nn.Parameter(tensor, requires_grad=old.requires_grad)
-        if name in self.state_dict:
-            self.state_dict[name] = tensor
-        else:
-            self.constants[name] = tensor
+        store[name] = tensor
         node.meta["val"] = self._fake(tensor)
         self.touch()
+        return node
 
     def remove_weight(self, node_or_name: Node | str) -> None:
         """Remove an unused weight: its placeholder, its spec and its tensor."""

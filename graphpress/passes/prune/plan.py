@@ -140,8 +140,13 @@ def _kept_index(plan: PrunePlan, program: Program) -> dict[tuple[str, int], torc
     made by the analysis) take the mask."""
     out: dict[tuple[str, int], torch.Tensor] = {}
     kept: dict[tuple[int, int], torch.Tensor] = {}      # (group, rep) -> kept elements at 0
+    made: dict[tuple[Any, ...], torch.Tensor] = {}      # axes laid out alike share an index
     for (weight, axis), found in _spans(plan).items():
         n = program.weight(weight).shape[axis]
+        pattern = (n, *((id(g), offset, rep) for g, offset, rep in found))
+        if pattern in made:
+            out[(weight, axis)] = made[pattern]
+            continue
         pieces, end = [], 0
         for g, offset, rep in sorted(found, key=lambda f: f[1]):
             if offset < end or offset + g.size * rep > n:
@@ -159,7 +164,8 @@ def _kept_index(plan: PrunePlan, program: Program) -> dict[tuple[str, int], torc
         else:
             if end < n:
                 pieces.append(torch.arange(end, n))
-            out[(weight, axis)] = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+            out[(weight, axis)] = made[pattern] = pieces[0] if len(pieces) == 1 \
+                else torch.cat(pieces)
     return out
 
 
@@ -200,8 +206,7 @@ def apply_plan(program: Program, plan: PrunePlan, analysis: ChannelAnalysis) -> 
                 new = torch.empty_like(new).narrow(axis, 0, len(index))
             else:
                 new = new.index_select(axis, index.to(new.device))
-        program.replace_weight(weight, new.contiguous())
-        touched.add(program.weight_node(weight))
+        touched.add(program.replace_weight(weight, new.contiguous()))
         before -= new.numel()
     for node in list(program.graph.nodes):
         if node.op == "call_function":
