@@ -28,7 +28,8 @@ Usage::
   rewrite and the shape metadata refresh that keeps the IR valid), ``torch.export``
   excluded (shown in its own column: it is the IR every pass shares) and no verification.
   Torch-Pruning's: ``MagnitudePruner(...)`` (its dependency graph, which runs one forward pass
-  of the module to trace it, and the groups) plus ``pruner.step()``. ``--tp-rounds`` rounds
+  of the module to trace it, and the groups) plus ``pruner.step()``; the channel analysis's
+  propagation rounds in their own column. ``--tp-rounds`` rounds
   (default 10), each one graphpress call on a fresh copy of the program then one
   Torch-Pruning call on a fresh model: the first round's ratio (cold: FakeTensor's dispatch
   cache, process-wide, is empty for this model) and the median ratio of the other rounds. A
@@ -254,8 +255,8 @@ def torch_pruning(names: list[str], rounds: int = 10, limit: int = 60) -> None:
     median of the other rounds' ratios. A Torch-Pruning call past ``limit`` seconds stops the
     model's comparison."""
     print("| model | params dense | graphpress | Torch-Pruning | first layer kept, same | "
-          "gp / tp ms (first call) | ratio first | ratio median | export s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "gp / tp ms (first call) | ratio first | ratio median | export s | analysis rounds |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in names:
         model, inputs = get_model(name).make()
         dense = sum(p.numel() for p in model.parameters())
@@ -281,13 +282,14 @@ def torch_pruning(names: list[str], rounds: int = 10, limit: int = 60) -> None:
             except Exception as exc:  # Torch-Pruning's own failure is the result to report
                 failed = f"failed: {type(exc).__name__}"
                 break
+        analysis_rounds = program.analysis("channel_groups").rounds    # after the timed calls
         if pruned is None:
-            print(f"| {name} | {dense} | refused: {str(plan)[:60]}... | | | | | | |")
+            print(f"| {name} | {dense} | refused: {str(plan)[:60]}... | | | | | | | |")
             continue
         ours_params = pruned.analysis("costs").parameters
         if failed:
-            print(f"| {name} | {dense} | {ours_params} | {failed} | | | | | {exported:.2f} |",
-                  flush=True)
+            print(f"| {name} | {dense} | {ours_params} | {failed} | | | | | {exported:.2f} | "
+                  f"{analysis_rounds} |", flush=True)
             continue
         ours_keep = next((set(g.keep) for g in plan.groups
                           if (f"{layer_name}.weight", 0, 0, 1) in g.slices), set())
@@ -297,7 +299,7 @@ def torch_pruning(names: list[str], rounds: int = 10, limit: int = 60) -> None:
         print(f"| {name} | {dense} | {ours_params} | {theirs_params} | {len(ours_keep)} / "
               f"{len(tp_keep)}, {len(ours_keep & tp_keep)} same | {ours[0] * 1e3:.0f} / "
               f"{theirs[0] * 1e3:.0f} | {ratios[0]:.2f} | {statistics.median(ratios[1:]):.2f} | "
-              f"{exported:.2f} |", flush=True)
+              f"{exported:.2f} | {analysis_rounds} |", flush=True)
 
 
 class _LabelledLoss:
