@@ -12,15 +12,17 @@ rewriting those atoms in place (:func:`regrain_in_place`):
 
 - the group is one atom of ``rep`` 1 at the reshape (or norm), not blocked, no rerun asked for
   yet in this round, every weight atom ``(s, 1)`` created at an offset and a length that are
-  multiples of ``f``, on a weight axis with no grain yet (so the rerun would create exactly
-  ``(s', f)``);
+  multiples of ``f``, on a weight axis with no grain yet where it starts (so the rerun would
+  create exactly ``(s', f)``);
 - every value already computed that holds the group's atoms comes from nodes whose rules only
-  unify them or carry them whole, whatever their ``rep``: ``linear``, an ungrouped convolution,
-  elementwise ``add`` / ``sub`` / ``mul`` / ``div``, the unary ops, pooling and padding, a batch
-  norm with the group on its channel dim, and views that move the group's one dimension to one
-  output dimension (permute, or a reshape whose dimension groups pair it with one), reached from
-  the group's weights along the graph (a split or merge of it, a slice, a norm over the channels,
-  a reduction, a contraction or any other consumer makes the request take the rerun);
+  unify them or carry them whole, whatever their ``rep``: ``linear`` and ``addmm``, an
+  ungrouped or depthwise convolution, elementwise ``add`` / ``sub`` / ``mul`` / ``div``, the
+  unary ops, pooling and padding, a batch norm with the group on its channel dim, views that
+  move the group's one dimension to one output dimension (permute, expand, or a reshape whose
+  dimension groups pair it with one), and splits, slices and concatenations (they place whole
+  atoms at element offsets, which neither a regrain nor a cut moves), reached from the group's
+  weights along the graph (a split or merge of its dimension, a norm over the channels, a
+  reduction, a contraction or any other consumer makes the request take the rerun);
 - each such atom has ``rep`` 1 and only the reshaped (normalised) dimension of the input holds
   the group.
 
@@ -57,8 +59,11 @@ if TYPE_CHECKING:
 
 __all__ = ["cut_fresh_weight", "cut_in_place", "regrain_in_place"]
 
-_ONLY_UNIFY = {"linear", "add", "sub", "mul", "div", *UNARY}
-_MOVES = {"permute", "transpose", "t"}
+_ONLY_UNIFY = {"linear", "addmm", "add", "sub", "mul", "div", *UNARY}
+_MOVES = {"permute", "transpose", "t", "expand"}
+# atoms carried whole into pieces or laid end to end at element offsets, which a regrain or a
+# cut keeps (a processed split of the group met atom boundaries, or the round would be dirty)
+_PIECES = {"split", "split_with_sizes", "chunk", "slice", "narrow", "getitem", "cat"}
 _SPATIAL = {"adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "avg_pool1d",
             "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d", "pad",
             "constant_pad_nd"}    # channels carried, spatial dims blocked (a blocked group stops)
@@ -84,7 +89,8 @@ def regrain_in_place(t: Tracer, layouts: list[Layout], index: int, factor: int
         return None
     sites = [(s, o) for s, o in t.origin.items() if t.find(s) == root]
     for s, (weight, axis, start, rep) in sites:
-        if rep != 1 or start % factor or t.size[s] % factor or (weight, axis) in t.grain:
+        if rep != 1 or start % factor or t.size[s] % factor or any(
+                lo <= start < hi for lo, hi in t.grain.get((weight, axis), {})):
             return None
     found = _holders(t, root, {weight for _, (weight, *_) in sites})
     if found is None:
@@ -125,11 +131,13 @@ def _holders(t: Tracer, root: int, weights: set[str]
         value = t.values.get(node.name)
         if node.op == "call_function" and not _unifies_only(t, node, root):
             return None
-        if not isinstance(value, list):
+        lists = [value] if isinstance(value, list) else list(value) \
+            if isinstance(value, tuple) else [None]
+        if not all(isinstance(v, list) for v in lists):
             return None
-        holds = any(a and any(t.find(s) == root for s, _ in a) for a in value)
-        if holds:
-            found.append((node, value))
+        held = [v for v in lists if any(a and any(t.find(s) == root for s, _ in a) for a in v)]
+        holds = bool(held)
+        found.extend((node, v) for v in held)
         if node.op == "call_function":
             stack.extend(a for a in node.all_input_nodes if a.name in t.weights)
         if holds or node.op == "placeholder":
@@ -167,7 +175,7 @@ def _unifies_only(t: Tracer, node: Node, root: int) -> bool:
     from graphpress.analysis.channels.views import _groups
 
     name = op_name(node)
-    if name in _ONLY_UNIFY or name in _MOVES or name in _SPATIAL:
+    if name in _ONLY_UNIFY or name in _MOVES or name in _SPATIAL or name in _PIECES:
         return True
     if name in _CONVS:          # ungrouped, or depthwise (output channel i reads input i)
         groups = node.args[8] if name == "convolution" else get_arg(node, "groups")
