@@ -39,7 +39,9 @@ group becomes one symbol per piece, the pieces of all weights unified piece by p
 rerun's atoms would be, and the cuts recorded as the request would record them. A rule that
 splits a layout reads it again from the tracer afterwards.
 
-Symbol numbers differ from the rerun's, which nothing reads: groups are listed by their weights.
+Finding the group's values walks the graph from its weights; where that walk would visit more
+ops than a quarter of the nodes computed so far (8 at least), the rerun is about as cheap and
+is taken instead. Symbol numbers differ from the rerun's, which nothing reads: groups are listed by their weights.
 ``tests/analysis/test_channels.py`` checks groups and layouts equal those of the rerun on every
 zoo model.
 """
@@ -52,6 +54,7 @@ from typing import TYPE_CHECKING
 from torch.fx import Node
 
 from graphpress.analysis.channels.rules import UNARY, op_name, shape
+from graphpress.analysis.channels.views import _groups
 from graphpress.ir.graph import get_arg
 
 if TYPE_CHECKING:
@@ -119,15 +122,23 @@ def regrain_in_place(t: Tracer, layouts: list[Layout], index: int, factor: int
 def _holders(t: Tracer, root: int, weights: set[str]
              ) -> list[tuple[Node, list[Layout | None]]] | None:
     """The computed nodes whose values (lists of layouts) hold ``root``'s atoms, found from its
-    weights along the graph; None where a node on the way is not one that only unifies."""
+    weights along the graph; None where a node on the way is not one that only unifies, or
+    where the walk would cost about as much as the rerun it saves (it visits more ops than a
+    quarter of the nodes computed so far, 8 at least: a rerun recomputes every node once, the
+    walk checks and rewrites each op it visits)."""
     stack: list[Node] = [t.placeholders[w] for w in weights]
     seen: set[Node] = set()
     found: list[tuple[Node, list[Layout | None]]] = []
+    budget = max(8, len(t.values) // 4)
     while stack:
         node = stack.pop()
         if node in seen:
             continue
         seen.add(node)
+        if node.op == "call_function":
+            budget -= 1
+            if budget < 0:
+                return None
         value = t.values.get(node.name)
         if node.op == "call_function" and not _unifies_only(t, node, root):
             return None
@@ -172,8 +183,6 @@ def _unifies_only(t: Tracer, node: Node, root: int) -> bool:
     dimension, whatever their ``rep``: the ops of ``_ONLY_UNIFY``, pooling and padding, an
     ungrouped or depthwise convolution, a batch norm with the group on its channel dim, and
     views that move the group's one input dimension to one output dimension whole."""
-    from graphpress.analysis.channels.views import _groups
-
     name = op_name(node)
     if name in _ONLY_UNIFY or name in _MOVES or name in _SPATIAL or name in _PIECES:
         return True
