@@ -43,8 +43,7 @@ Finding the group's values walks the graph from its weights; where that walk wou
 ops than a quarter of the nodes computed so far (8 at least), the rerun is about as cheap and
 is taken instead. Symbol numbers differ from the rerun's, which nothing reads: groups are
 listed by their weights. ``tests/analysis/test_channels.py`` checks groups and layouts equal
-those of the rerun on every
-zoo model.
+those of the rerun on every zoo model.
 """
 
 from __future__ import annotations
