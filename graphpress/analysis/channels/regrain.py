@@ -85,12 +85,9 @@ def regrain_in_place(t: Tracer, layouts: list[Layout], index: int, factor: int
     if t.dirty or len(layout) != 1 or layout[0][1] != 1 or t.size[layout[0][0]] % factor:
         return None
     root = t.find(layout[0][0])
-    if root in t.blocked or root in t.rerun:
+    sites = t.sites(root)       # none for a blocked group or one waiting for the rerun
+    if not sites or any(_holds(t, a, root) for i, a in enumerate(layouts) if i != index):
         return None
-    if any(a and any(t.find(s) == root for s, _ in a) for i, a in enumerate(layouts)
-           if i != index):
-        return None
-    sites = [(s, o) for s, o in t.origin.items() if t.find(s) == root]
     for s, (weight, axis, start, rep) in sites:
         if rep != 1 or start % factor or t.size[s] % factor or any(
                 lo <= start < hi for lo, hi in t.grain.get((weight, axis), {})):
@@ -109,7 +106,7 @@ def regrain_in_place(t: Tracer, layouts: list[Layout], index: int, factor: int
                     symbols.add(s)
     for value in holders:
         for i, a in enumerate(value):
-            if a and any(t.find(s) == root for s, _ in a):
+            if _holds(t, a, root):
                 value[i] = tuple((s, factor) if t.find(s) == root else (s, r) for s, r in a)
     for s, (weight, axis, start, _) in sites:
         t.grain.setdefault((weight, axis), {})[(start, start + t.size[s])] = factor
@@ -146,7 +143,7 @@ def _holders(t: Tracer, root: int, weights: set[str]
             if isinstance(value, tuple) else [None]
         if not all(isinstance(v, list) for v in lists):
             return None
-        held = [v for v in lists if any(a and any(t.find(s) == root for s, _ in a) for a in v)]
+        held = [v for v in lists if any(_holds(t, a, root) for a in v)]
         holds = bool(held)
         found.extend((node, v) for v in held)
         if node.op == "call_function":
@@ -154,6 +151,11 @@ def _holders(t: Tracer, root: int, weights: set[str]
         if holds or node.op == "placeholder":
             stack.extend(u for u in node.users if u.name in t.values)
     return found
+
+
+def _holds(t: Tracer, layout: Layout | None, root: int) -> bool:
+    """Whether a dimension's layout has an atom of ``root``'s group."""
+    return bool(layout) and any(t.find(s) == root for s, _ in layout)
 
 
 def _values(holders: list[tuple[Node, list[Layout | None]]]) -> list[list[Layout | None]]:
@@ -205,7 +207,7 @@ def _held_dims(t: Tracer, node: Node, root: int) -> set[int]:
     value = t.values.get(node.name)
     if not isinstance(value, list):
         return {-1}
-    return {i for i, a in enumerate(value) if a and any(t.find(s) == root for s, _ in a)}
+    return {i for i, a in enumerate(value) if _holds(t, a, root)}
 
 
 def cut_in_place(t: Tracer, layout: Layout, bounds: set[int]) -> Layout | None:
@@ -221,20 +223,20 @@ def cut_in_place(t: Tracer, layout: Layout, bounds: set[int]) -> Layout | None:
         end = pos + t.size[s] * r
         inside = sorted(e - pos for e in bounds if pos < e < end)
         root = t.find(s)
-        if inside and (r != 1 or root in offsets or root in t.blocked or root in t.rerun):
+        if inside and (r != 1 or root in offsets):
             return None
         if inside:
             offsets[root] = inside
         pos = end
     plans = []
     for root, inside in offsets.items():
-        sites = [(s, o) for s, o in t.origin.items() if t.find(s) == root]
+        sites = t.sites(root)   # none for a blocked group or one waiting for the rerun
         found = _holders(t, root, {weight for _, (weight, *_) in sites}) if sites else None
         if found is None or any((w, a) in t.grain or rep != 1 for _, (w, a, _, rep) in sites):
             return None
         symbols = {s for s, _ in sites}
         for _, value in found:
-            held = [a for a in value if a and any(t.find(s) == root for s, _ in a)]
+            held = [a for a in value if _holds(t, a, root)]
             if len(held) > 1 or any(r != 1 for a in held for s, r in a if t.find(s) == root):
                 return None
             symbols.update(s for a in held for s, _ in a if t.find(s) == root)

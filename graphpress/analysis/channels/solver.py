@@ -191,7 +191,7 @@ class Tracer:
             atoms.append((sym, rep))
         return tuple(atoms)
 
-    def _sites(self, sym: int, *, through_rerun: bool = False
+    def sites(self, sym: int, *, through_rerun: bool = False
                ) -> list[tuple[int, tuple[str, int, int, int]]]:
         """The weight atoms of ``sym``'s group: (symbol, (weight, axis, start, rep)); none for
         a blocked group, nor (unless ``through_rerun``) for one the next round realigns."""
@@ -204,7 +204,7 @@ class Tracer:
         """Ask for the channels of ``sym``'s group to be ``factor`` times coarser (whole heads),
         in the range of each weight axis its atoms occupy (a fused q|k|v keeps one grain per
         part)."""
-        sites = self._sites(sym)
+        sites = self.sites(sym)
         for s, (weight, axis, start, rep) in sites:
             ranges = self.grain.setdefault((weight, axis), {})
             span = (start, start + self.size[s] * rep)
@@ -257,7 +257,7 @@ class Tracer:
         """Ask for the weight axes of ``sym``'s group to be cut ``channel`` channels into
         ``sym``. Cuts are element offsets, the same whatever else the next round cuts, so a
         group already realigned for other cuts takes more (every cut in one rerun)."""
-        sites = self._sites(sym, through_rerun=True)
+        sites = self.sites(sym, through_rerun=True)
         for _, (weight, axis, start, rep) in sites:
             self.cuts.setdefault((weight, axis), set()).add(start + channel * rep)
         return bool(sites)

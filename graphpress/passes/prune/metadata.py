@@ -201,11 +201,9 @@ class _Refresh:
         """Contiguous ops with contiguous inputs: contiguous; contiguous ops and attention with
         inputs that keep their stride order (and attention its head and sequence sizes): dense
         strides in the order the output had."""
-        layout = self.layouts.get(node.name)
-        if (not _static_dense(old) or not isinstance(layout, list) or len(layout) != old.dim()
-                or None in layout):
+        shape = self.new_shape(node, old) if _static_dense(old) else None
+        if shape is None:
             return None
-        shape = [new_size(d, self.kept) for d in layout]
         if node.target in _ALWAYS_CONTIGUOUS or (
                 _contiguous_class(node.target) and _contiguous(old)
                 and all(contiguous for _, contiguous, *_ in facts)):
@@ -232,12 +230,19 @@ class _Refresh:
             shape = [value.shape[d] for d in order]
             return _fake(self.mode, shape, [value.stride(d) for d in order], old,
                          old.requires_grad)
-        layout = self.layouts.get(node.name)
-        if (node.target not in _CONTIGUOUS_VIEWS or not _contiguous(value)
-                or not isinstance(layout, list) or len(layout) != old.dim() or None in layout):
+        shape = self.new_shape(node, old) if node.target in _CONTIGUOUS_VIEWS \
+            and _contiguous(value) else None
+        if shape is None:
             return None
-        shape = [new_size(d, self.kept) for d in layout]
         return _fake(self.mode, shape, _contiguous_strides(shape), old, old.requires_grad)
+
+    def new_shape(self, node: Node, old: torch.Tensor) -> list[int] | None:
+        """The node's sizes once pruned, from its channel layouts; None where they do not
+        describe every dimension."""
+        layout = self.layouts.get(node.name)
+        if not isinstance(layout, list) or len(layout) != old.dim() or None in layout:
+            return None
+        return [new_size(d, self.kept) for d in layout]
 
     def attention_keeps_heads(self, node: Node) -> bool:
         """SDPA whose query, key and value keep their sequence and head sizes: the kernel it

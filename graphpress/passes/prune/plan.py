@@ -126,11 +126,15 @@ def _mask(n: int, found: list[tuple[GroupPlan, int, int]],
     for g, offset, rep in found:
         at_zero = dropped.get((id(g), rep))
         if at_zero is None:
-            drop = torch.tensor(g.dropped(), dtype=torch.long)
-            at_zero = dropped[(id(g), rep)] = drop if rep == 1 else (
-                drop[:, None] * rep + torch.arange(rep)).flatten()
+            at_zero = dropped[(id(g), rep)] = _elements(g.dropped(), rep)
         mask[at_zero + offset if offset else at_zero] = False
     return mask
+
+
+def _elements(channels: list[int], rep: int) -> torch.Tensor:
+    """The element indices of ``channels`` (in order) when each spans ``rep`` elements."""
+    index = torch.tensor(channels, dtype=torch.long)
+    return index if rep == 1 else (index[:, None] * rep + torch.arange(rep)).flatten()
 
 
 def _kept_index(plan: PrunePlan, program: Program) -> dict[tuple[str, int], torch.Tensor]:
@@ -156,9 +160,7 @@ def _kept_index(plan: PrunePlan, program: Program) -> dict[tuple[str, int], torc
                 pieces.append(torch.arange(end, offset))
             index = kept.get((id(g), rep))
             if index is None:
-                keep = torch.tensor(sorted(set(g.keep)), dtype=torch.long)
-                index = kept[(id(g), rep)] = keep if rep == 1 else (
-                    keep[:, None] * rep + torch.arange(rep)).flatten()
+                index = kept[(id(g), rep)] = _elements(sorted(set(g.keep)), rep)
             pieces.append(index + offset if offset else index)
             end = offset + g.size * rep
         else:
