@@ -33,6 +33,8 @@ from graphpress.ir.shapes import fake_over_meta, no_dispatch_modes
 
 __all__ = ["Program", "WEIGHT_KINDS"]
 
+_META = torch.device("meta")
+
 WEIGHT_KINDS = {
     "parameter": InputKind.PARAMETER,
     "buffer": InputKind.BUFFER,
@@ -220,7 +222,7 @@ class Program:
                 device = tensor.device
                 if device.type != "meta" or mode.allow_meta:
                     elem = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype,
-                                               device="meta", requires_grad=tensor.requires_grad)
+                                               device=_META, requires_grad=tensor.requires_grad)
                     return fake_over_meta(mode, elem, device, is_param=kind is torch.nn.Parameter)
             return mode.from_tensor(tensor, static_shapes=True)
 
@@ -282,9 +284,10 @@ class Program:
         if name not in store:
             store = self.constants
         old = store[name]
-        tensor = tensor.detach()
-        if isinstance(old, torch.nn.Parameter):
+        if isinstance(old, torch.nn.Parameter):    # a new tensor object without history
             tensor = torch.nn.Parameter(tensor, requires_grad=old.requires_grad)
+        else:
+            tensor = tensor.detach()
         store[name] = tensor
         node.meta["val"] = self._fake(tensor)
         self.touch()

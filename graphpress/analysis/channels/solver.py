@@ -314,21 +314,29 @@ def channel_groups(program: Program, *, head_dim: bool = False,
               for root, slices in members.items()]
 
     converted: dict[Layout, tuple[tuple[int, int, int], ...]] = {}   # nodes share layouts
+    layouts = {k: _in_groups(v, t, ids, converted) for k, v in t.values.items()}
+    return ChannelAnalysis(groups, layouts, dict(t.normalized), rounds)
 
-    def in_group_ids(layout: Layout) -> tuple[tuple[int, int, int], ...]:
-        out = converted.get(layout)
-        if out is None:
-            out = converted[layout] = tuple((ids.get(t.find(s), -1), r, t.size[s])
-                                            for s, r in layout)
-        return out
 
-    def in_groups(value: object) -> object:
-        if isinstance(value, tuple):    # an op with several outputs
-            return tuple(in_groups(v) for v in value)
-        if not isinstance(value, list):
-            return None
-        return [None if layout is None else in_group_ids(layout) for layout in value]
-
-    return ChannelAnalysis(groups, {k: in_groups(v) for k, v in t.values.items()},
-                           dict(t.normalized), rounds)
+def _in_groups(value: object, t: Tracer, ids: dict[int, int],
+               converted: dict[Layout, tuple[tuple[int, int, int], ...]]) -> object:
+    """A node's value in group ids: each layout's atoms as ``(group id, rep, channels)`` (-1 for
+    a symbol in no group), a tuple of values for an op with several outputs. Module-level, not
+    a closure over the tracer: a recursive closure is a reference cycle that would keep the
+    tracer alive until the cyclic garbage collector runs."""
+    if isinstance(value, tuple):    # an op with several outputs
+        return tuple(_in_groups(v, t, ids, converted) for v in value)
+    if not isinstance(value, list):
+        return None
+    out = []
+    for layout in value:
+        if layout is None:
+            out.append(None)
+            continue
+        known = converted.get(layout)
+        if known is None:
+            known = converted[layout] = tuple((ids.get(t.find(s), -1), r, t.size[s])
+                                              for s, r in layout)
+        out.append(known)
+    return out
 

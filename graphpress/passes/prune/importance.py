@@ -28,6 +28,7 @@ variance, see ``variance.py``) scores channels by data, not weights.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -62,6 +63,35 @@ def _slice_scores(tensor: torch.Tensor, s: ChannelSlice, size: int, p: int) -> t
     if p == 0:          # taylor: the tensor is w * grad; the first-order term is signed
         return rows.sum(1).abs()
     return torch.linalg.vector_norm(rows, p, dim=1)
+
+
+def _scores_by_slice(program: Program, slices: list[ChannelSlice], size: int, p: int,
+                     grads: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """``[len(slices), size]``: each slice's per-channel scores. Slices of one weight axis with
+    one ``rep`` (a group laid out in pieces, as at a grouped convolution) share one computation
+    over the whole axis: each channel's elements are the same rows, reduced alike."""
+    shared = Counter((s.weight, s.axis, s.rep) for s in slices)
+    tensors: dict[str, torch.Tensor] = {}
+    whole: dict[tuple[str, int, int], torch.Tensor] = {}
+    out = []
+    for s in slices:
+        tensor = tensors.get(s.weight)
+        if tensor is None:
+            tensor = program.weight(s.weight)
+            if grads is not None:
+                tensor = tensor * grads[s.weight]
+            tensors[s.weight] = tensor
+        key = (s.weight, s.axis, s.rep)
+        n = tensor.shape[s.axis]
+        if shared[key] > 1 and n % s.rep == 0 and s.offset % s.rep == 0:
+            scores = whole.get(key)
+            if scores is None:
+                scores = whole[key] = _slice_scores(
+                    tensor, ChannelSlice(s.weight, s.axis, 0, s.rep), n // s.rep, p)
+            out.append(scores[s.offset // s.rep: s.offset // s.rep + size])
+        else:
+            out.append(_slice_scores(tensor, s, size, p))
+    return torch.stack(out)
 
 
 def weight_gradients(program: Program, batches: list[tuple[Any, ...]],
@@ -156,16 +186,12 @@ def group_importance(program: Program, group: ChannelGroup, criterion: str | Cri
     if criterion == "taylor":
         grads = grads or {}
         slices = [s for s in slices if s.weight in grads]
-        scores = torch.stack([_slice_scores(program.weight(s.weight) * grads[s.weight], s,
-                                            group.size, 0) for s in slices])
+        scores = _scores_by_slice(program, slices, group.size, 0, grads)
     elif criterion == "lamp":
-        scores = torch.stack([_slice_scores(program.weight(s.weight), s, group.size, 2) ** 2
-                              for s in slices])
+        scores = _scores_by_slice(program, slices, group.size, 2) ** 2
         return lamp_scores(_reduced(scores, reduce))
     else:
-        p = 2 if criterion == "l2" else 1
-        scores = torch.stack([_slice_scores(program.weight(s.weight), s, group.size, p)
-                              for s in slices])
+        scores = _scores_by_slice(program, slices, group.size, 2 if criterion == "l2" else 1)
     return _reduced(scores, reduce)
 
 

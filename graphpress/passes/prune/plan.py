@@ -202,12 +202,12 @@ def apply_plan(program: Program, plan: PrunePlan, analysis: ChannelAnalysis) -> 
     for weight, axes in by_weight.items():     # every pruned axis of a weight, one replacement
         tensor = program.weight(weight)
         before += tensor.numel()
-        new = tensor.detach()
+        new, device = tensor.detach(), tensor.device
         for axis, index in axes:
-            if new.device.type == "meta":
+            if device.type == "meta":
                 new = torch.empty_like(new).narrow(axis, 0, len(index))
             else:
-                new = new.index_select(axis, index.to(new.device))
+                new = new.index_select(axis, index if device.type == "cpu" else index.to(device))
         touched.add(program.replace_weight(weight, new.contiguous()))
         before -= new.numel()
     for node in list(program.graph.nodes):
