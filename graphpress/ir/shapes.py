@@ -96,7 +96,7 @@ def fake_over_meta(mode: FakeTensorMode, elem: torch.Tensor, device: torch.devic
         if value.fake_device == device:     # "cuda" means the current device: not cached
             states[(device, is_param)] = dict(value.__dict__)
         return value
-    if elem.device.type != "meta":
+    if not elem.is_meta:
         raise ValueError(f"fake_over_meta needs a meta tensor, got one on {elem.device}")
     value = torch.Tensor._make_subclass(FakeTensor, elem, elem.requires_grad,
                                         dispatch_device=True, device_for_backend_keys=device)

@@ -97,17 +97,16 @@ def regrain_in_place(t: Tracer, layouts: list[Layout], index: int, factor: int
         return None
     holders = _values(found)
     symbols = {root, *(s for s, _ in sites)}
-    for value in holders:
-        for a in value:
-            for s, r in a or ():
+    for value, held in holders:
+        for i in held:
+            for s, r in value[i]:
                 if t.find(s) == root:
                     if r != 1 or t.size[s] % factor:
                         return None
                     symbols.add(s)
-    for value in holders:
-        for i, a in enumerate(value):
-            if _holds(t, a, root):
-                value[i] = tuple((s, factor) if t.find(s) == root else (s, r) for s, r in a)
+    for value, held in holders:
+        for i in held:
+            value[i] = tuple((s, factor) if t.find(s) == root else (s, r) for s, r in value[i])
     for s, (weight, axis, start, _) in sites:
         t.grain.setdefault((weight, axis), {})[(start, start + t.size[s])] = factor
         t.origin[s] = (weight, axis, start, factor)
@@ -117,15 +116,15 @@ def regrain_in_place(t: Tracer, layouts: list[Layout], index: int, factor: int
 
 
 def _holders(t: Tracer, root: int, weights: set[str]
-             ) -> list[tuple[Node, list[Layout | None]]] | None:
-    """The computed nodes whose values (lists of layouts) hold ``root``'s atoms, found from its
-    weights along the graph; None where a node on the way is not one that only unifies, or
-    where the walk would cost about as much as the rerun it saves (it visits more ops than a
-    quarter of the nodes computed so far, 8 at least: a rerun recomputes every node once, the
-    walk checks and rewrites each op it visits)."""
+             ) -> list[tuple[Node, list[Layout | None], list[int]]] | None:
+    """The computed nodes whose values (lists of layouts) hold ``root``'s atoms, with the
+    dimensions that hold them, found from its weights along the graph; None where a node on
+    the way is not one that only unifies, or where the walk would cost about as much as the
+    rerun it saves (it visits more ops than a quarter of the nodes computed so far, 8 at least:
+    a rerun recomputes every node once, the walk checks and rewrites each op it visits)."""
     stack: list[Node] = [t.placeholders[w] for w in weights]
     seen: set[Node] = set()
-    found: list[tuple[Node, list[Layout | None]]] = []
+    found: list[tuple[Node, list[Layout | None], list[int]]] = []
     budget = max(8, len(t.values) // 4)
     while stack:
         node = stack.pop()
@@ -143,9 +142,12 @@ def _holders(t: Tracer, root: int, weights: set[str]
             if isinstance(value, tuple) else [None]
         if not all(isinstance(v, list) for v in lists):
             return None
-        held = [v for v in lists if any(_holds(t, a, root) for a in v)]
-        holds = bool(held)
-        found.extend((node, v) for v in held)
+        holds = False
+        for v in lists:
+            dims = [i for i, a in enumerate(v) if _holds(t, a, root)]
+            if dims:
+                found.append((node, v, dims))
+                holds = True
         if node.op == "call_function":
             stack.extend(a for a in node.all_input_nodes if a.name in t.weights)
         if holds or node.op == "placeholder":
@@ -155,12 +157,16 @@ def _holders(t: Tracer, root: int, weights: set[str]
 
 def _holds(t: Tracer, layout: Layout | None, root: int) -> bool:
     """Whether a dimension's layout has an atom of ``root``'s group."""
-    return bool(layout) and any(t.find(s) == root for s, _ in layout)
+    for s, _ in layout or ():  # noqa: SIM110 (no generator: called for every dim of the walk)
+        if t.find(s) == root:
+            return True
+    return False
 
 
-def _values(holders: list[tuple[Node, list[Layout | None]]]) -> list[list[Layout | None]]:
-    """Each held value once (nodes may share a list)."""
-    return list({id(value): value for _, value in holders}.values())
+def _values(holders: list[tuple[Node, list[Layout | None], list[int]]]
+            ) -> list[tuple[list[Layout | None], list[int]]]:
+    """Each held value once (nodes may share a list), with the dimensions that hold the group."""
+    return list({id(value): (value, held) for _, value, held in holders}.values())
 
 
 def cut_fresh_weight(t: Tracer, weight: Node, axis: int, bounds: Iterable[int]) -> None:
@@ -235,11 +241,11 @@ def cut_in_place(t: Tracer, layout: Layout, bounds: set[int]) -> Layout | None:
         if found is None or any((w, a) in t.grain or rep != 1 for _, (w, a, _, rep) in sites):
             return None
         symbols = {s for s, _ in sites}
-        for _, value in found:
-            held = [a for a in value if _holds(t, a, root)]
-            if len(held) > 1 or any(r != 1 for a in held for s, r in a if t.find(s) == root):
+        for _, value, held in found:
+            atoms = value[held[0]]
+            if len(held) > 1 or any(r != 1 for s, r in atoms if t.find(s) == root):
                 return None
-            symbols.update(s for a in held for s, _ in a if t.find(s) == root)
+            symbols.update(s for s, _ in atoms if t.find(s) == root)
         if len({t.size[s] for s in symbols}) != 1:
             return None
         plans.append((root, inside, sites, found, symbols))
@@ -258,12 +264,12 @@ def cut_in_place(t: Tracer, layout: Layout, bounds: set[int]) -> Layout | None:
             del t.origin[s]
             for (piece, _), at in zip(pieces[s], [0, *inside], strict=True):
                 t.origin[piece] = (weight, axis, start + at, 1)
-        for node, _ in found:
+        for node, *_ in found:
             zero = t.zero.get(node.name)
             if zero and zero & symbols:
                 t.zero[node.name] = (zero - symbols) | {p for s in zero & symbols
                                                         for p, _ in pieces[s]}
-        for value in _values(found):
+        for value, _ in _values(found):
             for i, a in enumerate(value):
                 if a and any(s in pieces for s, _ in a):
                     value[i] = tuple(p for s, r in a for p in (pieces.get(s) or ((s, r),)))

@@ -38,6 +38,8 @@ __all__ = ["KeptStatistics", "deviation", "kept_statistics"]
 def kept_statistics(program: Program, analysis: ChannelAnalysis, plan: PrunePlan
                     ) -> dict[str, tuple[int, torch.Tensor]]:
     """Hidden mode: each normalisation over a pruned dim -> (that dim, its kept indices)."""
+    if not analysis.normalized:
+        return {}
     nodes = {n.name: n for n in program.graph.nodes}
     out = {}
     for name, d in analysis.normalized.items():

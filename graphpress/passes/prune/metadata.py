@@ -165,7 +165,7 @@ class _Refresh:
         if not isinstance(target, torch._ops.OpOverload) or target is aten.as_strided.default:
             return None
         facts = [self.facts(a) for a in args]
-        if not all(usable for usable, *_ in facts):
+        if not all(f[0] for f in facts):     # usable
             return None
         old = previous[node]
         grad = (self.grad_mode and any(self.requires_grad(a) for a in args)
@@ -178,8 +178,10 @@ class _Refresh:
             value = self.dense_value(node, old, facts)
         if value is None:
             return None
-        floating = all(t.dtype.is_floating_point or t.dtype.is_complex for t in _tensors(value))
-        return value, grad and floating
+        if not grad:
+            return value, False
+        return value, all(t.dtype.is_floating_point or t.dtype.is_complex
+                          for t in _tensors(value))
 
     def facts(self, node: Node) -> tuple[bool, bool, bool]:
         """Whether a value can feed a directly built one (static and dense before and after
@@ -206,11 +208,12 @@ class _Refresh:
             return None
         if node.target in _ALWAYS_CONTIGUOUS or (
                 _contiguous_class(node.target) and _contiguous(old)
-                and all(contiguous for _, contiguous, *_ in facts)):
-            return _fake(self.mode, shape, _contiguous_strides(shape), old, old.requires_grad)
+                and all(f[1] for f in facts)):     # contiguous
+            return _fake(self.mode, shape, _contiguous_strides_of(tuple(shape)), old,
+                         old.requires_grad)
         order = _dense_order(old)
         if (order is None or 1 in old.shape or 1 in shape
-                or not all(ordered for _, _, ordered in facts)
+                or not all(f[2] for f in facts)     # ordered
                 or not (_contiguous_class(node.target) or self.attention_keeps_heads(node))):
             return None
         return _fake(self.mode, shape, _dense_strides(shape, order), old, old.requires_grad)
@@ -234,7 +237,8 @@ class _Refresh:
             and _contiguous(value) else None
         if shape is None:
             return None
-        return _fake(self.mode, shape, _contiguous_strides(shape), old, old.requires_grad)
+        return _fake(self.mode, shape, _contiguous_strides_of(tuple(shape)), old,
+                         old.requires_grad)
 
     def new_shape(self, node: Node, old: torch.Tensor) -> list[int] | None:
         """The node's sizes once pruned, from its channel layouts; None where they do not
@@ -269,6 +273,9 @@ def refresh_pruned_shapes(program: Program, layouts: Mapping[str, Any], kept: Ma
             if "val" not in node.meta:
                 filled.append(node.name)
             refresh.update(node)
+        elif node.op == "placeholder":     # a weight pruning replaced
+            pending.update(node.users)
+            continue
         if not _same_value(previous.get(node), node.meta.get("val")):
             pending.update(node.users)
     return filled
@@ -378,8 +385,12 @@ def _static_dense(value: Any) -> bool:
 
 
 def _contiguous(value: torch.Tensor) -> bool:
-    """Exactly the contiguous strides (size-1 dimensions included, unlike ``is_contiguous``)."""
-    return value.stride() == _contiguous_strides_of(value.shape)
+    """Exactly the contiguous strides (size-1 dimensions included, unlike ``is_contiguous``,
+    which is exact where no dimension has size 0 or 1)."""
+    shape = value.shape
+    if 1 in shape or 0 in shape:
+        return value.stride() == _contiguous_strides_of(shape)
+    return value.is_contiguous()
 
 
 @functools.lru_cache(maxsize=4096)
