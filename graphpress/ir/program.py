@@ -278,20 +278,28 @@ class Program:
     def replace_weight(self, node_or_name: Node | str, tensor: torch.Tensor) -> Node:
         """Store a new tensor for a weight (shape may change); updates the placeholder's meta.
         Returns the placeholder."""
-        name = self._resolve_name(node_or_name)
-        node = self.weight_node(name)
-        store = self.state_dict
-        if name not in store:
-            store = self.constants
-        old = store[name]
-        if isinstance(old, torch.nn.Parameter):    # a new tensor object without history
-            tensor = torch.nn.Parameter(tensor, requires_grad=old.requires_grad)
-        else:
-            tensor = tensor.detach()
-        store[name] = tensor
-        node.meta["val"] = self._fake(tensor)
+        return self.replace_weights({self._resolve_name(node_or_name): tensor})[0]
+
+    def replace_weights(self, tensors: dict[str, torch.Tensor]) -> list[Node]:
+        """``replace_weight`` for several weights by name, in one pass over the tables;
+        returns their placeholders in order."""
+        index, state = self._index(), self.state_dict
+        nodes = []
+        for name, tensor in tensors.items():
+            node = index.placeholders.get(index.weight_nodes.get(name, ""))
+            if node is None:
+                node = self.weight_node(name)       # raises, naming the known weights
+            store = state if name in state else self.constants
+            old = store[name]
+            if isinstance(old, torch.nn.Parameter):    # a new tensor object without history
+                tensor = torch.nn.Parameter(tensor, requires_grad=old.requires_grad)
+            else:
+                tensor = tensor.detach()
+            store[name] = tensor
+            node.meta["val"] = self._fake(tensor)
+            nodes.append(node)
         self.touch()
-        return node
+        return nodes
 
     def remove_weight(self, node_or_name: Node | str) -> None:
         """Remove an unused weight: its placeholder, its spec and its tensor."""

@@ -199,6 +199,7 @@ def apply_plan(program: Program, plan: PrunePlan, analysis: ChannelAnalysis) -> 
     by_weight: dict[str, list[tuple[int, torch.Tensor]]] = {}
     for (weight, axis), index in _kept_index(plan, program).items():
         by_weight.setdefault(weight, []).append((axis, index))
+    replaced: dict[str, torch.Tensor] = {}
     for weight, axes in by_weight.items():     # every pruned axis of a weight, one replacement
         tensor = program.weight(weight)
         before += tensor.numel()
@@ -208,8 +209,9 @@ def apply_plan(program: Program, plan: PrunePlan, analysis: ChannelAnalysis) -> 
                 new = torch.empty_like(new).narrow(axis, 0, len(index))
             else:
                 new = new.index_select(axis, index if device.type == "cpu" else index.to(device))
-        touched.add(program.replace_weight(weight, new.contiguous()))
+        replaced[weight] = new.contiguous()
         before -= new.numel()
+    touched.update(program.replace_weights(replaced))
     for node in list(program.graph.nodes):
         if node.op == "call_function":
             signature = (node.target, node.args, node.kwargs)
@@ -236,9 +238,17 @@ def kept_indices(layout: Any, analysis: ChannelAnalysis, plan: PrunePlan) -> tor
     return torch.tensor(out, dtype=torch.long)
 
 
+# ops whose arguments hold sizes or counts that pruning changes (each handled below)
+_SIZED = {"view", "reshape", "_unsafe_view", "expand", "unflatten", "split", "split_with_sizes",
+          "chunk", "slice", "narrow", "scaled_dot_product_attention", "mean", "group_norm",
+          "conv1d", "conv2d", "conv3d", "convolution"}
+
+
 def _rewrite_args(program: Program, node: Node, layouts: dict[str, Any],
                   kept: dict[int, int], normalized: dict[str, int]) -> None:
     name = op_name(node)
+    if name not in _SIZED and node.name not in normalized:
+        return
     out = layouts.get(node.name)
     if out is None or (isinstance(out, list) and any(o is None for o in out)):
         return

@@ -163,7 +163,8 @@ class PruneChannels(Pass):
         if not chosen:
             reasons = "; ".join(f"{s.node}: {s.reason}" for s in skips[:5])
             raise ValueError(f"nothing prunable in this program ({reasons})")
-        generator = torch.Generator().manual_seed(self.seed)
+        generator = torch.Generator().manual_seed(self.seed) if self.importance == "random" \
+            else None
         if calibration is not None:
             scores = [variance.variance_scores(g, calibration[0], calibration[1], self.reduce)
                       for g in chosen]
