@@ -110,7 +110,7 @@ def _spans(plan: PrunePlan) -> dict[tuple[str, int], list[tuple[GroupPlan, int, 
     spans: dict[tuple[str, int], list[tuple[GroupPlan, int, int]]] = {}
     for g in plan.groups:
         if len(g.keep) < g.size:
-            if any(not 0 <= k < g.size for k in g.keep):
+            if g.keep and (min(g.keep) < 0 or max(g.keep) >= g.size):
                 raise ValueError(f"plan group over {g.slices[0][0]!r} keeps channels outside "
                                  f"0..{g.size - 1}: {sorted(g.keep)}")
             for weight, axis, offset, rep in g.slices:
@@ -145,9 +145,11 @@ def _kept_index(plan: PrunePlan, program: Program) -> dict[tuple[str, int], torc
     out: dict[tuple[str, int], torch.Tensor] = {}
     kept: dict[tuple[int, int], torch.Tensor] = {}      # (group, rep) -> kept elements at 0
     made: dict[tuple[Any, ...], torch.Tensor] = {}      # axes laid out alike share an index
+    state = program.state_dict
     for (weight, axis), found in _spans(plan).items():
-        n = program.weight(weight).shape[axis]
-        pattern = (n, *((id(g), offset, rep) for g, offset, rep in found))
+        tensor = state.get(weight)
+        n = (program.weight(weight) if tensor is None else tensor).shape[axis]
+        pattern = (n, *[(id(g), offset, rep) for g, offset, rep in found])
         if pattern in made:
             out[(weight, axis)] = made[pattern]
             continue
@@ -200,8 +202,11 @@ def apply_plan(program: Program, plan: PrunePlan, analysis: ChannelAnalysis) -> 
     for (weight, axis), index in _kept_index(plan, program).items():
         by_weight.setdefault(weight, []).append((axis, index))
     replaced: dict[str, torch.Tensor] = {}
+    state = program.state_dict
     for weight, axes in by_weight.items():     # every pruned axis of a weight, one replacement
-        tensor = program.weight(weight)
+        tensor = state.get(weight)
+        if tensor is None:
+            tensor = program.weight(weight)
         before += tensor.numel()
         new, device = tensor.detach(), tensor.device
         for axis, index in axes:
