@@ -529,3 +529,25 @@ def test_head_views_of_projections_need_no_rerun() -> None:
         analysis = gp.analysis.channel_groups(trace(*get_model(name).make()))
         assert analysis.rounds == 1, name
         assert any(g.heads and g.prunable for g in analysis.groups) or name == "mlp_1d_bn"
+
+
+def test_the_analysis_leaves_no_cyclic_garbage() -> None:
+    """Every object of an analysis is freed by reference counting: a reference cycle (a
+    recursive closure over the tracer did this) leaves it to the cyclic collector, whose
+    collections then land in later, unrelated calls."""
+    import gc
+
+    from graphpress.testing.zoo import get_model
+
+    model, inputs = get_model("depthwise_grouped_net").make()
+    program = trace(model, inputs)
+    gp.analysis.channel_groups(program)
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        gp.analysis.channel_groups(program)
+        assert gc.collect() == 0
+    finally:
+        if enabled:
+            gc.enable()

@@ -40,6 +40,22 @@ def test_replace_weight_updates_meta(conv_program: Program) -> None:
     assert out.shape == (2, 2)
 
 
+def test_replace_weights_several_at_once(conv_program: Program) -> None:
+    version = conv_program.version
+    mean = conv_program.weight("bn.running_mean")
+    nodes = conv_program.replace_weights({"conv.weight": torch.ones(4, 3, 3, 3),
+                                          "bn.running_mean": torch.full_like(mean, 2.0)})
+    assert [n.name for n in nodes] == [conv_program.weight_node("conv.weight").name,
+                                       conv_program.weight_node("bn.running_mean").name]
+    assert isinstance(conv_program.weight("conv.weight"), torch.nn.Parameter)
+    assert type(conv_program.weight("bn.running_mean")) is torch.Tensor
+    assert torch.equal(conv_program.weight("bn.running_mean"), torch.full_like(mean, 2.0))
+    assert conv_program.version == version + 1
+    conv_program.validate()
+    with pytest.raises(KeyError, match="no weight named 'conv.wieght'"):
+        conv_program.replace_weights({"conv.wieght": torch.ones(1)})
+
+
 def test_add_and_remove_weight_roundtrip(conv_program: Program) -> None:
     version = conv_program.version
     node = conv_program.add_weight("extra.scale", torch.ones(4), kind="buffer")

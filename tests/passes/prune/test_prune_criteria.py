@@ -44,6 +44,29 @@ def _hidden_group(program):
     return next(g for g in channel_groups(program).groups if g.prunable)
 
 
+def test_one_element_channels_and_shared_axes_score_as_their_norms() -> None:
+    """1-D slices are scored by |w| and a group's slices of one weight axis share one norm
+    computation: both equal each slice's own vector_norm, bitwise, at any magnitude."""
+    model, inputs = get_model("depthwise_grouped_net").make()
+    program = trace(model, inputs)
+    with torch.no_grad():      # magnitudes from 1e-30 to 1e20 in the first BatchNorm's weight
+        program.weight("stem.1.weight").copy_(torch.logspace(-30, 20, 16) * torch.tensor(
+            [1.0, -1.0] * 8))
+    group = next(g for g in channel_groups(program).groups
+                 if any(s.weight == "stem.1.weight" for s in g.slices))
+    assert len([s for s in group.slices if s.weight == "stem.1.weight"]) == 2   # two pieces
+    for criterion, p in (("l1", 1), ("l2", 2)):
+        expected = []
+        for s in group.slices:
+            w = program.weight(s.weight)
+            if not isinstance(w, torch.nn.Parameter):
+                continue
+            rows = w.detach().movedim(s.axis, 0)[s.offset: s.offset + group.size]
+            expected.append(torch.linalg.vector_norm(rows.reshape(group.size, -1), p, dim=1))
+        assert torch.equal(group_importance(program, group, criterion),
+                           torch.stack(expected).mean(0))
+
+
 def test_lamp_scores_by_hand() -> None:
     """Squared norms (mean over fc1's rows and fc2's columns) 1, 2.5, 1.5, 5; sorted 1, 1.5,
     2.5, 5 of sum 10: LAMP = 1/10, 1.5/9, 2.5/7.5, 5/5."""
