@@ -238,7 +238,7 @@ class _Refresh:
         if shape is None:
             return None
         return _fake(self.mode, shape, _contiguous_strides_of(tuple(shape)), old,
-                         old.requires_grad)
+                     old.requires_grad)
 
     def new_shape(self, node: Node, old: torch.Tensor) -> list[int] | None:
         """The node's sizes once pruned, from its channel layouts; None where they do not
