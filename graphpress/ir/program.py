@@ -442,6 +442,7 @@ class Program:
         shapes = self._analyses.get("shapes")
         if shapes is not None and shapes[0] == self.version:  # the copy shares the meta objects
             clone._analyses["shapes"] = shapes
+        clone._fake_mode = self._fake_mode     # the mode of those shared fake values
         return clone
 
     # ------------------------------------------------------------- validation

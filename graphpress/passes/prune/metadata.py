@@ -69,6 +69,7 @@ from graphpress.ir.shapes import (
 __all__ = ["meta_view_strides_agree", "refresh_pruned_shapes"]
 
 aten = torch.ops.aten
+_META = torch.device("meta")
 
 # Output contiguous whenever every tensor input is (besides ops tagged pointwise).
 _CONTIGUOUS_OUT = {
@@ -315,7 +316,7 @@ def _mirror(arg: Any) -> Any:
     strides."""
     if isinstance(arg, Node):
         v = arg.meta["val"]
-        return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="meta")
+        return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=_META)
     if isinstance(arg, list):       # fx's immutable lists too
         return [_mirror(a) for a in arg]
     if isinstance(arg, tuple):
@@ -350,7 +351,7 @@ def meta_view_strides_agree(target: Any, inputs: list[torch.Tensor],
 def _fake(mode: FakeTensorMode, shape: Any, strides: Any, like: FakeTensor,
           requires_grad: bool) -> FakeTensor:
     with no_dispatch_modes():
-        elem = torch.empty_strided(shape, strides, dtype=like.dtype, device="meta",
+        elem = torch.empty_strided(shape, strides, dtype=like.dtype, device=_META,
                                    requires_grad=requires_grad)
     return fake_over_meta(mode, elem, like.device)
 
