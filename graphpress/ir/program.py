@@ -283,12 +283,10 @@ class Program:
     def replace_weights(self, tensors: dict[str, torch.Tensor]) -> list[Node]:
         """``replace_weight`` for several weights by name, in one pass over the tables;
         returns their placeholders in order."""
-        index, state = self._index(), self.state_dict
+        state = self.state_dict
         nodes = []
         for name, tensor in tensors.items():
-            node = index.placeholders.get(index.weight_nodes.get(name, ""))
-            if node is None:
-                node = self.weight_node(name)       # raises, naming the known weights
+            node = self.weight_node(name)
             store = state if name in state else self.constants
             old = store[name]
             if isinstance(old, torch.nn.Parameter):    # a new tensor object without history

@@ -59,14 +59,9 @@ def _rows(tensor: torch.Tensor, s: ChannelSlice, size: int,
 
 
 def _slice_scores(tensor: torch.Tensor, s: ChannelSlice, size: int, p: int) -> torch.Tensor:
-    if tensor.dim() == 1 and s.rep == 1:    # one element a channel: every norm is |w|
-        rows = tensor.detach()
-        if rows.dtype != torch.float32:
-            rows = rows.to(torch.float32)
-        if s.offset or size != rows.shape[0]:
-            rows = rows[s.offset: s.offset + size]
-        return rows.abs()
     rows = _rows(tensor, s, size)
+    if rows.shape[1] == 1:      # one element a channel: every norm, and taylor's |sum|, is |w|
+        return rows.reshape(size).abs()
     if p == 0:          # taylor: the tensor is w * grad; the first-order term is signed
         return rows.sum(1).abs()
     return torch.linalg.vector_norm(rows, p, dim=1)
@@ -77,7 +72,7 @@ def _scores_by_slice(program: Program, slices: list[ChannelSlice], size: int, p:
     """``[len(slices), size]``: each slice's per-channel scores. Slices of one weight axis with
     one ``rep`` (a group laid out in pieces, as at a grouped convolution) share one computation
     over the whole axis: each channel's elements are the same rows, reduced alike."""
-    shared = Counter((s.weight, s.axis, s.rep) for s in slices) if len(slices) > 1 else {}
+    shared = Counter((s.weight, s.axis, s.rep) for s in slices)
     tensors: dict[str, torch.Tensor] = {}
     whole: dict[tuple[str, int, int], torch.Tensor] = {}
     out = []
@@ -90,7 +85,7 @@ def _scores_by_slice(program: Program, slices: list[ChannelSlice], size: int, p:
             tensors[s.weight] = tensor
         key = (s.weight, s.axis, s.rep)
         n = tensor.shape[s.axis]
-        if shared.get(key, 0) > 1 and n % s.rep == 0 and s.offset % s.rep == 0:
+        if shared[key] > 1 and n % s.rep == 0 and s.offset % s.rep == 0:
             scores = whole.get(key)
             if scores is None:
                 scores = whole[key] = _slice_scores(
@@ -178,8 +173,8 @@ def group_importance(program: Program, group: ChannelGroup, criterion: str | Cri
         return scores
     if criterion == "random":
         return torch.rand(group.size, generator=generator)
-    state = program.state_dict      # parameters live there (constants never are parameters)
-    slices = [s for s in group.slices if isinstance(state.get(s.weight), torch.nn.Parameter)]
+    slices = [s for s in group.slices
+              if isinstance(program.weight(s.weight), torch.nn.Parameter)]
     if criterion == "bn_scale":
         bn = _bn_weights(program)
         scaled = [s for s in slices if s.weight in bn]

@@ -145,10 +145,8 @@ def _kept_index(plan: PrunePlan, program: Program) -> dict[tuple[str, int], torc
     out: dict[tuple[str, int], torch.Tensor] = {}
     kept: dict[tuple[int, int], torch.Tensor] = {}      # (group, rep) -> kept elements at 0
     made: dict[tuple[Any, ...], torch.Tensor] = {}      # axes laid out alike share an index
-    state = program.state_dict
     for (weight, axis), found in _spans(plan).items():
-        tensor = state.get(weight)
-        n = (program.weight(weight) if tensor is None else tensor).shape[axis]
+        n = program.weight(weight).shape[axis]
         pattern = (n, *[(id(g), offset, rep) for g, offset, rep in found])
         if pattern in made:
             out[(weight, axis)] = made[pattern]
@@ -202,11 +200,8 @@ def apply_plan(program: Program, plan: PrunePlan, analysis: ChannelAnalysis) -> 
     for (weight, axis), index in _kept_index(plan, program).items():
         by_weight.setdefault(weight, []).append((axis, index))
     replaced: dict[str, torch.Tensor] = {}
-    state = program.state_dict
     for weight, axes in by_weight.items():     # every pruned axis of a weight, one replacement
-        tensor = state.get(weight)
-        if tensor is None:
-            tensor = program.weight(weight)
+        tensor = program.weight(weight)
         before += tensor.numel()
         new, device = tensor.detach(), tensor.device
         for axis, index in axes:

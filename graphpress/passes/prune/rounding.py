@@ -140,8 +140,6 @@ def rounded_keep(group: ChannelGroup, keep: int, round_to: int) -> int:
     multiple of channels is ``lcm_s(round_to / gcd(round_to, rep_s))``, ``round_to`` itself
     for plain channels, 1 for attention heads whose head_dim is a multiple of it. At least one
     multiple, at most the group."""
-    if round_to == 1:
-        return min(group.size, max(1, keep))
     step = math.lcm(*(round_to // math.gcd(round_to, s.rep) for s in group.slices))
     return min(group.size, max(step, math.ceil(keep / step) * step))
 
