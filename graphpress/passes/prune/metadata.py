@@ -17,8 +17,9 @@ is built directly in these cases, and every other node runs on fake tensors as t
   dimension in its result and in an input that is not exactly contiguous takes the fake path.
   Views that only keep or reorder the input's strides (slice, select, permute, transpose,
   split, expand) do not depend on that choice. Two kinds are not even run: a permute or
-  transpose reorders its input's sizes and strides, and ``view`` / ``reshape`` of an input with
-  exactly the contiguous strides has exactly the contiguous strides of its new sizes;
+  transpose reorders its input's sizes and strides, and ``view`` / ``reshape`` / ``flatten``
+  of an input with exactly the contiguous strides has exactly the contiguous strides of its
+  new sizes;
 * ops whose output is contiguous when their inputs are (pointwise ops, convolution, matmuls,
   norms, softmax, reductions, padding, copies), when the output and every tensor input had
   contiguous strides before and every input has them now, and ``repeat_interleave``,
@@ -221,10 +222,10 @@ class _Refresh:
 
     def moved_value(self, node: Node, old: Any) -> FakeTensor | None:
         """Views computed without running them: a permute or transpose reorders its input's
-        sizes and strides; ``view`` / ``reshape`` of an input with exactly the contiguous
-        strides gives exactly the contiguous strides of its sizes (the channel layouts' sizes),
-        unit dimensions included, in the meta and the fake kernel alike (checked on random
-        shapes in ``tests/passes/prune/test_metadata.py``)."""
+        sizes and strides; ``view`` / ``reshape`` / ``flatten`` of an input with exactly the
+        contiguous strides gives exactly the contiguous strides of its sizes (the channel
+        layouts' sizes), unit dimensions included, in the meta and the fake kernel alike
+        (checked on random shapes in ``tests/passes/prune/test_metadata.py``)."""
         x = node.args[0]
         if not isinstance(x, Node) or not isinstance(old, FakeTensor):
             return None
@@ -282,7 +283,8 @@ def refresh_pruned_shapes(program: Program, layouts: Mapping[str, Any], kept: Ma
     return filled
 
 
-_CONTIGUOUS_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+_CONTIGUOUS_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+                     aten.flatten.using_ints}
 
 
 def _moved_order(node: Node, rank: int) -> list[int] | None:

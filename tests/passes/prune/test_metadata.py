@@ -156,7 +156,7 @@ def _random_view(rng: random.Random) -> tuple[Any, list[int], list[int], tuple]:
         "unsqueeze": (aten.unsqueeze.default, (rng.randint(0, rank),)),
         "unflatten": (aten.unflatten.int, (d, rng.choice([[1, shape[d]], [shape[d], 1]]))),
         "squeeze": (aten.squeeze.dim, (d,)),
-        "flatten": (aten.flatten.using_ints, (0, rank - 1)),
+        "flatten": (aten.flatten.using_ints, (d, rng.randrange(d, rank))),
         "expand": (aten.expand.default, ([1, *shape],)),
         "permute": (aten.permute.default, (list(reversed(range(rank))),)),
         "transpose": (aten.transpose.int, (0, rank - 1)),
@@ -223,15 +223,20 @@ def test_always_contiguous_ops_are_contiguous_whatever_their_inputs() -> None:
 
 def test_permutes_and_contiguous_reshapes_built_without_running_them() -> None:
     """``moved_value``'s rules against the fake kernels on random views: a permute, transpose
-    or t reorders the input's sizes and strides; view / reshape / _unsafe_view of an input with
-    exactly the contiguous strides has exactly the contiguous strides of its sizes."""
+    or t reorders the input's sizes and strides; view / reshape / _unsafe_view / flatten of an
+    input with exactly the contiguous strides has exactly the contiguous strides of its sizes."""
     from types import SimpleNamespace
 
-    from graphpress.passes.prune.metadata import _contiguous, _contiguous_strides, _moved_order
+    from graphpress.passes.prune.metadata import (
+        _CONTIGUOUS_VIEWS,
+        _contiguous,
+        _contiguous_strides,
+        _moved_order,
+    )
 
     mode = FakeTensorMode()
     rng = random.Random(1)
-    moved = reshaped = 0
+    moved = reshaped = flattened = 0
     for _ in range(3000):
         target, shape, strides, args = _random_view(rng)
         if rng.random() < 0.5:
@@ -248,8 +253,8 @@ def test_permutes_and_contiguous_reshapes_built_without_running_them() -> None:
             moved += 1
             assert list(expected.shape) == [shape[d] for d in order]
             assert list(expected.stride()) == [strides[d] for d in order]
-        elif target in (torch.ops.aten.view.default, torch.ops.aten.reshape.default,
-                        torch.ops.aten._unsafe_view.default) and _contiguous(fake):
+        elif target in _CONTIGUOUS_VIEWS and _contiguous(fake):
             reshaped += 1
+            flattened += target is torch.ops.aten.flatten.using_ints
             assert list(expected.stride()) == _contiguous_strides(list(expected.shape))
-    assert moved > 300 and reshaped > 300
+    assert moved > 300 and reshaped > 300 and flattened > 50
