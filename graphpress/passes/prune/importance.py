@@ -59,19 +59,33 @@ def _rows(tensor: torch.Tensor, s: ChannelSlice, size: int,
 
 
 def _slice_scores(tensor: torch.Tensor, s: ChannelSlice, size: int, p: int) -> torch.Tensor:
-    rows = _rows(tensor, s, size)
-    if rows.shape[1] == 1:      # one element a channel: every norm, and taylor's |sum|, is |w|
-        return rows.reshape(size).abs()
-    if p == 0:          # taylor: the tensor is w * grad; the first-order term is signed
-        return rows.sum(1).abs()
-    return torch.linalg.vector_norm(rows, p, dim=1)
+    """The scores of one slice's channels up to sign (``_scores_by_slice`` takes ``abs``): a
+    p-norm of each channel's elements, their sum for taylor (``p`` 0, the tensor ``w * grad``),
+    the element itself where a channel has one (every norm of one element is ``|w|``). A
+    channel of one element along the axis (``rep`` 1) is reduced over the other dims in place:
+    no moved, reshaped copy."""
+    if s.rep != 1:
+        rows = _rows(tensor, s, size)
+        if rows.shape[1] == 1:
+            return rows.reshape(size)
+        return rows.sum(1) if p == 0 else torch.linalg.vector_norm(rows, p, dim=1)
+    t = tensor.detach()
+    if t.dtype != torch.float32:
+        t = t.to(torch.float32)
+    if s.offset or size != t.shape[s.axis]:
+        t = t.narrow(s.axis, s.offset, size)
+    if t.numel() == size:
+        return t.reshape(size)
+    others = [d for d in range(t.dim()) if d != s.axis]
+    return t.sum(others) if p == 0 else torch.linalg.vector_norm(t, p, dim=others)
 
 
 def _scores_by_slice(program: Program, slices: list[ChannelSlice], size: int, p: int,
                      grads: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """``[len(slices), size]``: each slice's per-channel scores. Slices of one weight axis with
-    one ``rep`` (a group laid out in pieces, as at a grouped convolution) share one computation
-    over the whole axis: each channel's elements are the same rows, reduced alike."""
+    """``[len(slices), size]``: each slice's per-channel scores (``|.|`` of ``_slice_scores``,
+    taken once over all of them). Slices of one weight axis with one ``rep`` (a group laid out
+    in pieces, as at a grouped convolution) share one computation over the whole axis: each
+    channel's elements are the same rows, reduced alike."""
     shared = Counter((s.weight, s.axis, s.rep) for s in slices)
     tensors: dict[str, torch.Tensor] = {}
     whole: dict[tuple[str, int, int], torch.Tensor] = {}
@@ -93,7 +107,7 @@ def _scores_by_slice(program: Program, slices: list[ChannelSlice], size: int, p:
             out.append(scores[s.offset // s.rep: s.offset // s.rep + size])
         else:
             out.append(_slice_scores(tensor, s, size, p))
-    return torch.stack(out)
+    return torch.stack(out).abs()
 
 
 def weight_gradients(program: Program, batches: list[tuple[Any, ...]],
