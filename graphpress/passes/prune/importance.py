@@ -74,14 +74,16 @@ def _slice_scores(tensor: torch.Tensor, s: ChannelSlice, size: int, p: int) -> t
         t = t.to(torch.float32)
     if s.offset or size != t.shape[s.axis]:
         t = t.narrow(s.axis, s.offset, size)
+    if t.dim() == 1:
+        return t
     if t.numel() == size:
         return t.reshape(size)
     others = [d for d in range(t.dim()) if d != s.axis]
     return t.sum(others) if p == 0 else torch.linalg.vector_norm(t, p, dim=others)
 
 
-def _scores_by_slice(program: Program, slices: list[ChannelSlice], size: int, p: int,
-                     grads: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+def _scores_by_slice(weights: dict[str, torch.Tensor], slices: list[ChannelSlice], size: int,
+                     p: int, grads: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """``[len(slices), size]``: each slice's per-channel scores (``|.|`` of ``_slice_scores``,
     taken once over all of them). Slices of one weight axis with one ``rep`` (a group laid out
     in pieces, as at a grouped convolution) share one computation over the whole axis: each
@@ -93,7 +95,7 @@ def _scores_by_slice(program: Program, slices: list[ChannelSlice], size: int, p:
     for s in slices:
         tensor = tensors.get(s.weight)
         if tensor is None:
-            tensor = program.weight(s.weight)
+            tensor = weights[s.weight]
             if grads is not None:
                 tensor = tensor * grads[s.weight]
             tensors[s.weight] = tensor
@@ -187,8 +189,8 @@ def group_importance(program: Program, group: ChannelGroup, criterion: str | Cri
         return scores
     if criterion == "random":
         return torch.rand(group.size, generator=generator)
-    slices = [s for s in group.slices
-              if isinstance(program.weight(s.weight), torch.nn.Parameter)]
+    weights = {name: program.weight(name) for name in {s.weight for s in group.slices}}
+    slices = [s for s in group.slices if isinstance(weights[s.weight], torch.nn.Parameter)]
     if criterion == "bn_scale":
         bn = _bn_weights(program)
         scaled = [s for s in slices if s.weight in bn]
@@ -202,12 +204,12 @@ def group_importance(program: Program, group: ChannelGroup, criterion: str | Cri
     if criterion == "taylor":
         grads = grads or {}
         slices = [s for s in slices if s.weight in grads]
-        scores = _scores_by_slice(program, slices, group.size, 0, grads)
+        scores = _scores_by_slice(weights, slices, group.size, 0, grads)
     elif criterion == "lamp":
-        scores = _scores_by_slice(program, slices, group.size, 2) ** 2
+        scores = _scores_by_slice(weights, slices, group.size, 2) ** 2
         return lamp_scores(_reduced(scores, reduce))
     else:
-        scores = _scores_by_slice(program, slices, group.size, 2 if criterion == "l2" else 1)
+        scores = _scores_by_slice(weights, slices, group.size, 2 if criterion == "l2" else 1)
     return _reduced(scores, reduce)
 
 
