@@ -192,8 +192,8 @@ class _Refresh:
         known = self._facts.get(node)
         if known is None:
             new, old = node.meta.get("val"), self.previous.get(node)
-            usable = _static_dense(new) and _static_dense(old)
-            contiguous = usable and _contiguous(new) and _contiguous(old)
+            usable = _static_dense(new) and (old is new or _static_dense(old))
+            contiguous = usable and _contiguous(new) and (old is new or _contiguous(old))
             ordered = contiguous or new is old or (
                 usable and 1 not in new.shape and _dense_order(new) is not None
                 and _dense_order(new) == _dense_order(old))
@@ -211,14 +211,13 @@ class _Refresh:
         if node.target in _ALWAYS_CONTIGUOUS or (
                 _contiguous_class(node.target) and _contiguous(old)
                 and all(f[1] for f in facts)):     # contiguous
-            return _fake(self.mode, shape, _contiguous_strides_of(tuple(shape)), old,
-                         old.requires_grad)
+            return _kept_or_new(self.mode, shape, _contiguous_strides_of(tuple(shape)), old)
         order = _dense_order(old)
         if (order is None or 1 in old.shape or 1 in shape
                 or not all(f[2] for f in facts)     # ordered
                 or not (_contiguous_class(node.target) or self.attention_keeps_heads(node))):
             return None
-        return _fake(self.mode, shape, _dense_strides(shape, order), old, old.requires_grad)
+        return _kept_or_new(self.mode, shape, _dense_strides(shape, order), old)
 
     def moved_value(self, node: Node, old: Any) -> FakeTensor | None:
         """Views computed without running them: a permute or transpose reorders its input's
@@ -233,14 +232,12 @@ class _Refresh:
         order = _moved_order(node, value.dim())
         if order is not None:
             shape = [value.shape[d] for d in order]
-            return _fake(self.mode, shape, [value.stride(d) for d in order], old,
-                         old.requires_grad)
+            return _kept_or_new(self.mode, shape, [value.stride(d) for d in order], old)
         shape = self.new_shape(node, old) if node.target in _CONTIGUOUS_VIEWS \
             and _contiguous(value) else None
         if shape is None:
             return None
-        return _fake(self.mode, shape, _contiguous_strides_of(tuple(shape)), old,
-                     old.requires_grad)
+        return _kept_or_new(self.mode, shape, _contiguous_strides_of(tuple(shape)), old)
 
     def new_shape(self, node: Node, old: torch.Tensor) -> list[int] | None:
         """The node's sizes once pruned, from its channel layouts; None where they do not
@@ -356,6 +353,14 @@ def _fake(mode: FakeTensorMode, shape: Any, strides: Any, like: FakeTensor,
         elem = torch.empty_strided(shape, strides, dtype=like.dtype, device=_META,
                                    requires_grad=requires_grad)
     return fake_over_meta(mode, elem, like.device)
+
+
+def _kept_or_new(mode: FakeTensorMode, shape: Any, strides: Any, old: FakeTensor) -> FakeTensor:
+    """A value with ``old``'s dtype, device and ``requires_grad`` at these sizes and strides:
+    ``old`` itself where they are its own (values are never mutated; copies share them)."""
+    if tuple(shape) == old.shape and tuple(strides) == old.stride():
+        return old
+    return _fake(mode, shape, strides, old, old.requires_grad)
 
 
 def _same_value(was: Any, now: Any) -> bool:

@@ -200,17 +200,18 @@ def apply_plan(program: Program, plan: PrunePlan, analysis: ChannelAnalysis) -> 
     for (weight, axis), index in _kept_index(plan, program).items():
         by_weight.setdefault(weight, []).append((axis, index))
     replaced: dict[str, torch.Tensor] = {}
-    for weight, axes in by_weight.items():     # every pruned axis of a weight, one replacement
-        tensor = program.weight(weight)
-        before += tensor.numel()
-        new, device = tensor.detach(), tensor.device
-        for axis, index in axes:
-            if device.type == "meta":
-                new = torch.empty_like(new).narrow(axis, 0, len(index))
-            else:
-                new = new.index_select(axis, index if device.type == "cpu" else index.to(device))
-        replaced[weight] = new.contiguous()
-        before -= new.numel()
+    with torch.no_grad():
+        for weight, axes in by_weight.items():     # every pruned axis of a weight, one replacement
+            new = tensor = program.weight(weight)
+            before += tensor.numel()
+            for axis, index in axes:
+                if tensor.is_meta:
+                    new = torch.empty_like(new).narrow(axis, 0, len(index))
+                else:
+                    new = new.index_select(axis, index if tensor.is_cpu
+                                           else index.to(tensor.device))
+            replaced[weight] = new.contiguous()
+            before -= new.numel()
     touched.update(program.replace_weights(replaced))
     for node in list(program.graph.nodes):
         if node.op == "call_function":
