@@ -147,6 +147,9 @@ def _kept_index(plan: PrunePlan, program: Program) -> dict[tuple[str, int], torc
     made: dict[tuple[Any, ...], torch.Tensor] = {}      # axes laid out alike share an index
     for (weight, axis), found in _spans(plan).items():
         n = program.weight(weight).shape[axis]
+        if len(found) == 1 and found[0][1] == 0 and found[0][0].size * found[0][2] == n:
+            out[(weight, axis)] = _kept_at_zero(kept, found[0][0], found[0][2])
+            continue        # one slice over the whole axis: the group's kept elements
         pattern = (n, *[(id(g), offset, rep) for g, offset, rep in found])
         if pattern in made:
             out[(weight, axis)] = made[pattern]
@@ -158,9 +161,7 @@ def _kept_index(plan: PrunePlan, program: Program) -> dict[tuple[str, int], torc
                 break
             if offset > end:
                 pieces.append(torch.arange(end, offset))
-            index = kept.get((id(g), rep))
-            if index is None:
-                index = kept[(id(g), rep)] = _elements(sorted(set(g.keep)), rep)
+            index = _kept_at_zero(kept, g, rep)
             pieces.append(index + offset if offset else index)
             end = offset + g.size * rep
         else:
@@ -169,6 +170,15 @@ def _kept_index(plan: PrunePlan, program: Program) -> dict[tuple[str, int], torc
             out[(weight, axis)] = made[pattern] = pieces[0] if len(pieces) == 1 \
                 else torch.cat(pieces)
     return out
+
+
+def _kept_at_zero(cache: dict[tuple[int, int], torch.Tensor], g: GroupPlan, rep: int
+                  ) -> torch.Tensor:
+    """The elements a group's kept channels span at offset 0, cached by (group, rep)."""
+    index = cache.get((id(g), rep))
+    if index is None:
+        index = cache[(id(g), rep)] = _elements(sorted(set(g.keep)), rep)
+    return index
 
 
 def masked_copy(program: Program, plan: PrunePlan) -> Program:
@@ -214,7 +224,8 @@ def apply_plan(program: Program, plan: PrunePlan, analysis: ChannelAnalysis) -> 
             before -= new.numel()
     touched.update(program.replace_weights(replaced))
     for node in list(program.graph.nodes):
-        if node.op == "call_function":
+        if node.op == "call_function" and (op_name(node) in _SIZED
+                                           or node.name in analysis.normalized):
             signature = (node.target, node.args, node.kwargs)
             _rewrite_args(program, node, analysis.layouts, kept, analysis.normalized)
             if (node.target, node.args, node.kwargs) != signature:
@@ -239,7 +250,8 @@ def kept_indices(layout: Any, analysis: ChannelAnalysis, plan: PrunePlan) -> tor
     return torch.tensor(out, dtype=torch.long)
 
 
-# ops whose arguments hold sizes or counts that pruning changes (each handled below)
+# ops whose arguments hold sizes or counts that pruning changes (each handled in _rewrite_args;
+# apply_plan calls it for these only)
 _SIZED = {"view", "reshape", "_unsafe_view", "expand", "unflatten", "split", "split_with_sizes",
           "chunk", "slice", "narrow", "scaled_dot_product_attention", "mean", "group_norm",
           "conv1d", "conv2d", "conv3d", "convolution"}
@@ -247,9 +259,9 @@ _SIZED = {"view", "reshape", "_unsafe_view", "expand", "unflatten", "split", "sp
 
 def _rewrite_args(program: Program, node: Node, layouts: dict[str, Any],
                   kept: dict[int, int], normalized: dict[str, int]) -> None:
+    """The size arguments of a node of ``_SIZED`` (or a normalisation in ``normalized``) once
+    pruned."""
     name = op_name(node)
-    if name not in _SIZED and node.name not in normalized:
-        return
     out = layouts.get(node.name)
     if out is None or (isinstance(out, list) and any(o is None for o in out)):
         return
