@@ -104,7 +104,10 @@ def fake_over_meta(mode: FakeTensorMode, elem: torch.Tensor, device: torch.devic
         torch._C._set_warn_deprecated_on_mutable_data_ptr(value)
     else:
         torch._C._set_throw_on_mutable_data_ptr(value)
-    value.__dict__.update(state)
+    if value.__dict__:      # not so in this torch: keep what the subclass maker set
+        value.__dict__.update(state)
+    else:                   # a presized copy, several times faster than filling a new dict
+        value.__dict__ = state.copy()
     return value
 
 

@@ -180,7 +180,7 @@ class PruneChannels(Pass):
         plan = PrunePlan()
         for g, s, k in zip(chosen, scores, counts, strict=True):
             k = rounded_keep(g, k, self.round_to)
-            keep = sorted(torch.argsort(s, descending=True, stable=True)[:k].tolist())
+            keep = top_channels(s, k)
             plan.groups.append(GroupPlan(key_of(g), g.size, keep))
         return plan, skips, calibration
 
@@ -295,6 +295,19 @@ class PruneChannels(Pass):
         if "kept_statistics" in result.details:
             return hidden.KeptStatistics(masked, result.details["kept_statistics"])
         return masked
+
+
+def top_channels(scores: torch.Tensor, k: int) -> list[int]:
+    """The ``k`` highest-scoring channels in index order; among equal scores the lower index
+    wins (a stable descending sort). Up to 64 scores without NaN are sorted in Python, where a
+    torch sort costs its dispatch several times over; others by torch, which orders NaN
+    first."""
+    if scores.numel() <= 64:
+        values = scores.tolist()
+        if not any(v != v for v in values):      # no NaN: Python's order is total
+            order = sorted(range(len(values)), key=values.__getitem__, reverse=True)
+            return sorted(order[:k])
+    return sorted(torch.argsort(scores, descending=True, stable=True)[:k].tolist())
 
 
 def _on_meta(program: Program) -> bool:

@@ -351,3 +351,24 @@ def test_head_dim_pruning_of_fused_and_split_projections(name: str) -> None:
     _, masked = _run(PruneChannels(ratio=0.5, prune_heads=False), program)
     assert sum(t.numel() for t in program.state_dict.values()) < params
     assert_equivalent(program, masked, inputs, rtol=1e-5, atol=1e-5)
+
+
+def test_top_channels_is_a_stable_descending_sort() -> None:
+    """Small groups are sorted in Python: the same channels as torch's stable descending sort,
+    ties (signed zeros too) to the lower index, NaN first, sizes on both sides of the cut-over."""
+    from graphpress.passes.prune.prune_channels import top_channels
+
+    generator = torch.Generator().manual_seed(0)
+    for n in (1, 2, 5, 16, 63, 64, 65, 200):
+        for case in range(20):
+            scores = torch.randint(0, 4, (n,), generator=generator).float()   # many ties
+            if case % 3 == 1:
+                scores = torch.rand(n, generator=generator)
+            if case % 5 == 2:
+                scores[torch.rand(n, generator=generator) < 0.3] = -0.0
+            if case % 7 == 3:
+                scores[torch.randint(0, n, (2,), generator=generator)] = float("nan")
+            for k in {1, n // 2, n}:
+                expected = sorted(torch.argsort(scores, descending=True, stable=True)[:k]
+                                  .tolist())
+                assert top_channels(scores, k) == expected, (n, case, k, scores)
