@@ -45,16 +45,24 @@ CRITERIA = ("l1", "l2", "bn_scale", "taylor", "random", "lamp", "hessian", "vari
 REDUCTIONS = ("mean", "sum", "max")
 
 
+def _axis_elements(tensor: torch.Tensor, s: ChannelSlice, size: int,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``tensor`` (detached, as ``dtype``) narrowed to the elements of the ``size`` channels of
+    slice ``s`` along its axis."""
+    t = tensor.detach()
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    if s.offset or size * s.rep != t.shape[s.axis]:   # a narrow costs ~1 µs; most span it all
+        t = t.narrow(s.axis, s.offset, size * s.rep)
+    return t
+
+
 def _rows(tensor: torch.Tensor, s: ChannelSlice, size: int,
           dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The elements of each of the ``size`` channels of slice ``s``: ``[size, elements]``."""
-    rows = tensor.detach()
-    if rows.dtype != dtype:
-        rows = rows.to(dtype)
+    rows = _axis_elements(tensor, s, size, dtype)
     if s.axis:
         rows = rows.movedim(s.axis, 0)
-    if s.offset or size * s.rep != rows.shape[0]:   # a slice call costs ~1 µs; most span it all
-        rows = rows[s.offset: s.offset + size * s.rep]
     return rows.reshape(size, -1)
 
 
@@ -69,11 +77,7 @@ def _slice_scores(tensor: torch.Tensor, s: ChannelSlice, size: int, p: int) -> t
         if rows.shape[1] == 1:
             return rows.reshape(size)
         return rows.sum(1) if p == 0 else torch.linalg.vector_norm(rows, p, dim=1)
-    t = tensor.detach()
-    if t.dtype != torch.float32:
-        t = t.to(torch.float32)
-    if s.offset or size != t.shape[s.axis]:
-        t = t.narrow(s.axis, s.offset, size)
+    t = _axis_elements(tensor, s, size)
     if t.dim() == 1:
         return t
     if t.numel() == size:
