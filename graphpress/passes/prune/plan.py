@@ -224,10 +224,10 @@ def apply_plan(program: Program, plan: PrunePlan, analysis: ChannelAnalysis) -> 
             before -= new.numel()
     touched.update(program.replace_weights(replaced))
     for node in list(program.graph.nodes):
-        if node.op == "call_function" and (op_name(node) in _SIZED
-                                           or node.name in analysis.normalized):
+        name = op_name(node) if node.op == "call_function" else ""
+        if name in _SIZED or (name and node.name in analysis.normalized):
             signature = (node.target, node.args, node.kwargs)
-            _rewrite_args(program, node, analysis.layouts, kept, analysis.normalized)
+            _rewrite_args(program, node, name, analysis.layouts, kept, analysis.normalized)
             if (node.target, node.args, node.kwargs) != signature:
                 touched.add(node)
     touched.update(n for n in program.graph.nodes if n not in previous)
@@ -257,11 +257,10 @@ _SIZED = {"view", "reshape", "_unsafe_view", "expand", "unflatten", "split", "sp
           "conv1d", "conv2d", "conv3d", "convolution"}
 
 
-def _rewrite_args(program: Program, node: Node, layouts: dict[str, Any],
+def _rewrite_args(program: Program, node: Node, name: str, layouts: dict[str, Any],
                   kept: dict[int, int], normalized: dict[str, int]) -> None:
     """The size arguments of a node of ``_SIZED`` (or a normalisation in ``normalized``) once
-    pruned."""
-    name = op_name(node)
+    pruned; ``name`` is its ``op_name``."""
     out = layouts.get(node.name)
     if out is None or (isinstance(out, list) and any(o is None for o in out)):
         return
